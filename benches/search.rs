@@ -1,0 +1,2 @@
+//! Search benchmarks (filled by the foundation issue).
+fn main() {}

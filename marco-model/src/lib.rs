@@ -1,0 +1,6 @@
+//! # marco-model: Qwen2 and Llama models on burn (being built by the model issue).
+#![deny(missing_docs)]
+
+pub mod error;
+
+pub use error::{ModelError, Result};
