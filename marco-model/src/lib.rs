@@ -2,6 +2,7 @@
 #![deny(missing_docs)]
 
 pub mod error;
+pub mod fetch;
 pub mod gguf;
 
 pub use error::{ModelError, Result};

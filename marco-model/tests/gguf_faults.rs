@@ -316,3 +316,60 @@ fn random_corruption_never_panics() {
         }
     }
 }
+
+/// The real default model (obtained through `marco_model::fetch`), against values read from
+/// the file by an independent Python script (struct-based GGUF parsing and dequantisation).
+#[test]
+fn real_default_model_metadata_and_tensors() {
+    let path = marco_model::fetch::default_model_path().expect("the default model can be fetched");
+    let file = GgufFile::open(&path).unwrap();
+    assert_eq!(file.version(), 3);
+    assert_eq!(file.architecture().unwrap(), "llama");
+    assert_eq!(file.get_u64("llama.block_count"), Some(30));
+    assert_eq!(file.get_u64("llama.embedding_length"), Some(576));
+    assert_eq!(file.get_u64("llama.feed_forward_length"), Some(1536));
+    assert_eq!(file.get_u64("llama.attention.head_count"), Some(9));
+    assert_eq!(file.get_u64("llama.attention.head_count_kv"), Some(3));
+    assert_eq!(file.get_u64("llama.context_length"), Some(8192));
+    assert_eq!(file.get_f32("llama.rope.freq_base"), Some(100000.0));
+    assert_eq!(file.get_f32("llama.attention.layer_norm_rms_epsilon"), Some(1e-5));
+    assert_eq!(file.get_bool("tokenizer.ggml.add_bos_token"), Some(false));
+    assert_eq!(file.get_str("tokenizer.ggml.model"), Some("gpt2"));
+    assert_eq!(file.get_str("tokenizer.ggml.pre"), Some("smollm"));
+    let tokens = file.get_str_array("tokenizer.ggml.tokens").unwrap();
+    assert_eq!(tokens.len(), 49152);
+    assert_eq!(&tokens[..3], &["<|endoftext|>", "<|im_start|>", "<|im_end|>"]);
+    assert_eq!(file.get_str_array("tokenizer.ggml.merges").unwrap().len(), 48900);
+    assert_eq!(file.get_u64("tokenizer.ggml.eos_token_id"), Some(2));
+    assert!(file.get_str("tokenizer.chat_template").unwrap().contains("<|im_start|>"));
+    assert_eq!(file.tensors().len(), 272);
+
+    let embd = file.tensor_info("token_embd.weight").unwrap();
+    assert_eq!(embd.dims, vec![576, 49152]);
+    assert_eq!(embd.shape(), vec![49152, 576]);
+    assert_eq!(embd.ggml_type, GgmlType::Q8_0);
+    assert_eq!(file.tensor_bytes(embd).unwrap().len(), 49152 * 18 * 34);
+    let q = file.tensor_info("blk.0.attn_q.weight").unwrap();
+    assert_eq!((q.ggml_type, q.shape()), (GgmlType::Q4_1, vec![576, 576]));
+
+    let close = |actual: &[f32], expected: &[f64]| {
+        for (a, e) in actual.iter().zip(expected) {
+            assert!((f64::from(*a) - e).abs() < 1e-6, "{actual:?} vs {expected:?}");
+        }
+    };
+    let sum = |values: &[f32]| values.iter().map(|&v| f64::from(v)).sum::<f64>();
+    let (shape, norm) = file.tensor_f32("output_norm.weight").unwrap();
+    assert_eq!(shape, vec![576]);
+    close(&norm[..4], &[1.7578125, 1.8203125, 1.78125, 1.6015625]);
+    assert!((sum(&norm) - 1038.33203125).abs() < 1e-3);
+    let (_, embd) = file.tensor_f32("token_embd.weight").unwrap();
+    let row1 = &embd[576..2 * 576];
+    close(&row1[..4], &[-0.0238037109375, -0.015869140625, -0.0396728515625, 0.015869140625]);
+    assert!((sum(row1) - 0.35922718048095703).abs() < 1e-4);
+    let last = &embd[49151 * 576..];
+    close(&last[..4], &[0.011505126953125, 0.0057525634765625, 0.0977935791015625, -0.0977935791015625]);
+    assert!((sum(last) + 0.4662208557128906).abs() < 1e-4);
+    let (_, q) = file.tensor_f32("blk.0.attn_q.weight").unwrap();
+    close(&q[..4], &[-0.0963134765625, 0.1573486328125, -0.0963134765625, -0.73046875]);
+    assert!((sum(&q[..576]) - 1.00726318359375).abs() < 1e-4);
+}
