@@ -7,3 +7,6 @@
 
 pub use marco_core as core;
 pub use marco_search as search;
+
+pub mod eval;
+pub mod trace_html;
