@@ -1,0 +1,592 @@
+//! The machinery every policy shares: one search's tree, model states, budget and batched
+//! generation.
+//!
+//! # Nothing is computed twice
+//! Every token the model computes ends up in a node of the tree, and no prefix is ever fed
+//! again, so `tokens computed ÷ distinct tokens in the tree` is 1 on a model that counts
+//! honestly:
+//! - the prompt is fed once ([`LanguageModel::new_sequence`]) and held by the root;
+//! - a node that may still grow children keeps a live model state (a [`SeqId`]) that ends
+//!   with its last token; children start from [`LanguageModel::fork`]s of it, and the last
+//!   child to be created takes the parent's own state over, so a fully expanded node holds
+//!   none (this keeps the number of live states bounded by the frontier);
+//! - rollouts are *materialised*: each action of a rollout becomes a node, keeping a state of
+//!   its own if the policy may expand it later, so a later expansion reuses its tokens;
+//! - an action cut short by the budget still becomes a (non-terminal) node;
+//! - a reflection is fed with [`LanguageModel::append`] and held by a
+//!   [`NodeKind::Reflection`] node.
+//!
+//! # Batched generation
+//! [`Engine::walk`] advances a set of [`Walker`]s — actions in progress, each on its own
+//! state — with one batched [`LanguageModel::step`] per token. In rollout mode a walker that
+//! finishes a non-terminal action starts the next one at once, so rollouts of several
+//! children advance together and no sequence waits for a slower sibling's action to end.
+//!
+//! # Budgets
+//! A walker holds one node reservation for its action in progress and a policy never starts
+//! more walkers than the node budget has room for; a step never advances more sequences
+//! than tokens are left; time is checked before every step. A budget that runs out mid-action
+//! ends every walker; partial actions become nodes.
+
+use marco_core::sampling::uniform;
+use marco_core::{
+    ActionGranularity, AnswerExtractor, Budget, BudgetTracker, ConfidenceReward, Error, LanguageModel, ModelCounters,
+    NodeId, NodeKind, PathView, Problem, Result, Reward, SearchOutcome, SearchStats, SeqId, StepOutput, StepRequest,
+    StopReason, TokenId, TokenLogprob, Tree,
+};
+
+use crate::config::{GenerationConfig, Reflection};
+
+/// How an action in progress ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ActionEnd {
+    Open,
+    /// The granularity says the action is complete.
+    Complete,
+    /// A stop token.
+    Stop,
+    /// The context window is full.
+    Context,
+    /// A budget ran out.
+    Budget,
+}
+
+/// An action in progress on its own model state.
+#[derive(Debug)]
+pub(crate) struct Walker {
+    /// Node the current action hangs under.
+    parent: NodeId,
+    seq: SeqId,
+    seq_len: usize,
+    /// Sibling group for distinct first tokens (index into the engine's groups).
+    group: Option<usize>,
+    tokens: Vec<TokenId>,
+    steps: Vec<StepOutput>,
+    text: String,
+    end: ActionEnd,
+    done: bool,
+    /// Last node this walker committed.
+    pub last: Option<NodeId>,
+}
+
+/// Siblings created from one state: its top candidates and the first tokens already taken.
+#[derive(Debug)]
+struct SiblingGroup {
+    top: Option<Vec<TokenLogprob>>,
+    used: Vec<TokenId>,
+    leader_started: bool,
+    key: u64,
+}
+
+/// Generation mode of [`Engine::walk`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WalkMode {
+    /// Continue each walker to a terminal state (one action per walker otherwise).
+    pub rollout: bool,
+    /// Give every non-terminal node of a rollout a state of its own (a fork), so a policy
+    /// can expand it later.
+    pub keep_states: bool,
+}
+
+/// One search in progress.
+pub(crate) struct Engine<'a> {
+    model: &'a mut dyn LanguageModel,
+    pub tree: Tree,
+    pub tracker: BudgetTracker,
+    /// Live model state at the end of each node, if any.
+    seqs: Vec<Option<SeqId>>,
+    /// Value of the last evaluation that ended at each node.
+    pub values: Vec<Option<f64>>,
+    generation: GenerationConfig,
+    granularity: &'a dyn ActionGranularity,
+    reward: &'a dyn Reward,
+    /// The limit that ended the search, once one has.
+    pub stop: Option<StopReason>,
+    start_counters: ModelCounters,
+    prompt_text: String,
+    max_context: usize,
+    groups: Vec<SiblingGroup>,
+    confidence: ConfidenceReward,
+    /// Best value seen so far, for progress reports.
+    pub best_value: f64,
+}
+
+impl<'a> Engine<'a> {
+    /// Starts a search: validates the budget, feeds the prompt.
+    pub fn start(
+        model: &'a mut dyn LanguageModel,
+        problem: &Problem,
+        budget: Budget,
+        generation: &GenerationConfig,
+        granularity: &'a dyn ActionGranularity,
+        reward: &'a dyn Reward,
+    ) -> Result<Self> {
+        let tracker = BudgetTracker::start(budget)?;
+        generation.validate()?;
+        if problem.prompt_tokens.is_empty() {
+            return Err(Error::EmptyInput("the prompt has no tokens".into()));
+        }
+        let max_context = model.max_context();
+        if problem.prompt_tokens.len() >= max_context {
+            return Err(Error::ContextOverflow { needed: problem.prompt_tokens.len() + 1, limit: max_context });
+        }
+        let start_counters = model.counters();
+        let root_seq = model.new_sequence(&problem.prompt_tokens)?;
+        Ok(Engine {
+            model,
+            tree: Tree::new(problem.prompt_tokens.clone(), problem.prompt_text.clone()),
+            tracker,
+            seqs: vec![Some(root_seq)],
+            values: vec![None],
+            generation: generation.clone(),
+            granularity,
+            reward,
+            stop: None,
+            start_counters,
+            prompt_text: problem.prompt_text.clone(),
+            max_context,
+            groups: Vec::new(),
+            confidence: ConfidenceReward::default(),
+            best_value: f64::NEG_INFINITY,
+        })
+    }
+
+    /// The model's tokenizer decodes `tokens` (special tokens left out).
+    fn decode(&self, tokens: &[TokenId]) -> Result<String> {
+        self.model.tokenizer().decode(tokens, true)
+    }
+
+    /// Records the first limit that ended the search.
+    pub fn stop_with(&mut self, reason: StopReason) {
+        self.stop.get_or_insert(reason);
+    }
+
+    /// Checks the budget before a new round of work; records and returns the limit reached.
+    pub fn out_of_budget(&mut self) -> bool {
+        if self.stop.is_some() {
+            return true;
+        }
+        match self.tracker.exhausted(self.tree.len()) {
+            Some(reason) => {
+                self.stop_with(reason);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Nodes that may still be added.
+    pub fn nodes_left(&self) -> usize {
+        self.tracker.nodes_left(self.tree.len())
+    }
+
+    /// Rollouts that may still be started.
+    pub fn rollouts_left(&self) -> usize {
+        self.tracker.budget().max_rollouts.map_or(usize::MAX, |m| m.saturating_sub(self.tracker.rollouts))
+    }
+
+    /// Whether `node` holds a live model state.
+    pub fn has_state(&self, node: NodeId) -> bool {
+        self.seqs.get(node.index()).is_some_and(Option::is_some)
+    }
+
+    /// Frees the state of `node`, if it holds one.
+    pub fn release_state(&mut self, node: NodeId) -> Result<()> {
+        if let Some(seq) = self.seqs.get_mut(node.index()).and_then(Option::take) {
+            self.model.release(seq)?;
+        }
+        Ok(())
+    }
+
+    /// A walker under `parent`: on a fork of its state, or on the state itself with `take`
+    /// (the parent then holds none).
+    pub fn walker(&mut self, parent: NodeId, take: bool, group: Option<usize>) -> Result<Walker> {
+        let own = self.seqs.get(parent.index()).copied().flatten().ok_or_else(|| {
+            Error::InvalidConfig(format!("internal: node {} holds no model state to continue from", parent.0))
+        })?;
+        let seq = if take {
+            self.seqs[parent.index()] = None;
+            own
+        } else {
+            self.model.fork(own)?
+        };
+        let seq_len = self.model.seq_len(seq)?;
+        Ok(Walker {
+            parent,
+            seq,
+            seq_len,
+            group,
+            tokens: Vec::new(),
+            steps: Vec::new(),
+            text: String::new(),
+            end: ActionEnd::Open,
+            done: false,
+            last: None,
+        })
+    }
+
+    /// A sibling group for children of `parent` with distinct first tokens, or `None` when
+    /// the configuration turns that off. Existing action children of `parent` tell the
+    /// group the state's top candidates and which first tokens are taken.
+    pub fn sibling_group(&mut self, parent: NodeId) -> Option<usize> {
+        if !self.generation.distinct_first_tokens {
+            return None;
+        }
+        let mut top = None;
+        let mut used = Vec::new();
+        for &child in &self.tree.node(parent).children {
+            let node = self.tree.node(child);
+            if let Some(first) = node.steps.first() {
+                if top.is_none() {
+                    top = Some(first.top.clone());
+                }
+                used.push(first.token);
+            }
+        }
+        self.groups.push(SiblingGroup { top, used, leader_started: false, key: parent.0 as u64 });
+        Some(self.groups.len() - 1)
+    }
+
+    /// A first token for the next sibling of `group`, drawn without replacement from the
+    /// state's top candidates at the sampling temperature; `None` once no candidate is left.
+    fn distinct_first_token(&mut self, group: usize) -> Option<TokenId> {
+        let sampling = self.generation.sampling;
+        let min_ratio = self.generation.distinct_min_ratio as f64;
+        let g = &mut self.groups[group];
+        let top = g.top.as_ref()?;
+        let best = top.first()?.logprob as f64;
+        let candidates: Vec<&TokenLogprob> =
+            top.iter().filter(|t| !g.used.contains(&t.token) && (t.logprob as f64 - best).exp() >= min_ratio).collect();
+        let chosen = if candidates.is_empty() {
+            return None;
+        } else if sampling.is_greedy() {
+            candidates[0].token
+        } else {
+            let inv_t = 1.0 / sampling.temperature as f64;
+            let weights: Vec<f64> = candidates.iter().map(|t| ((t.logprob as f64 - best) * inv_t).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            let target = uniform(sampling.seed, g.key, g.used.len() as u64) * total;
+            let mut acc = 0.0;
+            let mut chosen = candidates[candidates.len() - 1].token;
+            for (c, w) in candidates.iter().zip(&weights) {
+                acc += w;
+                if target < acc {
+                    chosen = c.token;
+                    break;
+                }
+            }
+            chosen
+        };
+        g.used.push(chosen);
+        Some(chosen)
+    }
+
+    /// Whether a time or token limit forbids another step; records it.
+    fn step_forbidden(&mut self) -> bool {
+        if self.tracker.tokens_left() == 0 {
+            self.stop_with(StopReason::TokenBudget);
+            return true;
+        }
+        if self.tracker.budget().max_time.is_some_and(|m| self.tracker.elapsed() >= m) {
+            self.stop_with(StopReason::TimeBudget);
+            return true;
+        }
+        false
+    }
+
+    /// Advances `walkers` together, one batched step per token, until each has finished its
+    /// action (or, in rollout mode, its rollout) or a budget ends them all.
+    pub fn walk(&mut self, walkers: &mut [Walker], mode: WalkMode) -> Result<()> {
+        loop {
+            if walkers.iter().all(|w| w.done) {
+                return Ok(());
+            }
+            if self.step_forbidden() {
+                for w in walkers.iter_mut().filter(|w| !w.done) {
+                    w.end = ActionEnd::Budget;
+                    self.commit(w, mode, 0)?;
+                }
+                return Ok(());
+            }
+            let tokens_left = self.tracker.tokens_left();
+            let mut requests = Vec::new();
+            let mut members = Vec::new();
+            for (i, w) in walkers.iter().enumerate() {
+                if requests.len() as u64 >= tokens_left {
+                    break;
+                }
+                if w.done {
+                    continue;
+                }
+                let mut force = None;
+                if w.tokens.is_empty() {
+                    if let Some(g) = w.group {
+                        if self.groups[g].top.is_some() {
+                            force = self.distinct_first_token(g);
+                        } else if self.groups[g].leader_started {
+                            continue; // waits for the leader to reveal the state's candidates
+                        } else {
+                            self.groups[g].leader_started = true;
+                        }
+                    }
+                }
+                let mut request = StepRequest::new(w.seq, self.generation.sampling);
+                request.force = force;
+                request.top_logprobs = self.generation.top_logprobs;
+                requests.push(request);
+                members.push(i);
+            }
+            if requests.is_empty() {
+                return Err(Error::InvalidConfig("internal: no walker could advance".into()));
+            }
+            let outputs = self.model.step(&requests)?;
+            if outputs.len() != requests.len() {
+                return Err(Error::backend(std::io::Error::other(format!(
+                    "the model answered {} of {} step requests",
+                    outputs.len(),
+                    requests.len()
+                ))));
+            }
+            self.tracker.generated_tokens += outputs.len() as u64;
+            let open_after: usize = walkers.iter().filter(|w| !w.done).count();
+            for (&i, output) in members.iter().zip(outputs) {
+                let w = &mut walkers[i];
+                if w.tokens.is_empty() {
+                    if let Some(g) = w.group {
+                        let group = &mut self.groups[g];
+                        if group.top.is_none() {
+                            group.top = Some(output.top.clone());
+                        }
+                        if !group.used.contains(&output.token) {
+                            group.used.push(output.token);
+                        }
+                    }
+                }
+                let stop = self.model.tokenizer().is_stop(output.token);
+                w.tokens.push(output.token);
+                w.steps.push(output);
+                w.seq_len += 1;
+                w.text = self.decode(&w.tokens)?;
+                w.end = if stop {
+                    ActionEnd::Stop
+                } else if w.seq_len >= self.max_context {
+                    ActionEnd::Context
+                } else if self.granularity.is_complete(&w.tokens, &w.text) {
+                    ActionEnd::Complete
+                } else {
+                    ActionEnd::Open
+                };
+            }
+            // Walkers other than the one committing each hold one node reservation.
+            let mut open = open_after;
+            for &i in &members {
+                if walkers[i].end != ActionEnd::Open {
+                    open -= 1;
+                    self.commit(&mut walkers[i], mode, open)?;
+                    if !walkers[i].done {
+                        open += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Turns a walker's action into a node; in rollout mode starts its next action if the
+    /// node is not terminal and the node budget has room beside the `others` in flight.
+    fn commit(&mut self, w: &mut Walker, mode: WalkMode, others: usize) -> Result<()> {
+        if w.tokens.is_empty() {
+            // Nothing was computed on this state: it leaves no trace.
+            self.model.release(w.seq)?;
+            w.done = true;
+            return Ok(());
+        }
+        let tokens = std::mem::take(&mut w.tokens);
+        let steps = std::mem::take(&mut w.steps);
+        let text = std::mem::take(&mut w.text);
+        let confidence = self.confidence.mean_confidence(&steps)?;
+        let node = self.tree.add_child(w.parent, NodeKind::Action, tokens, steps, text);
+        let terminal = matches!(w.end, ActionEnd::Stop | ActionEnd::Context)
+            || w.seq_len >= self.max_context
+            || self.tree.node(node).depth >= self.generation.max_depth;
+        {
+            let n = self.tree.node_mut(node);
+            n.confidence = confidence;
+            n.terminal = terminal;
+        }
+        self.seqs.push(None);
+        self.values.push(None);
+        w.last = Some(node);
+        let continues = mode.rollout
+            && !terminal
+            && w.end == ActionEnd::Complete
+            && self.stop.is_none()
+            && self.nodes_left() > others;
+        if continues {
+            if mode.keep_states {
+                let next = self.model.fork(w.seq)?;
+                self.seqs[node.index()] = Some(w.seq);
+                w.seq = next;
+            }
+            w.parent = node;
+            w.group = None;
+            w.end = ActionEnd::Open;
+        } else {
+            self.seqs[node.index()] = Some(w.seq);
+            w.done = true;
+        }
+        Ok(())
+    }
+
+    /// Reflections on the path from the root to `node`.
+    fn reflections_on_path(&self, node: NodeId) -> u32 {
+        self.tree.path(node).into_iter().filter(|&n| self.tree.node(n).kind == NodeKind::Reflection).count() as u32
+    }
+
+    /// Whether `node` finished a thought (ended at a stop token) and may take a reflection
+    /// child: it has no child yet, holds its state, the path has reflections to spare, and
+    /// depth and context leave room for at least one action after the prompt.
+    pub fn can_reflect(&self, node: NodeId, reflection: Option<&Reflection>, reflection_len: usize) -> bool {
+        let Some(reflection) = reflection else { return false };
+        let n = self.tree.node(node);
+        let ended_at_stop = n.tokens.last().is_some_and(|&t| self.model.tokenizer().is_stop(t));
+        n.kind == NodeKind::Action
+            && n.terminal
+            && ended_at_stop
+            && n.children.is_empty()
+            && self.has_state(node)
+            && n.depth + 2 <= self.generation.max_depth
+            && self.reflections_on_path(node) < reflection.max_per_path
+            && self.state_len(node).saturating_add(reflection_len) < self.max_context
+    }
+
+    /// Tokens in the state of `node`; `usize::MAX` when it holds none.
+    fn state_len(&self, node: NodeId) -> usize {
+        self.seqs.get(node.index()).copied().flatten().and_then(|s| self.model.seq_len(s).ok()).unwrap_or(usize::MAX)
+    }
+
+    /// Tokens of a reflection text (special tokens not parsed).
+    pub fn reflection_tokens(&self, reflection: Option<&Reflection>) -> Result<Vec<TokenId>> {
+        match reflection {
+            Some(r) => {
+                let tokens = self.model.tokenizer().encode(&r.text, false)?;
+                if tokens.is_empty() {
+                    return Err(Error::InvalidConfig("the reflection text encodes to no tokens".into()));
+                }
+                Ok(tokens)
+            }
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Appends a reflection child to `node` (which must pass [`Engine::can_reflect`]); the
+    /// node's state moves to the child. Takes one node of the budget.
+    ///
+    /// The stop token that ended `node` stays in the context before the reflection: the model
+    /// has already consumed it when the step returned it, and undoing that would mean feeding
+    /// the thought again (or forking before every token). The mock and Marco-style prompts
+    /// read fine this way; the reflection text can start with a separator if a model needs one.
+    pub fn reflect(&mut self, node: NodeId, tokens: &[TokenId]) -> Result<NodeId> {
+        let seq = self.seqs[node.index()]
+            .take()
+            .ok_or_else(|| Error::InvalidConfig(format!("internal: node {} holds no state to reflect on", node.0)))?;
+        self.model.append(seq, tokens)?;
+        let text = self.decode(tokens)?;
+        let child = self.tree.add_child(node, NodeKind::Reflection, tokens.to_vec(), Vec::new(), text);
+        self.seqs.push(Some(seq));
+        self.values.push(None);
+        Ok(child)
+    }
+
+    /// Scores the path from the root to `node` with the reward, records it as the node's
+    /// value and returns it.
+    pub fn evaluate(&mut self, node: NodeId) -> Result<f64> {
+        let text = self.tree.path_text(node);
+        let steps = self.tree.path_steps(node);
+        let terminal = self.tree.node(node).terminal;
+        let value = self.score(&text, &steps, terminal)?;
+        self.record_value(node, value);
+        Ok(value)
+    }
+
+    /// Records `value` as the value of an evaluation that ended at `node`.
+    pub fn record_value(&mut self, node: NodeId, value: f64) {
+        self.values[node.index()] = Some(value);
+        self.best_value = self.best_value.max(value);
+    }
+
+    /// The reward of a path given as text and chosen steps.
+    pub fn score(&self, text: &str, steps: &[StepOutput], terminal: bool) -> Result<f64> {
+        let view = PathView { prompt: &self.prompt_text, text, steps, terminal };
+        let value = self.reward.score(&view)?;
+        if !value.is_finite() {
+            return Err(Error::Reward(format!("the reward {} returned {value}", self.reward.name())));
+        }
+        Ok(value)
+    }
+
+    /// Progress so far.
+    pub fn progress(&self) -> marco_core::Progress {
+        marco_core::Progress {
+            nodes: self.tree.len(),
+            rollouts: self.tracker.rollouts,
+            tokens_generated: self.tracker.generated_tokens,
+            elapsed: self.tracker.elapsed(),
+            best_value: if self.best_value.is_finite() { self.best_value } else { 0.0 },
+        }
+    }
+
+    /// Frees every live state.
+    pub fn release_all(&mut self) -> Result<()> {
+        let mut first_error = None;
+        for slot in self.seqs.iter_mut() {
+            if let Some(seq) = slot.take() {
+                if let Err(e) = self.model.release(seq) {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Frees every state and assembles the outcome for the path ending at `chosen`; the
+    /// answer comes from the text after the path's last reflection.
+    pub fn finish(
+        mut self,
+        policy: String,
+        chosen: NodeId,
+        value: f64,
+        extractor: &dyn AnswerExtractor,
+    ) -> Result<SearchOutcome> {
+        self.release_all()?;
+        let text = self.tree.path_text(chosen);
+        let answer = extractor.extract(&crate::vote::answer_text(&self.tree, chosen));
+        let stats = SearchStats {
+            nodes: self.tree.len(),
+            rollouts: self.tracker.rollouts,
+            tokens_generated: self.tracker.generated_tokens,
+            tokens_computed: 0,
+            distinct_tokens: self.tree.distinct_tokens(),
+            kv_bytes_in_use: 0,
+            kv_bytes_per_token: 0,
+            elapsed_secs: self.tracker.elapsed().as_secs_f64(),
+            stop_reason: self.stop.unwrap_or(StopReason::Completed),
+        }
+        .with_model_counters(&self.start_counters, &self.model.counters());
+        Ok(SearchOutcome { policy, text, answer, path: self.tree.path(chosen), value, stats, tree: self.tree })
+    }
+}
+
+/// Runs `body` on a started engine, then frees every model state whatever happened, so a
+/// failed search leaks no sequence.
+pub(crate) fn run_search<'a, T>(
+    mut engine: Engine<'a>,
+    body: impl FnOnce(&mut Engine<'a>) -> Result<T>,
+) -> Result<(Engine<'a>, T)> {
+    match body(&mut engine) {
+        Ok(t) => Ok((engine, t)),
+        Err(e) => {
+            let _ = engine.release_all();
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! A mock model on which greedy decoding is wrong and searching is right.
+//!
+//! After the prompt the model prefers "Try A:" (p = 0.6) over "Try B:" (p = 0.4). The A
+//! branch continues unconfidently (three numbers of about equal probability) to the wrong
+//! answer 7; the B branch continues confidently to the right answer 42. After the reflection
+//! prompt the model confidently takes the B branch. So greedy decoding answers 7, and every
+//! policy that searches — or reflects — answers 42.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use marco_core::mock::{MockModel, Rule, EOS};
+use marco_core::{Budget, Granularity, LanguageModel, Problem, SearchOutcome, SearchPolicy};
+use marco_search::{
+    BeamConfig, BeamSearch, GenerationConfig, GreedyAnswerRule, GreedyConfig, GreedyReflection, Mcts, MctsAnswerRule,
+    MctsConfig, SelfConsistency, SelfConsistencyConfig,
+};
+
+fn scenario(seed: u64) -> (MockModel, Problem) {
+    let model = MockModel::builder()
+        .seed(seed)
+        .pieces(["Try A:", "Try B:", " 7", " 8", " 6", " 42"])
+        .rule(Rule::ends_with("scratch.").probs([("Try B:", 0.9)]))
+        .rule(Rule::ends_with("Try A:").probs([(" 7", 0.35), (" 8", 0.3), (" 6", 0.3)]))
+        .rule(Rule::ends_with("Try B:").probs([(" 42", 0.95)]))
+        .rule(Rule::ends_with(" 42").probs([(EOS, 0.97)]))
+        .rule(Rule::ends_with(" 7").probs([(EOS, 0.55), ("?", 0.4)]))
+        .rule(Rule::ends_with(" 8").probs([(EOS, 0.55), ("?", 0.4)]))
+        .rule(Rule::ends_with(" 6").probs([(EOS, 0.55), ("?", 0.4)]))
+        .rule(Rule::ends_with("?").probs([(EOS, 0.9)]))
+        .rule(Rule::ends_with("assistant: ").probs([("Try A:", 0.6), ("Try B:", 0.4)]))
+        .build()
+        .unwrap();
+    let problem = Problem::from_question(model.tokenizer(), "What is six times seven?", None).unwrap();
+    (model, problem)
+}
+
+fn generation(seed: u64) -> GenerationConfig {
+    GenerationConfig::default()
+        .with_granularity(Granularity::Token)
+        .with_max_depth(16)
+        .with_seed(seed)
+        .with_temperature(1.0)
+}
+
+fn summary(o: &SearchOutcome) -> String {
+    format!(
+        "{}: answer {:?} value {:.3} text {:?} nodes {} rollouts {} generated {} ratio {:.3}",
+        o.policy,
+        o.answer,
+        o.value,
+        o.text,
+        o.stats.nodes,
+        o.stats.rollouts,
+        o.stats.tokens_generated,
+        o.stats.recompute_ratio()
+    )
+}
+
+#[test]
+fn greedy_is_wrong() {
+    let (mut model, problem) = scenario(0);
+    let config = GreedyConfig::default().with_rounds(0).with_generation(generation(0).with_temperature(0.0));
+    let o = GreedyReflection::new(config).unwrap().search(&mut model, &problem).unwrap();
+    println!("{}", summary(&o));
+    assert_eq!(o.answer.as_deref(), Some("7"));
+    assert_eq!(o.text, "Try A: 7");
+}
+
+#[test]
+fn greedy_with_reflection_is_right() {
+    for rule in [GreedyAnswerRule::LastRound, GreedyAnswerRule::MostConfident] {
+        let (mut model, problem) = scenario(0);
+        let config = GreedyConfig::default()
+            .with_generation(generation(0).with_temperature(0.0))
+            .with_rounds(1)
+            .with_answer_rule(rule);
+        let o = GreedyReflection::new(config).unwrap().search(&mut model, &problem).unwrap();
+        println!("{}", summary(&o));
+        assert_eq!(o.answer.as_deref(), Some("42"), "{rule:?}");
+        assert!(o.text.starts_with("Try A: 7Wait! Maybe I made some mistakes!"), "{}", o.text);
+        assert_eq!(o.stats.rollouts, 2);
+        assert_eq!(o.stats.recompute_ratio(), 1.0);
+    }
+}
+
+#[test]
+fn mcts_is_right() {
+    for seed in 0..8 {
+        for rule in [MctsAnswerRule::MostVisited, MctsAnswerRule::BestValue, MctsAnswerRule::Vote] {
+            let (mut model, problem) = scenario(seed);
+            let config = MctsConfig::default()
+                .with_budget(Budget::tokens(400).with_rollouts(24))
+                .with_generation(generation(seed))
+                .with_width(2)
+                .with_answer_rule(rule);
+            let o = Mcts::new(config).unwrap().search(&mut model, &problem).unwrap();
+            println!("seed {seed}: {}", summary(&o));
+            assert_eq!(o.answer.as_deref(), Some("42"), "seed {seed} {rule:?}");
+            assert_eq!(o.stats.recompute_ratio(), 1.0);
+        }
+    }
+}
+
+#[test]
+fn beam_is_right() {
+    for seed in 0..8 {
+        let (mut model, problem) = scenario(seed);
+        let config = BeamConfig::default()
+            .with_budget(Budget::tokens(400))
+            .with_generation(generation(seed))
+            .with_beam_width(2)
+            .with_expansions(2);
+        let o = BeamSearch::new(config).unwrap().search(&mut model, &problem).unwrap();
+        println!("seed {seed}: {}", summary(&o));
+        assert_eq!(o.answer.as_deref(), Some("42"), "seed {seed}");
+        assert_eq!(o.stats.recompute_ratio(), 1.0);
+    }
+}
+
+#[test]
+fn self_consistency_votes() {
+    let (mut model, problem) = scenario(3);
+    let config = SelfConsistencyConfig::default()
+        .with_budget(Budget::tokens(400))
+        .with_generation(generation(3))
+        .with_samples(6);
+    let o = SelfConsistency::new(config).unwrap().search(&mut model, &problem).unwrap();
+    println!("{}", summary(&o));
+    assert_eq!(o.stats.rollouts, 6);
+    assert!(o.answer.is_some());
+    assert_eq!(o.stats.recompute_ratio(), 1.0);
+}
+
+#[test]
+fn mcts_reflection_recovers_from_a_single_wrong_chain() {
+    // Width 1 with greedy sampling: MCTS alone can only find the greedy chain, so the right
+    // answer must come from a reflection child of the finished thought.
+    let (mut model, problem) = scenario(0);
+    let config = MctsConfig::default()
+        .with_budget(Budget::tokens(200).with_rollouts(10))
+        .with_generation(generation(0).with_temperature(0.0))
+        .with_width(1)
+        .with_reflection(marco_search::Reflection::default());
+    let o = Mcts::new(config).unwrap().search(&mut model, &problem).unwrap();
+    println!("{}", summary(&o));
+    assert_eq!(o.answer.as_deref(), Some("42"));
+    assert!(o.path.iter().any(|&n| o.tree.node(n).kind == marco_core::NodeKind::Reflection));
+    assert_eq!(o.stats.recompute_ratio(), 1.0);
+    // Without reflection the same search is stuck with the greedy answer.
+    let (mut model, problem) = scenario(0);
+    let config = MctsConfig::default()
+        .with_budget(Budget::tokens(200).with_rollouts(10))
+        .with_generation(generation(0).with_temperature(0.0))
+        .with_width(1);
+    let o = Mcts::new(config).unwrap().search(&mut model, &problem).unwrap();
+    assert_eq!(o.answer.as_deref(), Some("7"));
+}
+
+#[test]
+fn beam_reflection_continues_finished_thoughts() {
+    let (mut model, problem) = scenario(0);
+    let config = BeamConfig::default()
+        .with_budget(Budget::tokens(200))
+        .with_generation(generation(0).with_temperature(0.0).with_distinct_first_tokens(false))
+        .with_beam_width(1)
+        .with_expansions(1)
+        .with_reflection(marco_search::Reflection::default());
+    let o = BeamSearch::new(config).unwrap().search(&mut model, &problem).unwrap();
+    println!("{}", summary(&o));
+    assert_eq!(o.answer.as_deref(), Some("42"));
+    assert!(o.tree.nodes.iter().any(|n| n.kind == marco_core::NodeKind::Reflection));
+}
