@@ -19,6 +19,8 @@ use marco_core::{NodeKind, SearchOutcome};
 
 /// Rows above which the page opens showing only the chosen path (the rest collapsed).
 const LARGE_TREE_ROWS: usize = 1500;
+/// Depth past which rows stop indenting further (the CSS says the same) and name their depth.
+const INDENT_CAP: usize = 24;
 
 /// Escapes text for HTML element content and attribute values.
 pub fn escape_html(text: &str) -> String {
@@ -109,10 +111,10 @@ pub fn render(outcome: &SearchOutcome) -> String {
     // Header: what was searched, what came out, what it cost.
     html.push_str("<header>\n<h1>marco search trace</h1>\n<dl class=\"stats\">\n");
     let answer = outcome.answer.as_deref().map(escape_html).unwrap_or_else(|| "<em>none</em>".into());
+    let _ = writeln!(html, "<div class=\"wide\"><dt>policy</dt><dd>{}</dd></div>", escape_html(&outcome.policy));
     let mut stat = |name: &str, value: String| {
         let _ = writeln!(html, "<div><dt>{name}</dt><dd>{value}</dd></div>");
     };
-    stat("policy", escape_html(&outcome.policy));
     stat("answer", format!("<strong>{answer}</strong>"));
     stat("value", format!("{:.4}", outcome.value));
     stat("stopped by", format!("{:?}", stats.stop_reason));
@@ -179,7 +181,7 @@ pub fn render(outcome: &SearchOutcome) -> String {
         if node.terminal {
             html.push_str("<span class=\"k e\">end</span>");
         }
-        if row.depth > 40 {
+        if row.depth > INDENT_CAP {
             let _ = write!(html, "<s>d{}</s>", row.depth);
         }
         let _ = writeln!(html, "<q>{}</q></span></div>", escape_text(&node.text));
@@ -200,6 +202,8 @@ header{padding:14px 20px 6px;border-bottom:1px solid var(--line);background:#fff
 h1{font-size:17px;margin:0 0 8px;font-weight:600}
 dl.stats{display:flex;flex-wrap:wrap;gap:6px 22px;margin:0 0 8px}
 dl.stats div{display:flex;flex-direction:column}
+dl.stats div.wide{flex-basis:100%}
+dl.stats .wide dd{max-width:none;font:12.5px/1.4 ui-monospace,"DejaVu Sans Mono",monospace}
 dt{font-size:11px;text-transform:uppercase;letter-spacing:.04em;color:var(--mut)}
 dd{margin:0;font-variant-numeric:tabular-nums;max-width:60ch;overflow-wrap:anywhere}
 details.block{margin:4px 0 8px}
@@ -223,7 +227,7 @@ main{padding:4px 0 40px;font:12.5px/1.5 ui-monospace,"DejaVu Sans Mono",Menlo,mo
 .r0.p>.t>s:first-of-type{font-weight:700;color:var(--fg)}
 .r0>i,.hd>i{flex:0 0 7ch;text-align:right;font-style:normal;padding-right:1ch;font-variant-numeric:tabular-nums}
 .hd>span{padding-left:2ch}
-.t{flex:1;min-width:0;display:flex;align-items:flex-start;gap:.6ch;padding-left:calc(2ch + min(var(--d),40) * 2ch)}
+.t{flex:1;min-width:0;display:flex;align-items:flex-start;gap:.6ch;padding-left:calc(2ch + min(var(--d),24) * 2ch)}
 .t s{text-decoration:none;color:var(--mut);flex:none}
 .g{flex:none;width:1.6ch;cursor:pointer;color:var(--mut);font-weight:400;text-align:center}
 .g::before{content:"▾"}
