@@ -4,5 +4,6 @@
 pub mod error;
 pub mod fetch;
 pub mod gguf;
+pub mod tokenizer;
 
 pub use error::{ModelError, Result};
