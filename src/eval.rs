@@ -47,7 +47,7 @@ pub const DEFAULT_SYSTEM_PROMPT: &str = "You are a careful math tutor. Solve the
 #[non_exhaustive]
 pub enum EvalError {
     /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
+    #[error("cannot read or write {path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -72,7 +72,7 @@ pub enum EvalError {
     #[error("unknown dataset {0:?} (gsm8k, mgsm-en or a path to a .jsonl file)")]
     UnknownDataset(String),
     /// A search failed for a reason that is not the problem's fault (a model or backend error).
-    #[error("search with {policy} on problem {problem_id}: {source}")]
+    #[error("search with {policy} on problem {problem_id} failed")]
     Search {
         /// Policy label.
         policy: String,
