@@ -346,7 +346,7 @@ fn a_custom_reward_and_extractor_plug_in() {
     struct EvenA;
     impl marco_core::Reward for EvenA {
         fn score(&self, path: &marco_core::PathView<'_>) -> marco_core::Result<f64> {
-            Ok(if path.text.matches('a').count() % 2 == 0 { 1.0 } else { 0.0 })
+            Ok(if path.text.matches('a').count().is_multiple_of(2) { 1.0 } else { 0.0 })
         }
         fn name(&self) -> &str {
             "even-a"
