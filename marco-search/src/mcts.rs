@@ -45,7 +45,7 @@ pub enum MctsAnswerRule {
     MostVisited,
     /// The evaluated terminal leaf of highest value (any evaluated leaf if none is terminal).
     BestValue,
-    /// Self-consistency vote over the evaluated terminal leaves (see [`crate::vote`]); the
+    /// Self-consistency vote over the evaluated terminal leaves (see the [`vote`](mod@crate::vote) module); the
     /// most visited chain if no leaf holds an answer.
     Vote,
 }

@@ -3,7 +3,7 @@
 //! All `samples` chains start from the one prompt state (forks; the first tokens distinct
 //! where the model allows) and advance together, one batched step per token. Each chain is a
 //! rollout; its path is evaluated by the reward and backed up. The answer is the
-//! [vote](crate::vote) over the chains that finished (over all chains if none did); the best
+//! [vote](mod@crate::vote) over the chains that finished (over all chains if none did); the best
 //! value decides if no chain holds an answer.
 
 use marco_core::{
