@@ -1,13 +1,35 @@
 //! # marco-backend-cpu: quantized weights and fast CPU kernels for marco's NdArray backend
 //!
-//! * [`quant`]: ggml/GGUF tensor types ([`GgmlType`]), their block layouts and scalar
-//!   reference dequantizers ([`dequantize`]), plus the Q8_0 encoder used by `--quantize q8_0`.
+//! This crate knows nothing of models; `marco-model` builds on it.
 //!
-//! Every fallible function returns [`KernelError`].
+//! * [`quant`]: ggml/GGUF tensor types ([`GgmlType`]), block layouts and exact scalar reference
+//!   dequantizers ([`dequantize`], [`row_bytes`]), plus the Q8_0 encoder behind `--quantize q8_0`.
+//! * [`PackedMatrix`]: a linear layer's weight `W[out_features, in_features]` (each output
+//!   feature's weights contiguous, the HF/GGUF layout), stored as f32 or kept as GGUF blocks
+//!   ([`PackedMatrix::KEPT_QUANTIZED`]: Q8_0, Q4_0, Q4_1, Q4_K, Q6_K).
+//!   Built with [`PackedMatrix::from_f32`], [`PackedMatrix::quantize_q8_0`] or
+//!   [`PackedMatrix::from_ggml`].
+//! * [`matmul`]`(x, rows, &w, out)`: `out[rows, out_features] = x[rows, in_features] · Wᵀ`,
+//!   row-major slices. Small batches (≤ [`SMALL_BATCH_MAX`] rows, i.e. decode) run fused
+//!   dequantize-dot SIMD kernels chosen at run time ([`isa`]); larger batches (prefill) run a
+//!   tiled dequantize + `gemm`. Work is split across a persistent pool of
+//!   [`num_threads`] threads (default 2; `MARCO_THREADS` overrides). [`matmul_with`] takes
+//!   [`MatmulOptions`] (e.g. exact f32 activations instead of 8-bit ones).
+//! * [`top_k`]: the k largest logits without a full sort.
+//!
+//! Every fallible function returns [`KernelError`]; no function panics on bad input.
 #![deny(missing_docs)]
 
 mod error;
+mod kernels;
+mod packed;
+mod pool;
 pub mod quant;
+mod topk;
 
 pub use error::KernelError;
+pub use kernels::{isa, matmul, matmul_with, ActivationMode, Isa, MatmulOptions, SMALL_BATCH_MAX};
+pub use packed::PackedMatrix;
+pub use pool::num_threads;
 pub use quant::{dequantize, row_bytes, GgmlType};
+pub use topk::top_k;

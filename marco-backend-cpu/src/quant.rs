@@ -554,7 +554,8 @@ mod tests {
             let amax = block_in.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let step = amax / 127.0;
             for (a, b) in block_in.iter().zip(block_out) {
-                assert!((a - b).abs() <= 0.5 * step * 1.01 + 1e-6, "{a} vs {b}");
+                // Half a step, plus the f16 rounding of the scale (at most 127 steps · 2^-11).
+                assert!((a - b).abs() <= 0.5 * step + 127.0 * step / 2048.0, "{a} vs {b}");
             }
         }
     }

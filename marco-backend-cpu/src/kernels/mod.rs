@@ -1,0 +1,377 @@
+//! `y[rows, out] = x[rows, in] · Wᵀ` for a [`PackedMatrix`] `W[out, in]`.
+//!
+//! Two regimes:
+//!
+//! * **Small batch** (decode, `rows <= SMALL_BATCH_MAX`): memory-bound, so the kernels stream
+//!   each weight row exactly once and reuse it for every activation row (in groups of four so
+//!   the accumulators stay in registers). Quantized weights take llama.cpp's route by default:
+//!   each activation row is quantized once to 8-bit blocks of 32 ([`QuantizedActs`]) and the
+//!   weight blocks are multiplied with integer dot products (`vpmaddubsw`/`vpmaddwd`), with
+//!   the per-block scales and offsets applied in f32. [`ActivationMode::F32`] instead decodes
+//!   the weights to f32 in registers and keeps the activations exact (slower, more precise).
+//! * **Large batch** (prefill): compute-bound, so blocks of weight rows are dequantized to f32
+//!   and multiplied with the `gemm` crate's blocked GEMM.
+//!
+//! The SIMD code is chosen at run time ([`isa`]): AVX2+FMA+F16C on x86-64, otherwise a portable
+//! scalar path (written so that the compiler vectorizes it with the baseline ISA, e.g. NEON on
+//! aarch64). Work is split by output features across the persistent pool of [`crate::pool`].
+
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use std::ops::Range;
+
+use crate::packed::{PackedMatrix, Storage};
+use crate::quant::{GgmlType, QK};
+use crate::{pool, KernelError};
+
+/// Largest row count handled by the small-batch (GEMV-like) kernels; larger batches use GEMM.
+pub const SMALL_BATCH_MAX: usize = 16;
+
+/// How quantized weights are multiplied in the small-batch kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ActivationMode {
+    /// Quantize activations to 8-bit blocks of 32 and use integer dot products (llama.cpp's
+    /// scheme; fastest). Adds a relative error of about `1/254` per activation block.
+    #[default]
+    Q8,
+    /// Keep activations in f32 and decode weights to f32 in registers (exact up to f32 rounding).
+    F32,
+}
+
+/// Options of [`matmul_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MatmulOptions {
+    /// Activation handling for quantized weights (ignored for f32 weights).
+    pub activations: ActivationMode,
+    /// Batches with more rows than this use the GEMM path.
+    pub small_batch_max: usize,
+    /// Split the work across the kernel thread pool.
+    pub parallel: bool,
+}
+
+impl Default for MatmulOptions {
+    fn default() -> Self {
+        MatmulOptions { activations: ActivationMode::Q8, small_batch_max: SMALL_BATCH_MAX, parallel: true }
+    }
+}
+
+/// The instruction set the kernels dispatch to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Isa {
+    /// Portable Rust (auto-vectorized for the build's baseline target).
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2,
+}
+
+/// The instruction set detected at run time (cached after the first call). Setting the
+/// environment variable `MARCO_KERNELS=scalar` forces the portable path.
+pub fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        if std::env::var("MARCO_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("scalar")) {
+            return Isa::Scalar;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    })
+}
+
+/// Activation rows quantized to 8-bit blocks of 32 (one f32 scale per block).
+#[derive(Debug, Clone)]
+pub(crate) struct QuantizedActs {
+    /// Blocks per row.
+    pub blocks: usize,
+    /// `rows * blocks * 32` quantized values.
+    pub qs: Vec<i8>,
+    /// Scale of each block (`rows * blocks`).
+    pub d: Vec<f32>,
+    /// `d * sum(q)` of each block.
+    pub dsum: Vec<f32>,
+    /// `d * sum(q)` of each half (16 values) of each block.
+    pub dsum16: Vec<[f32; 2]>,
+}
+
+impl QuantizedActs {
+    /// Quantizes `rows` rows of `cols` (a multiple of 32) values: per block `d = max|x| / 127`,
+    /// `q = round(x / d)` (ties away from zero), as ggml's `quantize_row_q8_0` but with an f32 scale.
+    pub fn quantize(x: &[f32], rows: usize, cols: usize) -> QuantizedActs {
+        let blocks = cols / QK;
+        let mut acts = QuantizedActs {
+            blocks,
+            qs: vec![0; rows * cols],
+            d: vec![0.0; rows * blocks],
+            dsum: vec![0.0; rows * blocks],
+            dsum16: vec![[0.0; 2]; rows * blocks],
+        };
+        for (b, (xb, qb)) in x.chunks_exact(QK).zip(acts.qs.chunks_exact_mut(QK)).enumerate() {
+            let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut sums = [0i32; 2];
+            for (j, (q, &v)) in qb.iter_mut().zip(xb).enumerate() {
+                let rounded = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                *q = rounded;
+                sums[j / 16] += rounded as i32;
+            }
+            acts.d[b] = d;
+            acts.dsum16[b] = [d * sums[0] as f32, d * sums[1] as f32];
+            acts.dsum[b] = d * (sums[0] + sums[1]) as f32;
+        }
+        acts
+    }
+}
+
+/// Where a task writes its outputs: `out[r * n_out + o]` for its own `o` range only.
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr {
+    ptr: *mut f32,
+    n_out: usize,
+}
+
+// SAFETY: tasks write disjoint output columns (their own `o` ranges) of a buffer that outlives
+// the fork-join call.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Writes `value` at `(row, col)`.
+    ///
+    /// # Safety
+    /// `row * n_out + col` must be in bounds, and no other thread may write that element.
+    #[inline(always)]
+    pub unsafe fn write(self, row: usize, col: usize, value: f32) {
+        // SAFETY: guaranteed by the caller.
+        unsafe { *self.ptr.add(row * self.n_out + col) = value }
+    }
+}
+
+/// `out[rows, out_features] = x[rows, in_features] · Wᵀ` with default options.
+///
+/// `x` is row-major with `rows * w.in_features()` values and `out` row-major with
+/// `rows * w.out_features()` values; mismatched lengths are errors.
+pub fn matmul(x: &[f32], rows: usize, w: &PackedMatrix, out: &mut [f32]) -> Result<(), KernelError> {
+    matmul_with(x, rows, w, out, MatmulOptions::default())
+}
+
+/// [`matmul`] with explicit [`MatmulOptions`].
+pub fn matmul_with(
+    x: &[f32],
+    rows: usize,
+    w: &PackedMatrix,
+    out: &mut [f32],
+    options: MatmulOptions,
+) -> Result<(), KernelError> {
+    let (n_in, n_out) = (w.in_features(), w.out_features());
+    let x_len = rows.checked_mul(n_in).ok_or_else(|| KernelError::InvalidShape { reason: "rows overflow".into() })?;
+    let out_len =
+        rows.checked_mul(n_out).ok_or_else(|| KernelError::InvalidShape { reason: "rows overflow".into() })?;
+    if x.len() != x_len {
+        return Err(KernelError::LengthMismatch {
+            what: "matmul input",
+            expected: x_len,
+            actual: x.len(),
+            unit: "elements",
+        });
+    }
+    if out.len() != out_len {
+        return Err(KernelError::LengthMismatch {
+            what: "matmul output",
+            expected: out_len,
+            actual: out.len(),
+            unit: "elements",
+        });
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let out_ptr = OutPtr { ptr: out.as_mut_ptr(), n_out };
+    let isa = isa();
+    if rows > options.small_batch_max {
+        let tasks = split_outputs(n_out, 64, options.parallel);
+        run_tasks(&tasks, &|range| gemm_path(x, rows, w, range, out_ptr));
+        return Ok(());
+    }
+    match w.storage() {
+        Storage::F32(values) => {
+            let tasks = split_outputs(n_out, 8, options.parallel);
+            run_tasks(&tasks, &|range| f32_rows(isa, values, n_in, x, rows, range, out_ptr));
+        }
+        Storage::Blocks { ty, data, row_stride } => {
+            let blocks = BlockRows { ty: *ty, data, row_stride: *row_stride, n_in };
+            let tasks = split_outputs(n_out, 8, options.parallel);
+            match options.activations {
+                ActivationMode::Q8 => {
+                    let acts = QuantizedActs::quantize(x, rows, n_in);
+                    run_tasks(&tasks, &|range| quantized_rows(isa, &blocks, &acts, rows, range, out_ptr));
+                }
+                ActivationMode::F32 => {
+                    run_tasks(&tasks, &|range| float_decode_rows(isa, &blocks, x, rows, range, out_ptr));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A block-quantized weight as the kernels see it.
+pub(crate) struct BlockRows<'a> {
+    pub ty: GgmlType,
+    pub data: &'a [u8],
+    pub row_stride: usize,
+    pub n_in: usize,
+}
+
+impl BlockRows<'_> {
+    #[inline(always)]
+    pub fn row(&self, o: usize) -> &[u8] {
+        &self.data[o * self.row_stride..(o + 1) * self.row_stride]
+    }
+}
+
+/// Output ranges for the tasks: one per thread, boundaries aligned to `align` features.
+fn split_outputs(n_out: usize, align: usize, parallel: bool) -> Vec<Range<usize>> {
+    let threads = if parallel { pool::num_threads() } else { 1 };
+    // Tiny products are not worth a hand-off.
+    let threads = threads.min(n_out.div_ceil(align.max(16))).max(1);
+    let per = n_out.div_ceil(threads).div_ceil(align) * align;
+    (0..threads).map(|t| (t * per).min(n_out)..((t + 1) * per).min(n_out)).filter(|r| !r.is_empty()).collect()
+}
+
+fn run_tasks(tasks: &[Range<usize>], f: &(dyn Fn(Range<usize>) + Sync)) {
+    match tasks {
+        [] => {}
+        [only] => f(only.clone()),
+        _ => pool::run(tasks.len(), &|t| f(tasks[t].clone())),
+    }
+}
+
+fn f32_rows(isa: Isa, w: &[f32], n_in: usize, x: &[f32], rows: usize, outs: Range<usize>, out: OutPtr) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` verified AVX2, FMA and F16C at run time.
+        Isa::Avx2 => unsafe { x86::f32_rows(w, n_in, x, rows, outs, out) },
+        _ => scalar::f32_rows(w, n_in, x, rows, outs, out),
+    }
+}
+
+fn quantized_rows(isa: Isa, w: &BlockRows<'_>, acts: &QuantizedActs, rows: usize, outs: Range<usize>, out: OutPtr) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` verified AVX2, FMA and F16C at run time.
+        Isa::Avx2 => unsafe { x86::quantized_rows(w, acts, rows, outs, out) },
+        _ => scalar::quantized_rows(w, acts, rows, outs, out),
+    }
+}
+
+fn float_decode_rows(isa: Isa, w: &BlockRows<'_>, x: &[f32], rows: usize, outs: Range<usize>, out: OutPtr) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` verified AVX2, FMA and F16C at run time.
+        Isa::Avx2 => unsafe { x86::float_decode_rows(w, x, rows, outs, out) },
+        _ => scalar::float_decode_rows(w, x, rows, outs, out),
+    }
+}
+
+/// Output features per dequantized tile of the GEMM path.
+const GEMM_TILE: usize = 64;
+
+/// Large-batch path: dequantize `GEMM_TILE` weight rows at a time to f32 and multiply with `gemm`.
+fn gemm_path(x: &[f32], rows: usize, w: &PackedMatrix, outs: Range<usize>, out: OutPtr) {
+    let n_in = w.in_features();
+    let mut tile = Vec::new();
+    let mut start = outs.start;
+    while start < outs.end {
+        let end = (start + GEMM_TILE).min(outs.end);
+        let weights: &[f32] = match w.storage() {
+            Storage::F32(values) => &values[start * n_in..end * n_in],
+            Storage::Blocks { ty, data, row_stride } => {
+                tile.resize((end - start) * n_in, 0.0);
+                // Lengths were validated when the matrix was packed.
+                let _ = crate::quant::dequantize_into(*ty, &data[start * row_stride..end * row_stride], &mut tile);
+                &tile
+            }
+        };
+        // SAFETY: dst columns `start..end` of `out` belong to this task; `x` is `[rows, n_in]`
+        // row-major (row stride n_in, column stride 1); `weights` is `[end - start, n_in]`
+        // row-major, read as the `[n_in, end - start]` matrix Wᵀ (row stride 1, column stride n_in).
+        unsafe {
+            gemm::gemm(
+                rows,
+                end - start,
+                n_in,
+                out.ptr.add(start),
+                1,
+                out.n_out as isize,
+                false,
+                x.as_ptr(),
+                1,
+                n_in as isize,
+                weights.as_ptr(),
+                n_in as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        start = end;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The SIMD integer path computes the same integer sums as the portable one; only the f32
+    /// summation order differs.
+    #[test]
+    fn simd_matches_portable_integer_path() {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for ty in PackedMatrix::KEPT_QUANTIZED {
+            let (n_out, n_in, rows) = (13, 512, 7);
+            let size = crate::quant::row_bytes(ty, n_in).unwrap_or(0) * n_out;
+            let mut data: Vec<u8> = (0..size).map(|_| next() as u8).collect();
+            // Sane f16 scales: overwrite every block's scale fields with 0.01-ish values.
+            let fields: &[usize] = match ty {
+                GgmlType::Q6_K => &[208],
+                GgmlType::Q4_1 | GgmlType::Q4_K => &[0, 2],
+                _ => &[0],
+            };
+            for block in data.chunks_exact_mut(ty.type_size()) {
+                for &f in fields {
+                    block[f..f + 2].copy_from_slice(&half::f16::from_f32(0.01).to_bits().to_le_bytes());
+                }
+            }
+            let w = PackedMatrix::from_ggml(ty, &data, n_out, n_in).unwrap();
+            let x: Vec<f32> = (0..rows * n_in).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
+            let acts = QuantizedActs::quantize(&x, rows, n_in);
+            let Storage::Blocks { data, row_stride, .. } = w.storage() else { panic!("{ty} not kept quantized") };
+            let blocks = BlockRows { ty, data, row_stride: *row_stride, n_in };
+            let mut simd = vec![0.0f32; rows * n_out];
+            let mut portable = vec![0.0f32; rows * n_out];
+            quantized_rows(isa(), &blocks, &acts, rows, 0..n_out, OutPtr { ptr: simd.as_mut_ptr(), n_out });
+            scalar::quantized_rows(&blocks, &acts, rows, 0..n_out, OutPtr { ptr: portable.as_mut_ptr(), n_out });
+            for (a, b) in simd.iter().zip(&portable) {
+                assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{ty}: simd {a} portable {b}");
+            }
+        }
+    }
+}

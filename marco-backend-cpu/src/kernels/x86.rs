@@ -1,0 +1,497 @@
+//! AVX2 + FMA + F16C kernels (x86-64), selected at run time by [`super::isa`].
+//!
+//! Quantized weights × 8-bit activations: one weight block (32 values) is unpacked to 32
+//! unsigned bytes once, then multiplied with each activation row's block by
+//! `vpmaddubsw` (u8 × i8 → pairwise i16) and `vpmaddwd` with ones (→ eight i32 partial sums),
+//! converted to f32 and accumulated with the product of the two block scales. Offsets (Q4_0's
+//! `-8`, Q4_1's `m`, Q4_K's mins, Q6_K's `-32`) are applied through the activation block sums
+//! precomputed in [`QuantizedActs`], so the inner loop stays on unsigned bytes. Signed Q8_0
+//! weights use the `|w| · sign(a, w)` identity. All partial sums fit in i16 (at most
+//! `2 · 128 · 127`), so `vpmaddubsw` never saturates.
+//!
+//! Activation rows are processed four at a time (`R` accumulators); each loads the weight
+//! block once from memory and reuses it from registers.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::{BlockRows, OutPtr, QuantizedActs};
+use crate::quant::{dequantize_into, k4_scale_min, GgmlType, QK, QK_K};
+
+/// Widens a little-endian f16 at `p`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load_f16(p: *const u8) -> f32 {
+    // SAFETY: the caller guarantees two readable bytes at `p`.
+    let bits = unsafe { std::ptr::read_unaligned(p as *const u16) };
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// Eight i32 sums of four adjacent u8 × i8 products each.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_u8_i8(w: __m256i, a: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load256(p: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees 32 readable bytes at `p`.
+    unsafe { _mm256_loadu_si256(p as *const __m256i) }
+}
+
+/// Raw views of the quantized activations, for unchecked access in the inner loops.
+#[derive(Clone, Copy)]
+struct Acts {
+    qs: *const i8,
+    d: *const f32,
+    dsum: *const f32,
+    dsum16: *const [f32; 2],
+    blocks: usize,
+}
+
+impl Acts {
+    fn new(acts: &QuantizedActs) -> Acts {
+        Acts {
+            qs: acts.qs.as_ptr(),
+            d: acts.d.as_ptr(),
+            dsum: acts.dsum.as_ptr(),
+            dsum16: acts.dsum16.as_ptr(),
+            blocks: acts.blocks,
+        }
+    }
+
+    /// Block `b` of row `r` (32 quantized values).
+    #[inline(always)]
+    unsafe fn block(self, r: usize, b: usize) -> *const u8 {
+        // SAFETY: the caller keeps `r` and `b` in range.
+        unsafe { self.qs.add((r * self.blocks + b) * QK) as *const u8 }
+    }
+
+    #[inline(always)]
+    unsafe fn scale(self, r: usize, b: usize) -> f32 {
+        // SAFETY: the caller keeps `r` and `b` in range.
+        unsafe { *self.d.add(r * self.blocks + b) }
+    }
+
+    #[inline(always)]
+    unsafe fn scaled_sum(self, r: usize, b: usize) -> f32 {
+        // SAFETY: the caller keeps `r` and `b` in range.
+        unsafe { *self.dsum.add(r * self.blocks + b) }
+    }
+
+    #[inline(always)]
+    unsafe fn scaled_sum16(self, r: usize, b: usize) -> [f32; 2] {
+        // SAFETY: the caller keeps `r` and `b` in range.
+        unsafe { *self.dsum16.add(r * self.blocks + b) }
+    }
+}
+
+/// Accumulates `dot(w, a_r[b]) · scale · d_r[b]` into `acc[r]` for the `R` rows from `r0`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn accumulate_unsigned<const R: usize>(
+    acc: &mut [__m256; R],
+    w: __m256i,
+    scale: f32,
+    acts: Acts,
+    r0: usize,
+    b: usize,
+) {
+    for (r, acc_r) in acc.iter_mut().enumerate() {
+        // SAFETY: rows `r0..r0 + R` and block `b` are in range (caller).
+        let (a, d) = unsafe { (load256(acts.block(r0 + r, b)), acts.scale(r0 + r, b)) };
+        let s = _mm256_cvtepi32_ps(dot_u8_i8(w, a));
+        *acc_r = _mm256_fmadd_ps(s, _mm256_set1_ps(scale * d), *acc_r);
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_block<const R: usize>(acc: &mut [__m256; R], blk: *const u8, acts: Acts, r0: usize, b: usize) {
+    // SAFETY: `blk` points at a whole 34-byte Q8_0 block (caller).
+    let (dw, wq) = unsafe { (load_f16(blk), load256(blk.add(2))) };
+    let w_abs = _mm256_sign_epi8(wq, wq);
+    for (r, acc_r) in acc.iter_mut().enumerate() {
+        // SAFETY: rows `r0..r0 + R` and block `b` are in range (caller).
+        let (a, d) = unsafe { (load256(acts.block(r0 + r, b)), acts.scale(r0 + r, b)) };
+        let s = _mm256_cvtepi32_ps(dot_u8_i8(w_abs, _mm256_sign_epi8(a, wq)));
+        *acc_r = _mm256_fmadd_ps(s, _mm256_set1_ps(dw * d), *acc_r);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_dot<const R: usize>(w_row: *const u8, acts: Acts, r0: usize) -> [f32; R] {
+    let mut acc0 = [_mm256_setzero_ps(); R];
+    let mut acc1 = [_mm256_setzero_ps(); R];
+    let nb = acts.blocks;
+    let mut b = 0;
+    // SAFETY (all blocks below): `w_row` holds `nb` blocks and the activations `nb` per row.
+    while b + 2 <= nb {
+        unsafe {
+            q8_0_block(&mut acc0, w_row.add(34 * b), acts, r0, b);
+            q8_0_block(&mut acc1, w_row.add(34 * (b + 1)), acts, r0, b + 1);
+        }
+        b += 2;
+    }
+    if b < nb {
+        unsafe { q8_0_block(&mut acc0, w_row.add(34 * b), acts, r0, b) };
+    }
+    std::array::from_fn(|r| hsum(_mm256_add_ps(acc0[r], acc1[r])))
+}
+
+/// One Q4_0 (`OFFSET_IS_MIN = false`) or Q4_1 (`true`) block.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_block<const R: usize, const HAS_MIN: bool>(
+    acc: &mut [__m256; R],
+    corr: &mut [f32; R],
+    blk: *const u8,
+    acts: Acts,
+    r0: usize,
+    b: usize,
+) {
+    let qs_offset = if HAS_MIN { 4 } else { 2 };
+    // SAFETY: `blk` points at a whole Q4_0/Q4_1 block (caller).
+    let (dw, packed) = unsafe { (load_f16(blk), _mm_loadu_si128(blk.add(qs_offset) as *const __m128i)) };
+    // SAFETY: as above; Q4_1's min follows its scale.
+    let offset = if HAS_MIN { unsafe { load_f16(blk.add(2)) } } else { -8.0 * dw };
+    let w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
+    // SAFETY: rows and block in range (caller).
+    unsafe { accumulate_unsigned(acc, w, dw, acts, r0, b) };
+    for (r, c) in corr.iter_mut().enumerate() {
+        // SAFETY: rows and block in range (caller).
+        *c += offset * unsafe { acts.scaled_sum(r0 + r, b) };
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_dot<const R: usize, const HAS_MIN: bool>(w_row: *const u8, acts: Acts, r0: usize) -> [f32; R] {
+    let size = if HAS_MIN { 20 } else { 18 };
+    let mut acc0 = [_mm256_setzero_ps(); R];
+    let mut acc1 = [_mm256_setzero_ps(); R];
+    let mut corr = [0.0f32; R];
+    let nb = acts.blocks;
+    let mut b = 0;
+    // SAFETY (all blocks below): `w_row` holds `nb` blocks and the activations `nb` per row.
+    while b + 2 <= nb {
+        unsafe {
+            q4_block::<R, HAS_MIN>(&mut acc0, &mut corr, w_row.add(size * b), acts, r0, b);
+            q4_block::<R, HAS_MIN>(&mut acc1, &mut corr, w_row.add(size * (b + 1)), acts, r0, b + 1);
+        }
+        b += 2;
+    }
+    if b < nb {
+        unsafe { q4_block::<R, HAS_MIN>(&mut acc0, &mut corr, w_row.add(size * b), acts, r0, b) };
+    }
+    std::array::from_fn(|r| hsum(_mm256_add_ps(acc0[r], acc1[r])) + corr[r])
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_dot<const R: usize>(w_row: *const u8, acts: Acts, r0: usize) -> [f32; R] {
+    let mut acc0 = [_mm256_setzero_ps(); R];
+    let mut acc1 = [_mm256_setzero_ps(); R];
+    let mut corr = [0.0f32; R];
+    let mask = _mm256_set1_epi8(0x0F);
+    let n_super = acts.blocks / (QK_K / QK);
+    for sb in 0..n_super {
+        // SAFETY: `w_row` holds `n_super` 144-byte blocks.
+        let blk = unsafe { w_row.add(144 * sb) };
+        let (dw, dmin) = unsafe { (load_f16(blk), load_f16(blk.add(2))) };
+        // SAFETY: the 12 scale bytes follow d and dmin.
+        let scales = unsafe { std::slice::from_raw_parts(blk.add(4), 12) };
+        for chunk in 0..4 {
+            // SAFETY: 32 bytes of quants per chunk, after the 16-byte header.
+            let q = unsafe { load256(blk.add(16 + 32 * chunk)) };
+            let lo = _mm256_and_si256(q, mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
+            let (sc0, m0) = k4_scale_min(2 * chunk, scales);
+            let (sc1, m1) = k4_scale_min(2 * chunk + 1, scales);
+            let b = sb * (QK_K / QK) + 2 * chunk;
+            // SAFETY: rows and blocks in range (caller).
+            unsafe {
+                accumulate_unsigned(&mut acc0, lo, dw * sc0 as f32, acts, r0, b);
+                accumulate_unsigned(&mut acc1, hi, dw * sc1 as f32, acts, r0, b + 1);
+            }
+            let (min0, min1) = (dmin * m0 as f32, dmin * m1 as f32);
+            for (r, c) in corr.iter_mut().enumerate() {
+                // SAFETY: rows and blocks in range (caller).
+                unsafe { *c -= min0 * acts.scaled_sum(r0 + r, b) + min1 * acts.scaled_sum(r0 + r, b + 1) };
+            }
+        }
+    }
+    std::array::from_fn(|r| hsum(_mm256_add_ps(acc0[r], acc1[r])) + corr[r])
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_dot<const R: usize>(w_row: *const u8, acts: Acts, r0: usize) -> [f32; R] {
+    let mut acc = [[_mm256_setzero_ps(); R]; 2];
+    let mut corr = [0.0f32; R];
+    let low_mask = _mm256_set1_epi8(0x0F);
+    let two_bits = _mm256_set1_epi8(0x03);
+    let n_super = acts.blocks / (QK_K / QK);
+    for sb in 0..n_super {
+        // SAFETY: `w_row` holds `n_super` 210-byte blocks.
+        let blk = unsafe { w_row.add(210 * sb) };
+        let dw = unsafe { load_f16(blk.add(208)) };
+        for half in 0..2 {
+            // SAFETY: ql (128 bytes), qh (64) and scales (16) lie within the block.
+            let (ql_a, ql_b, qh) = unsafe {
+                (load256(blk.add(64 * half)), load256(blk.add(64 * half + 32)), load256(blk.add(128 + 32 * half)))
+            };
+            let scales = unsafe { std::slice::from_raw_parts(blk.add(192 + 8 * half) as *const i8, 8) };
+            for group in 0..4 {
+                let low = match group {
+                    0 => _mm256_and_si256(ql_a, low_mask),
+                    1 => _mm256_and_si256(ql_b, low_mask),
+                    2 => _mm256_and_si256(_mm256_srli_epi16(ql_a, 4), low_mask),
+                    _ => _mm256_and_si256(_mm256_srli_epi16(ql_b, 4), low_mask),
+                };
+                let high = match group {
+                    0 => _mm256_and_si256(qh, two_bits),
+                    1 => _mm256_and_si256(_mm256_srli_epi16(qh, 2), two_bits),
+                    2 => _mm256_and_si256(_mm256_srli_epi16(qh, 4), two_bits),
+                    _ => _mm256_and_si256(_mm256_srli_epi16(qh, 6), two_bits),
+                };
+                let w = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+                let (s0, s1) = (scales[2 * group] as f32, scales[2 * group + 1] as f32);
+                // Lanes 0..4 hold the first 16 values (scale s0), lanes 4..8 the next 16 (s1).
+                let lane_scales = _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0));
+                let b = sb * (QK_K / QK) + 4 * half + group;
+                let slot = &mut acc[group & 1];
+                for (r, acc_r) in slot.iter_mut().enumerate() {
+                    // SAFETY: rows and blocks in range (caller).
+                    let (a, d, [sum_lo, sum_hi]) = unsafe {
+                        (load256(acts.block(r0 + r, b)), acts.scale(r0 + r, b), acts.scaled_sum16(r0 + r, b))
+                    };
+                    let s = _mm256_cvtepi32_ps(dot_u8_i8(w, a));
+                    *acc_r = _mm256_fmadd_ps(s, _mm256_mul_ps(lane_scales, _mm256_set1_ps(dw * d)), *acc_r);
+                    corr[r] -= 32.0 * dw * (s0 * sum_lo + s1 * sum_hi);
+                }
+            }
+        }
+    }
+    std::array::from_fn(|r| hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + corr[r])
+}
+
+/// Computes `out[r, o]` for all `rows` activation rows and the outputs `outs`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `out` must be a `[rows, n_out]` buffer whose
+/// columns `outs` belong to the caller; `acts` must hold `rows` rows of `w.n_in` values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn quantized_rows(
+    w: &BlockRows<'_>,
+    acts: &QuantizedActs,
+    rows: usize,
+    outs: Range<usize>,
+    out: OutPtr,
+) {
+    let raw = Acts::new(acts);
+    type DotFn<const R: usize> = unsafe fn(*const u8, Acts, usize) -> [f32; R];
+    fn pick<const R: usize>(ty: GgmlType) -> Option<DotFn<R>> {
+        Some(match ty {
+            GgmlType::Q8_0 => q8_0_dot::<R>,
+            GgmlType::Q4_0 => q4_dot::<R, false>,
+            GgmlType::Q4_1 => q4_dot::<R, true>,
+            GgmlType::Q4_K => q4_k_dot::<R>,
+            GgmlType::Q6_K => q6_k_dot::<R>,
+            _ => return None,
+        })
+    }
+    let (Some(dot4), Some(dot3), Some(dot2), Some(dot1)) =
+        (pick::<4>(w.ty), pick::<3>(w.ty), pick::<2>(w.ty), pick::<1>(w.ty))
+    else {
+        super::scalar::quantized_rows(w, acts, rows, outs, out);
+        return;
+    };
+    for o in outs {
+        let w_row = w.row(o).as_ptr();
+        let mut r0 = 0;
+        while r0 < rows {
+            // SAFETY: `w_row` is a full weight row and rows `r0..r0 + R` exist in `acts`;
+            // output `(r, o)` belongs to this task.
+            unsafe {
+                match rows - r0 {
+                    1 => write_rows(out, r0, o, &dot1(w_row, raw, r0)),
+                    2 => write_rows(out, r0, o, &dot2(w_row, raw, r0)),
+                    3 => write_rows(out, r0, o, &dot3(w_row, raw, r0)),
+                    _ => write_rows(out, r0, o, &dot4(w_row, raw, r0)),
+                }
+            }
+            r0 += 4;
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn write_rows<const R: usize>(out: OutPtr, r0: usize, o: usize, values: &[f32; R]) {
+    for (r, &v) in values.iter().enumerate() {
+        // SAFETY: the caller owns column `o` and rows `r0..r0 + R` exist.
+        unsafe { out.write(r0 + r, o, v) };
+    }
+}
+
+/// f32 dot products of one weight row with `R` activation rows, `U` independent accumulators each.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f32_dot<const R: usize, const U: usize>(
+    w_row: *const f32,
+    x: *const f32,
+    n_in: usize,
+    r0: usize,
+) -> [f32; R] {
+    let mut acc = [[_mm256_setzero_ps(); U]; R];
+    let mut k = 0;
+    // SAFETY (loads below): `w_row` has `n_in` values and `x` rows `r0..r0 + R` of `n_in`.
+    while k + 8 * U <= n_in {
+        for u in 0..U {
+            let wv = unsafe { _mm256_loadu_ps(w_row.add(k + 8 * u)) };
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let xv = unsafe { _mm256_loadu_ps(x.add((r0 + r) * n_in + k + 8 * u)) };
+                acc_r[u] = _mm256_fmadd_ps(wv, xv, acc_r[u]);
+            }
+        }
+        k += 8 * U;
+    }
+    while k + 8 <= n_in {
+        let wv = unsafe { _mm256_loadu_ps(w_row.add(k)) };
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let xv = unsafe { _mm256_loadu_ps(x.add((r0 + r) * n_in + k)) };
+            acc_r[0] = _mm256_fmadd_ps(wv, xv, acc_r[0]);
+        }
+        k += 8;
+    }
+    std::array::from_fn(|r| {
+        let v = acc[r][1..].iter().fold(acc[r][0], |v, &a| _mm256_add_ps(v, a));
+        let mut sum = hsum(v);
+        for j in k..n_in {
+            // SAFETY: `j < n_in`.
+            sum += unsafe { *w_row.add(j) * *x.add((r0 + r) * n_in + j) };
+        }
+        sum
+    })
+}
+
+/// f32 weights: `out[r, o] = dot(w[o], x[r])`.
+///
+/// # Safety
+/// As [`quantized_rows`]; `w` is `[n_out, n_in]` and `x` is `[rows, n_in]`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn f32_rows(w: &[f32], n_in: usize, x: &[f32], rows: usize, outs: Range<usize>, out: OutPtr) {
+    let xp = x.as_ptr();
+    for o in outs {
+        let w_row = w[o * n_in..(o + 1) * n_in].as_ptr();
+        let mut r0 = 0;
+        while r0 < rows {
+            // SAFETY: rows `r0..r0 + R` exist; output `(r, o)` belongs to this task.
+            unsafe {
+                match rows - r0 {
+                    1 => write_rows(out, r0, o, &f32_dot::<1, 4>(w_row, xp, n_in, r0)),
+                    2 => write_rows(out, r0, o, &f32_dot::<2, 2>(w_row, xp, n_in, r0)),
+                    3 => write_rows(out, r0, o, &f32_dot::<3, 1>(w_row, xp, n_in, r0)),
+                    _ => write_rows(out, r0, o, &f32_dot::<4, 1>(w_row, xp, n_in, r0)),
+                }
+            }
+            r0 += 4;
+        }
+    }
+}
+
+/// Decodes one Q8_0/Q4_0/Q4_1 block to four vectors of eight f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_block(ty: GgmlType, blk: *const u8) -> [__m256; 4] {
+    // SAFETY (all loads): `blk` points at a whole block of type `ty` (caller).
+    unsafe {
+        match ty {
+            GgmlType::Q8_0 => {
+                let d = _mm256_set1_ps(load_f16(blk));
+                std::array::from_fn(|i| {
+                    let q = _mm_loadl_epi64(blk.add(2 + 8 * i) as *const __m128i);
+                    _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d)
+                })
+            }
+            _ => {
+                let has_min = ty == GgmlType::Q4_1;
+                let dw = load_f16(blk);
+                let d = _mm256_set1_ps(dw);
+                let m = _mm256_set1_ps(if has_min { load_f16(blk.add(2)) } else { -8.0 * dw });
+                let packed = _mm_loadu_si128(blk.add(if has_min { 4 } else { 2 }) as *const __m128i);
+                let mask = _mm_set1_epi8(0x0F);
+                let lo = _mm_and_si128(packed, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+                let parts = [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)];
+                std::array::from_fn(|i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), d, m))
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_dot<const R: usize>(
+    ty: GgmlType,
+    w_row: *const u8,
+    x: *const f32,
+    n_in: usize,
+    r0: usize,
+) -> [f32; R] {
+    let size = ty.type_size();
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for b in 0..n_in / QK {
+        // SAFETY: block `b` of the row, and values `32 b..32 b + 32` of rows `r0..r0 + R`, exist.
+        let values = unsafe { decode_block(ty, w_row.add(size * b)) };
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let xr = unsafe { x.add((r0 + r) * n_in + QK * b) };
+            for (i, v) in values.iter().enumerate() {
+                let xv = unsafe { _mm256_loadu_ps(xr.add(8 * i)) };
+                acc_r[i & 1] = _mm256_fmadd_ps(*v, xv, acc_r[i & 1]);
+            }
+        }
+    }
+    std::array::from_fn(|r| hsum(_mm256_add_ps(acc[r][0], acc[r][1])))
+}
+
+/// Quantized weights decoded to f32 in registers, exact f32 activations.
+///
+/// # Safety
+/// As [`f32_rows`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn float_decode_rows(w: &BlockRows<'_>, x: &[f32], rows: usize, outs: Range<usize>, out: OutPtr) {
+    let n_in = w.n_in;
+    if !matches!(w.ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1) {
+        // No fused f32 decoder for the k-quants: decode a row, then the f32 kernel.
+        let mut decoded = vec![0.0f32; n_in];
+        for o in outs {
+            let _ = dequantize_into(w.ty, w.row(o), &mut decoded);
+            // SAFETY: `decoded` is one row; this task owns column `o`.
+            unsafe { f32_rows(&decoded, n_in, x, rows, 0..1, OutPtr { ptr: out.ptr.add(o), n_out: out.n_out }) };
+        }
+        return;
+    }
+    let xp = x.as_ptr();
+    for o in outs {
+        let w_row = w.row(o).as_ptr();
+        let mut r0 = 0;
+        while r0 < rows {
+            // SAFETY: rows `r0..r0 + R` exist; output `(r, o)` belongs to this task.
+            unsafe {
+                match rows - r0 {
+                    1 => write_rows(out, r0, o, &decode_dot::<1>(w.ty, w_row, xp, n_in, r0)),
+                    2 => write_rows(out, r0, o, &decode_dot::<2>(w.ty, w_row, xp, n_in, r0)),
+                    3 => write_rows(out, r0, o, &decode_dot::<3>(w.ty, w_row, xp, n_in, r0)),
+                    _ => write_rows(out, r0, o, &decode_dot::<4>(w.ty, w_row, xp, n_in, r0)),
+                }
+            }
+            r0 += 4;
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Weights stored the way the kernels read them fastest.
+//!
+//! A linear layer's weight is `W[out_features, in_features]` (the Hugging Face and GGUF layout:
+//! each output feature's weights are one contiguous row), and the kernels compute
+//! `y = x · Wᵀ`, streaming one weight row per output feature. [`PackedMatrix`] keeps either
+//!
+//! * plain f32 rows (f32, f16 and bf16 checkpoints; every ggml type without a fused kernel), or
+//! * the GGUF blocks themselves, unchanged, for the types with fused dequantize-dot kernels
+//!   ([`PackedMatrix::KEPT_QUANTIZED`]): a Q4_1 layer stays at 5 bits per weight in memory and
+//!   is decoded in registers while it is multiplied, so decode reads ~6× fewer bytes than f32.
+//!
+//! Rows are stored back to back (`row_bytes(ty, in_features)` bytes each); both GGUF and the
+//! kernels want exactly that, so packing a GGUF tensor is one copy.
+
+use crate::quant::{dequantize_into, quantize_q8_0, row_bytes, GgmlType};
+use crate::KernelError;
+
+/// The element storage of a [`PackedMatrix`].
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Storage {
+    /// Row-major f32, `out_features * in_features` values.
+    F32(Vec<f32>),
+    /// Row-major ggml blocks of a type in [`PackedMatrix::KEPT_QUANTIZED`].
+    Blocks {
+        /// The block type.
+        ty: GgmlType,
+        /// `out_features * row_stride` bytes.
+        data: Vec<u8>,
+        /// Bytes per weight row.
+        row_stride: usize,
+    },
+}
+
+/// A linear layer's weight `W[out_features, in_features]`, ready for [`crate::matmul`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedMatrix {
+    out_features: usize,
+    in_features: usize,
+    storage: Storage,
+}
+
+impl PackedMatrix {
+    /// The ggml types kept quantized in memory (they have fused kernels); other types are
+    /// dequantized to f32 when packed.
+    pub const KEPT_QUANTIZED: [GgmlType; 5] =
+        [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q4_K, GgmlType::Q6_K];
+
+    /// Packs f32 weights given row-major as `[out_features, in_features]`.
+    pub fn from_f32(values: Vec<f32>, out_features: usize, in_features: usize) -> Result<Self, KernelError> {
+        check_shape(out_features, in_features)?;
+        let expected = element_count(out_features, in_features)?;
+        if values.len() != expected {
+            return Err(KernelError::LengthMismatch {
+                what: "f32 weight",
+                expected,
+                actual: values.len(),
+                unit: "elements",
+            });
+        }
+        Ok(PackedMatrix { out_features, in_features, storage: Storage::F32(values) })
+    }
+
+    /// Quantizes f32 weights (row-major `[out_features, in_features]`) to Q8_0, as ggml's
+    /// reference quantizer does; `in_features` must be a multiple of 32.
+    pub fn quantize_q8_0(values: &[f32], out_features: usize, in_features: usize) -> Result<Self, KernelError> {
+        check_shape(out_features, in_features)?;
+        let expected = element_count(out_features, in_features)?;
+        if values.len() != expected {
+            return Err(KernelError::LengthMismatch {
+                what: "f32 weight",
+                expected,
+                actual: values.len(),
+                unit: "elements",
+            });
+        }
+        let row_stride = row_bytes(GgmlType::Q8_0, in_features)?;
+        // Quantizing row by row gives the same blocks as the whole buffer at once, since
+        // `in_features` is a whole number of blocks; doing it at once is simpler.
+        let data = quantize_q8_0(values)?;
+        Ok(PackedMatrix {
+            out_features,
+            in_features,
+            storage: Storage::Blocks { ty: GgmlType::Q8_0, data, row_stride },
+        })
+    }
+
+    /// Packs a GGUF tensor of type `ty` whose raw data is `data` and whose logical shape is
+    /// `[out_features, in_features]` (GGUF lists it as `ne = [in_features, out_features]`).
+    ///
+    /// Types in [`Self::KEPT_QUANTIZED`] are kept as blocks; all others are dequantized to f32.
+    pub fn from_ggml(ty: GgmlType, data: &[u8], out_features: usize, in_features: usize) -> Result<Self, KernelError> {
+        check_shape(out_features, in_features)?;
+        let row_stride = row_bytes(ty, in_features)?;
+        let expected = row_stride
+            .checked_mul(out_features)
+            .ok_or_else(|| KernelError::InvalidShape { reason: format!("{out_features} rows overflow usize") })?;
+        if data.len() != expected {
+            return Err(KernelError::LengthMismatch {
+                what: "GGUF tensor data",
+                expected,
+                actual: data.len(),
+                unit: "bytes",
+            });
+        }
+        if Self::KEPT_QUANTIZED.contains(&ty) {
+            return Ok(PackedMatrix {
+                out_features,
+                in_features,
+                storage: Storage::Blocks { ty, data: data.to_vec(), row_stride },
+            });
+        }
+        let mut values = vec![0.0f32; element_count(out_features, in_features)?];
+        dequantize_into(ty, data, &mut values)?;
+        Ok(PackedMatrix { out_features, in_features, storage: Storage::F32(values) })
+    }
+
+    /// Number of output features (rows of `W`).
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// Number of input features (columns of `W`).
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    /// The storage type: [`GgmlType::F32`] or one of [`Self::KEPT_QUANTIZED`].
+    pub fn ggml_type(&self) -> GgmlType {
+        match &self.storage {
+            Storage::F32(_) => GgmlType::F32,
+            Storage::Blocks { ty, .. } => *ty,
+        }
+    }
+
+    /// Bytes of weight data a full product streams from memory.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.storage {
+            Storage::F32(values) => values.len() * 4,
+            Storage::Blocks { data, .. } => data.len(),
+        }
+    }
+
+    /// Writes row `row` of `W` (dequantized) into `out` (length `in_features`): an embedding
+    /// lookup when the matrix is an embedding table.
+    pub fn row_into(&self, row: usize, out: &mut [f32]) -> Result<(), KernelError> {
+        if row >= self.out_features {
+            return Err(KernelError::InvalidShape {
+                reason: format!("row {row} out of range for {} rows", self.out_features),
+            });
+        }
+        if out.len() != self.in_features {
+            return Err(KernelError::LengthMismatch {
+                what: "row output",
+                expected: self.in_features,
+                actual: out.len(),
+                unit: "elements",
+            });
+        }
+        match &self.storage {
+            Storage::F32(values) => {
+                out.copy_from_slice(&values[row * self.in_features..(row + 1) * self.in_features]);
+                Ok(())
+            }
+            Storage::Blocks { ty, data, row_stride } => {
+                dequantize_into(*ty, &data[row * row_stride..(row + 1) * row_stride], out)
+            }
+        }
+    }
+
+    /// The whole matrix dequantized to row-major f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        match &self.storage {
+            Storage::F32(values) => values.clone(),
+            Storage::Blocks { ty, data, .. } => {
+                let mut out = vec![0.0f32; self.out_features * self.in_features];
+                // The lengths were validated at construction, so this cannot fail.
+                let _ = dequantize_into(*ty, data, &mut out);
+                out
+            }
+        }
+    }
+
+    pub(crate) fn storage(&self) -> &Storage {
+        &self.storage
+    }
+}
+
+fn check_shape(out_features: usize, in_features: usize) -> Result<(), KernelError> {
+    if out_features == 0 || in_features == 0 {
+        return Err(KernelError::InvalidShape {
+            reason: format!("weight shape [{out_features}, {in_features}] has a zero dimension"),
+        });
+    }
+    Ok(())
+}
+
+fn element_count(out_features: usize, in_features: usize) -> Result<usize, KernelError> {
+    out_features.checked_mul(in_features).ok_or_else(|| KernelError::InvalidShape {
+        reason: format!("weight shape [{out_features}, {in_features}] overflows usize"),
+    })
+}
