@@ -14,7 +14,7 @@
 //! [`GgufWriter`] writes the same format; tests use it to build small (and deliberately
 //! broken) files.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -170,6 +170,8 @@ pub struct GgufFile {
     tensors: Vec<GgufTensorInfo>,
     /// Byte ranges of each tensor inside `map`, parallel to `tensors`.
     ranges: Vec<(usize, usize)>,
+    /// Index of each tensor in `tensors` by name.
+    by_name: HashMap<String, usize>,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -211,6 +213,7 @@ impl GgufFile {
             metadata: parsed.metadata,
             tensors: parsed.tensors,
             ranges: parsed.ranges,
+            by_name: parsed.by_name,
         })
     }
 
@@ -291,18 +294,19 @@ impl GgufFile {
 
     /// The tensor called `name`, or [`ModelError::MissingTensor`].
     pub fn tensor_info(&self, name: &str) -> Result<&GgufTensorInfo> {
-        self.tensors
-            .iter()
-            .find(|t| t.name == name)
+        self.by_name
+            .get(name)
+            .map(|&index| &self.tensors[index])
             .ok_or_else(|| ModelError::MissingTensor { path: self.path.clone(), tensor: name.to_string() })
     }
 
     /// The raw stored bytes of `info` (a tensor of this file).
     pub fn tensor_bytes(&self, info: &GgufTensorInfo) -> Result<&[u8]> {
         let index = self
-            .tensors
-            .iter()
-            .position(|t| t == info)
+            .by_name
+            .get(&info.name)
+            .copied()
+            .filter(|&index| &self.tensors[index] == info)
             .ok_or_else(|| ModelError::MissingTensor { path: self.path.clone(), tensor: info.name.clone() })?;
         let (start, end) = self.ranges[index];
         self.map.get(start..end).ok_or_else(|| truncated(&self.path, format!("data of tensor {}", info.name)))
@@ -327,6 +331,7 @@ struct Parsed {
     metadata: BTreeMap<String, GgufValue>,
     tensors: Vec<GgufTensorInfo>,
     ranges: Vec<(usize, usize)>,
+    by_name: HashMap<String, usize>,
 }
 
 fn truncated(path: &Path, what: impl Into<String>) -> ModelError {
@@ -492,7 +497,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
 
     let tensor_count = check_count(tensor_count, min_tensor, "the tensor count", cur.remaining())?;
     let mut tensors = Vec::with_capacity(tensor_count);
-    let mut names = HashSet::with_capacity(tensor_count);
+    let mut by_name = HashMap::with_capacity(tensor_count);
     for index in 0..tensor_count {
         let name = cur.string(&format!("name of tensor #{index} of {tensor_count}"))?;
         let n_dims = cur.u32(&format!("dimension count of tensor {name}"))?;
@@ -510,7 +515,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
             tensor: name.clone(),
             dtype: format!("ggml type id {type_id}"),
         })?;
-        if !names.insert(name.clone()) {
+        if by_name.insert(name.clone(), index).is_some() {
             return Err(ModelError::corrupt(path, format!("tensor {name} appears twice")));
         }
         tensors.push(GgufTensorInfo { name, dims, ggml_type, offset });
@@ -519,7 +524,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     let header_end = cur.pos as u64;
     let data_start = header_end.div_ceil(alignment).saturating_mul(alignment);
     let ranges = tensor_ranges(path, bytes.len() as u64, data_start, alignment, &tensors)?;
-    Ok(Parsed { version, alignment, metadata, tensors, ranges })
+    Ok(Parsed { version, alignment, metadata, tensors, ranges, by_name })
 }
 
 /// Checks each tensor's size, alignment and extent, and that no two overlap; returns the byte
