@@ -1,0 +1,235 @@
+//! The kernel seam: how a backend runs the hot linear layers and the top-k of the logits.
+//!
+//! burn's own ops are correct on every backend but not always fast: on NdArray a batch-1
+//! matmul against a large weight runs at ~1 GFLOP/s. [`KernelBackend`] is a backend-extension
+//! trait (burn's pattern for custom ops) with an associated weight type, so each backend keeps
+//! its linear weights in the layout its kernel reads fastest and runs its own kernel on them:
+//!
+//! - `NdArray` (feature `cpu`): weights are `marco_backend_cpu` packed matrices (dense or
+//!   ggml-quantised rows, read by a GEMV/GEMM with runtime SIMD dispatch), run directly on the
+//!   primitive's host buffer; top-k is a partial selection on that buffer (the "device" is the
+//!   host, so nothing is copied).
+//! - `Cuda` (feature `cuda`): weights are burn tensors and the kernel is burn's `matmul`.
+//!
+//! The same network can always run on burn's plain ops instead ([`LinearPath::Burn`]): the
+//! model then holds `[in, out]` burn tensors and multiplies with `matmul`. Tests check both
+//! paths against the oracles and the decode benchmark compares them.
+
+use std::fmt::Debug;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::error::Result;
+
+/// The rows of a linear layer's weight as they lie on the host, `[out_features, in_features]`
+/// row-major (the Hugging Face and ggml layout).
+#[derive(Debug, Clone, Copy)]
+pub enum HostWeight<'a> {
+    /// Dense f32 rows.
+    F32(&'a [f32]),
+    /// Rows in a ggml block-quantised type (each row a whole number of blocks).
+    Ggml {
+        /// The ggml type id (`2` = Q4_0, `3` = Q4_1, `8` = Q8_0, ...).
+        ggml_type: u32,
+        /// The raw blocks of all rows.
+        bytes: &'a [u8],
+    },
+}
+
+/// Which implementation runs the linear layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LinearPath {
+    /// The backend's own kernel ([`KernelBackend::kernel_linear`]).
+    #[default]
+    Kernel,
+    /// burn's plain `matmul` on `[in, out]` tensors (the reference path).
+    Burn,
+}
+
+/// A burn backend with marco's kernel seam.
+pub trait KernelBackend: Backend {
+    /// A linear layer's weight in the layout this backend's kernel reads.
+    type LinearWeight: Clone + Debug + Send + Sync + 'static;
+
+    /// A short name of the kernel, for benchmark tables.
+    fn kernel_name() -> &'static str;
+
+    /// Builds a kernel weight from `[out_features, in_features]` host rows. Returns `Ok(None)`
+    /// when the backend cannot keep this form (a quantised type its kernel does not read);
+    /// the loader then dequantises and calls again with [`HostWeight::F32`], which every
+    /// backend accepts.
+    fn linear_weight(
+        weight: HostWeight<'_>,
+        out_features: usize,
+        in_features: usize,
+        device: &Self::Device,
+    ) -> Result<Option<Self::LinearWeight>>;
+
+    /// `x · Wᵀ`: `x` is `[rows, in_features]`, the result `[rows, out_features]`.
+    fn kernel_linear(x: Tensor<Self, 2>, weight: &Self::LinearWeight) -> Tensor<Self, 2>;
+
+    /// Bytes the weight occupies.
+    fn linear_weight_bytes(weight: &Self::LinearWeight) -> usize;
+
+    /// The `k` largest entries of every row of `logits` (`[rows, vocab]`) and their column
+    /// indices, each row sorted descending. The default sorts on the device with burn.
+    fn top_k(logits: Tensor<Self, 2>, k: usize) -> (Tensor<Self, 2>, Tensor<Self, 2, Int>) {
+        let vocab = logits.dims()[1];
+        let k = k.clamp(1, vocab);
+        logits.topk_with_indices(k, 1)
+    }
+}
+
+/// `[out, in]` row-major host rows to an `[in, out]` burn tensor (the layout `x.matmul(w)` wants).
+pub(crate) fn dense_in_out<B: Backend>(
+    rows: &[f32],
+    out_features: usize,
+    in_features: usize,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let mut transposed = vec![0.0f32; rows.len()];
+    // Blocked transpose: keeps both sides in cache for large matrices.
+    const BLOCK: usize = 32;
+    for o0 in (0..out_features).step_by(BLOCK) {
+        for i0 in (0..in_features).step_by(BLOCK) {
+            for o in o0..(o0 + BLOCK).min(out_features) {
+                for i in i0..(i0 + BLOCK).min(in_features) {
+                    transposed[i * out_features + o] = rows[o * in_features + i];
+                }
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(transposed, [in_features, out_features]), device)
+}
+
+#[cfg(feature = "cpu")]
+mod cpu {
+    //! NdArray: marco_backend_cpu's kernels on the primitive's host buffer.
+
+    use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
+    use burn_ndarray::{NdArray, NdArrayDevice, NdArrayTensor};
+
+    use super::{HostWeight, KernelBackend};
+    use crate::error::Result;
+
+    /// Runs `f` on the row-major f32 contents of an NdArray tensor without copying when the
+    /// tensor is contiguous (a copy is made otherwise).
+    pub(crate) fn with_host_f32<const D: usize, R>(tensor: &Tensor<NdArray, D>, f: impl FnOnce(&[f32]) -> R) -> R {
+        match tensor.clone().into_primitive() {
+            TensorPrimitive::Float(NdArrayTensor::F32(storage)) => {
+                let view = storage.view();
+                match view.as_slice() {
+                    Some(slice) => f(slice),
+                    None => {
+                        let owned: Vec<f32> = view.iter().copied().collect();
+                        f(&owned)
+                    }
+                }
+            }
+            other => {
+                let data = Tensor::<NdArray, D>::from_primitive(other).into_data().convert::<f32>();
+                let values = data.to_vec::<f32>().unwrap_or_default();
+                f(&values)
+            }
+        }
+    }
+
+    impl KernelBackend for NdArray {
+        // Until marco_backend_cpu's packed kernels are wired in, the kernel path multiplies
+        // `[in, out]` tensors like the plain path.
+        type LinearWeight = Tensor<NdArray, 2>;
+
+        fn kernel_name() -> &'static str {
+            "ndarray-matmul"
+        }
+
+        fn linear_weight(
+            weight: HostWeight<'_>,
+            out_features: usize,
+            in_features: usize,
+            device: &NdArrayDevice,
+        ) -> Result<Option<Self::LinearWeight>> {
+            match weight {
+                HostWeight::F32(rows) => {
+                    Ok(Some(super::dense_in_out::<NdArray>(rows, out_features, in_features, device)))
+                }
+                HostWeight::Ggml { .. } => Ok(None),
+            }
+        }
+
+        fn kernel_linear(x: Tensor<Self, 2>, weight: &Self::LinearWeight) -> Tensor<Self, 2> {
+            x.matmul(weight.clone())
+        }
+
+        fn linear_weight_bytes(weight: &Self::LinearWeight) -> usize {
+            weight.shape().num_elements() * std::mem::size_of::<f32>()
+        }
+
+        fn top_k(logits: Tensor<Self, 2>, k: usize) -> (Tensor<Self, 2>, Tensor<Self, 2, Int>) {
+            let [rows, vocab] = logits.dims();
+            let k = k.clamp(1, vocab.max(1));
+            let device = logits.device();
+            let mut values = Vec::with_capacity(rows * k);
+            let mut indices: Vec<i64> = Vec::with_capacity(rows * k);
+            with_host_f32(&logits, |all| {
+                for row in all.chunks(vocab) {
+                    let desc = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
+                    let mut idx: Vec<u32> = (0..vocab as u32).collect();
+                    if k < vocab {
+                        idx.select_nth_unstable_by(k - 1, desc);
+                        idx.truncate(k);
+                    }
+                    idx.sort_unstable_by(desc);
+                    for &i in &idx {
+                        values.push(row[i as usize]);
+                        indices.push(i as i64);
+                    }
+                }
+            });
+            (
+                Tensor::from_data(TensorData::new(values, [rows, k]), &device),
+                Tensor::from_data(TensorData::new(indices, [rows, k]), &device),
+            )
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    //! CUDA: burn's own matmul on `[in, out]` tensors; top-k sorted on the device.
+
+    use burn::tensor::Tensor;
+    use burn_cuda::{Cuda, CudaDevice};
+
+    use super::{dense_in_out, HostWeight, KernelBackend};
+    use crate::error::Result;
+
+    impl KernelBackend for Cuda {
+        type LinearWeight = Tensor<Cuda, 2>;
+
+        fn kernel_name() -> &'static str {
+            "burn-cuda-matmul"
+        }
+
+        fn linear_weight(
+            weight: HostWeight<'_>,
+            out_features: usize,
+            in_features: usize,
+            device: &CudaDevice,
+        ) -> Result<Option<Self::LinearWeight>> {
+            match weight {
+                HostWeight::F32(rows) => Ok(Some(dense_in_out::<Cuda>(rows, out_features, in_features, device))),
+                HostWeight::Ggml { .. } => Ok(None),
+            }
+        }
+
+        fn kernel_linear(x: Tensor<Self, 2>, weight: &Self::LinearWeight) -> Tensor<Self, 2> {
+            x.matmul(weight.clone())
+        }
+
+        fn linear_weight_bytes(weight: &Self::LinearWeight) -> usize {
+            weight.shape().num_elements() * std::mem::size_of::<f32>()
+        }
+    }
+}

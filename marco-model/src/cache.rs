@@ -1,0 +1,237 @@
+//! The KV cache of one sequence, kept outside the (immutable) network.
+//!
+//! A sequence's keys and values are a chain of *segments*: zero or more frozen segments shared
+//! by `Arc` with every sequence forked from the same prefix, then one growable *tail* that only
+//! this sequence writes. [`KvCache::fork`] freezes the tail (compacting it to its length) and
+//! hands the child the same chain: no KV of the shared prefix is copied, and memory grows with
+//! the distinct tokens of a tree of forks, not with the sum of its path lengths.
+//!
+//! Attention reads the chain segment by segment ([`KvCache::segments`]); a sequence that was
+//! never forked has one segment, so plain decoding pays nothing for the sharing. The tail is a
+//! buffer with spare capacity, written in place with `slice_assign` (in place on NdArray and
+//! CubeCL when the buffer is uniquely owned), and doubled when full.
+//!
+//! This is the seam for the tree-shaped paged cache: the network only needs
+//! [`KvCache::reserve`], [`KvCache::write`], [`KvCache::segments`] and [`KvCache::commit`].
+
+use std::sync::Arc;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+
+/// Keys and values of one layer over a run of positions: `[kv_heads, positions, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct LayerKv<B: Backend> {
+    /// Keys (after the rotary embedding).
+    pub k: Tensor<B, 3>,
+    /// Values.
+    pub v: Tensor<B, 3>,
+}
+
+/// A frozen run of positions, shared by every sequence that forked from it.
+#[derive(Debug)]
+pub struct KvSegment<B: Backend> {
+    layers: Vec<LayerKv<B>>,
+    len: usize,
+}
+
+impl<B: Backend> KvSegment<B> {
+    /// Positions in the segment.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the segment is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The shape every cache of one model shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvShape {
+    /// Decoder layers.
+    pub layers: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Width of a head.
+    pub head_dim: usize,
+}
+
+impl KvShape {
+    /// Bytes one position occupies over all layers (keys and values, f32).
+    pub fn bytes_per_token(&self) -> usize {
+        2 * self.layers * self.kv_heads * self.head_dim * std::mem::size_of::<f32>()
+    }
+}
+
+/// The KV cache of one sequence.
+#[derive(Debug)]
+pub struct KvCache<B: Backend> {
+    shape: KvShape,
+    device: B::Device,
+    frozen: Vec<Arc<KvSegment<B>>>,
+    frozen_len: usize,
+    /// Per-layer buffers `[kv_heads, tail_capacity, head_dim]`; empty until first written.
+    tail: Vec<LayerKv<B>>,
+    tail_len: usize,
+    tail_capacity: usize,
+}
+
+/// Smallest tail buffer, in positions.
+const MIN_TAIL_CAPACITY: usize = 32;
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache.
+    pub fn new(shape: KvShape, device: &B::Device) -> Self {
+        KvCache {
+            shape,
+            device: device.clone(),
+            frozen: Vec::new(),
+            frozen_len: 0,
+            tail: Vec::new(),
+            tail_len: 0,
+            tail_capacity: 0,
+        }
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.frozen_len + self.tail_len
+    }
+
+    /// Whether the cache holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The cache's shape.
+    pub fn shape(&self) -> KvShape {
+        self.shape
+    }
+
+    /// Makes room for `new_positions` more positions in the tail.
+    pub fn reserve(&mut self, new_positions: usize) {
+        let needed = self.tail_len + new_positions;
+        if needed <= self.tail_capacity {
+            return;
+        }
+        let capacity = needed.max(2 * self.tail_capacity).max(MIN_TAIL_CAPACITY);
+        let KvShape { layers, kv_heads, head_dim } = self.shape;
+        let fresh = |old: Option<&Tensor<B, 3>>| {
+            let buffer = Tensor::<B, 3>::empty([kv_heads, capacity, head_dim], &self.device);
+            match old {
+                Some(old) if self.tail_len > 0 => buffer.slice_assign(
+                    [0..kv_heads, 0..self.tail_len, 0..head_dim],
+                    old.clone().slice([0..kv_heads, 0..self.tail_len, 0..head_dim]),
+                ),
+                _ => buffer,
+            }
+        };
+        let tail: Vec<LayerKv<B>> = (0..layers)
+            .map(|layer| {
+                let old = self.tail.get(layer);
+                LayerKv { k: fresh(old.map(|kv| &kv.k)), v: fresh(old.map(|kv| &kv.v)) }
+            })
+            .collect();
+        self.tail = tail;
+        self.tail_capacity = capacity;
+    }
+
+    /// Writes `kv` (`[kv_heads, n, head_dim]`) for `layer` at the first `n` uncommitted tail
+    /// positions. [`KvCache::reserve`] must have made room.
+    pub fn write(&mut self, layer: usize, kv: LayerKv<B>) {
+        let n = kv.k.dims()[1];
+        let KvShape { kv_heads, head_dim, .. } = self.shape;
+        let range = [0..kv_heads, self.tail_len..self.tail_len + n, 0..head_dim];
+        if let Some(slot) = self.tail.get_mut(layer) {
+            // Take the buffers out so that they are uniquely owned and written in place.
+            let empty = || Tensor::<B, 3>::empty([0, 0, 0], &self.device);
+            let k = std::mem::replace(&mut slot.k, empty());
+            let v = std::mem::replace(&mut slot.v, empty());
+            slot.k = k.slice_assign(range.clone(), kv.k);
+            slot.v = v.slice_assign(range, kv.v);
+        }
+    }
+
+    /// The segments of `layer` in position order, the tail including `pending` written but
+    /// uncommitted positions.
+    pub fn segments(&self, layer: usize, pending: usize) -> Vec<LayerKv<B>> {
+        let KvShape { kv_heads, head_dim, .. } = self.shape;
+        let mut out: Vec<LayerKv<B>> =
+            self.frozen.iter().filter_map(|segment| segment.layers.get(layer).cloned()).collect();
+        let tail_len = self.tail_len + pending;
+        if tail_len > 0 {
+            if let Some(tail) = self.tail.get(layer) {
+                let range = [0..kv_heads, 0..tail_len, 0..head_dim];
+                out.push(LayerKv { k: tail.k.clone().slice(range.clone()), v: tail.v.clone().slice(range) });
+            }
+        }
+        out
+    }
+
+    /// Makes `positions` written positions part of the cache.
+    pub fn commit(&mut self, positions: usize) {
+        self.tail_len += positions;
+    }
+
+    /// Freezes the tail into a shared segment (compacted to its length).
+    fn freeze_tail(&mut self) {
+        if self.tail_len == 0 {
+            return;
+        }
+        let KvShape { kv_heads, head_dim, .. } = self.shape;
+        let len = self.tail_len;
+        let range = [0..kv_heads, 0..len, 0..head_dim];
+        let compact = |buffer: Tensor<B, 3>| {
+            if self.tail_capacity == len {
+                buffer
+            } else {
+                Tensor::<B, 3>::empty([kv_heads, len, head_dim], &self.device)
+                    .slice_assign(range.clone(), buffer.slice(range.clone()))
+            }
+        };
+        let layers = std::mem::take(&mut self.tail)
+            .into_iter()
+            .map(|kv| LayerKv { k: compact(kv.k), v: compact(kv.v) })
+            .collect();
+        self.frozen.push(Arc::new(KvSegment { layers, len }));
+        self.frozen_len += len;
+        self.tail_len = 0;
+        self.tail_capacity = 0;
+    }
+
+    /// A cache for a child sequence sharing every position of this one. Copies no KV of
+    /// frozen segments; the tail is frozen (one compacting copy) and shared from then on.
+    pub fn fork(&mut self) -> Self {
+        self.freeze_tail();
+        KvCache {
+            shape: self.shape,
+            device: self.device.clone(),
+            frozen: self.frozen.clone(),
+            frozen_len: self.frozen_len,
+            tail: Vec::new(),
+            tail_len: 0,
+            tail_capacity: 0,
+        }
+    }
+
+    /// The shared segments of this cache, for memory accounting across sequences.
+    pub fn frozen_segments(&self) -> &[Arc<KvSegment<B>>] {
+        &self.frozen
+    }
+
+    /// Bytes of the buffers only this cache owns (its tail, at capacity).
+    pub fn owned_bytes(&self) -> usize {
+        if self.tail.is_empty() {
+            0
+        } else {
+            self.tail_capacity * self.shape.bytes_per_token()
+        }
+    }
+
+    /// Bytes of a shared segment.
+    pub fn segment_bytes(&self, segment: &KvSegment<B>) -> usize {
+        segment.len * self.shape.bytes_per_token()
+    }
+}

@@ -1,0 +1,359 @@
+//! Reading weights: Hugging Face safetensors directories and GGUF files, behind one trait.
+//!
+//! The network asks a [`WeightSource`] for tensors by their Hugging Face names and states the
+//! shape the configuration implies; a source checks it and answers with host `f32` rows, or,
+//! for linear layers, possibly with the raw ggml blocks so that a kernel can keep them
+//! quantised ([`HostLinear`]).
+//!
+//! - [`HfWeights`]: `model.safetensors`, or shards listed in `model.safetensors.index.json`;
+//!   f32, f16 and bf16 are widened to f32. The files are memory-mapped and each header is
+//!   parsed once. (burn-store's safetensors store applies a file to a burn `Module`; marco's
+//!   network is not a `Module` — it is built once, checked against the config and partly
+//!   packed into kernel layouts — so reading through the `safetensors` crate serves better.)
+//! - [`GgufWeights`]: maps the Hugging Face names to llama.cpp's (`blk.N.attn_q.weight`, ...)
+//!   and un-permutes the q/k rows that llama.cpp's converter interleaves for Llama models
+//!   (`rope_type = norm`), so one rotary implementation (half-split) serves both formats.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, Metadata};
+use safetensors::SafeTensors;
+
+use crate::config::{Architecture, ModelConfig};
+use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
+use marco_backend_cpu::quant::{self, GgmlType};
+
+/// A linear layer's weight rows `[out, in]` on the host.
+#[derive(Debug, Clone)]
+pub enum HostLinear {
+    /// Dense f32 rows.
+    F32(Vec<f32>),
+    /// ggml blocks, as stored in a GGUF file.
+    Ggml {
+        /// The ggml type id.
+        ggml_type: u32,
+        /// The blocks of all rows.
+        bytes: Vec<u8>,
+        /// Number of weights (`out * in`).
+        elements: usize,
+    },
+}
+
+impl HostLinear {
+    /// The rows as dense f32 (dequantising ggml blocks).
+    pub fn into_f32(self) -> Result<Vec<f32>> {
+        match self {
+            HostLinear::F32(rows) => Ok(rows),
+            HostLinear::Ggml { ggml_type, bytes, elements } => {
+                let ty = GgmlType::from_id(ggml_type).ok_or_else(|| ModelError::UnsupportedDtype {
+                    path: "<linear weight>".into(),
+                    tensor: String::new(),
+                    dtype: format!("ggml type {ggml_type}"),
+                })?;
+                quant::dequantize(ty, &bytes, elements)
+                    .map_err(|e| ModelError::corrupt("<linear weight>", format!("dequantising {}: {e}", ty.name())))
+            }
+        }
+    }
+}
+
+/// Tensors by Hugging Face name, shape-checked.
+pub trait WeightSource {
+    /// The file or directory the weights come from (for messages).
+    fn origin(&self) -> &Path;
+
+    /// The tensor `name` as row-major f32; fails with [`ModelError::ShapeMismatch`] when its
+    /// shape is not `expected` and [`ModelError::MissingTensor`] when it is absent.
+    fn tensor(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>>;
+
+    /// The weight `name` of a linear layer, `[out, in]`; may keep a quantised form.
+    fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<HostLinear> {
+        Ok(HostLinear::F32(self.tensor(name, &[out_features, in_features])?))
+    }
+}
+
+/// One memory-mapped safetensors file with its parsed header.
+struct Shard {
+    path: PathBuf,
+    map: memmap2::Mmap,
+    header_len: usize,
+    metadata: Metadata,
+}
+
+impl Shard {
+    fn open(path: &Path) -> Result<Shard> {
+        let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+        // SAFETY: read-only private map; model files are not modified while loaded, and every
+        // range read from it is checked against the header (which safetensors validated
+        // against the map's length).
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| match e {
+            safetensors::SafeTensorError::MetadataIncompleteBuffer
+            | safetensors::SafeTensorError::HeaderTooSmall
+            | safetensors::SafeTensorError::InvalidHeaderLength => {
+                ModelError::Truncated { path: path.to_path_buf(), what: format!("safetensors data ({e})") }
+            }
+            other => ModelError::corrupt(path, format!("safetensors header: {other}")),
+        })?;
+        Ok(Shard { path: path.to_path_buf(), map, header_len, metadata })
+    }
+}
+
+/// The weights of a Hugging Face checkpoint directory.
+pub struct HfWeights {
+    dir: PathBuf,
+    shards: Vec<Shard>,
+    /// Tensor name -> index into `shards`.
+    index: HashMap<String, usize>,
+}
+
+impl std::fmt::Debug for HfWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HfWeights").field("dir", &self.dir).field("shards", &self.shards.len()).finish()
+    }
+}
+
+impl HfWeights {
+    /// Opens `dir/model.safetensors`, or every shard named by `dir/model.safetensors.index.json`.
+    /// A shard named in the index but absent is a [`ModelError::Io`] naming that shard.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let mut shards = Vec::new();
+        let mut index = HashMap::new();
+        if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::corrupt(&index_path, e.to_string()))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::corrupt(&index_path, "no weight_map object"))?;
+            let mut file_slots: HashMap<String, usize> = HashMap::new();
+            let mut files: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+            files.sort_unstable();
+            files.dedup();
+            for file in files {
+                if file.contains('/') || file.contains('\\') || file.contains("..") {
+                    return Err(ModelError::corrupt(&index_path, format!("shard name {file:?} leaves the directory")));
+                }
+                file_slots.insert(file.to_string(), shards.len());
+                shards.push(Shard::open(&dir.join(file))?);
+            }
+            for (tensor, file) in map {
+                let file = file
+                    .as_str()
+                    .ok_or_else(|| ModelError::corrupt(&index_path, format!("weight_map[{tensor}] is not a string")))?;
+                if let Some(&slot) = file_slots.get(file) {
+                    index.insert(tensor.clone(), slot);
+                }
+            }
+        } else if single.exists() {
+            let shard = Shard::open(&single)?;
+            for name in shard.metadata.tensors().keys() {
+                index.insert(name.clone(), 0);
+            }
+            shards.push(shard);
+        } else {
+            return Err(ModelError::io(
+                &single,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "neither model.safetensors nor model.safetensors.index.json exists",
+                ),
+            ));
+        }
+        Ok(HfWeights { dir: dir.to_path_buf(), shards, index })
+    }
+}
+
+fn widen(path: &Path, name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
+    let pairs = || bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
+    match dtype {
+        Dtype::F32 => Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+        Dtype::F16 => Ok(pairs().map(|b| half::f16::from_bits(b).to_f32()).collect()),
+        Dtype::BF16 => Ok(pairs().map(|b| half::bf16::from_bits(b).to_f32()).collect()),
+        other => Err(ModelError::UnsupportedDtype {
+            path: path.to_path_buf(),
+            tensor: name.to_string(),
+            dtype: format!("{other:?}"),
+        }),
+    }
+}
+
+impl WeightSource for HfWeights {
+    fn origin(&self) -> &Path {
+        &self.dir
+    }
+
+    fn tensor(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let missing = || ModelError::MissingTensor { path: self.dir.clone(), tensor: name.to_string() };
+        let shard = self.index.get(name).and_then(|&slot| self.shards.get(slot)).ok_or_else(missing)?;
+        let info = shard
+            .metadata
+            .info(name)
+            .ok_or_else(|| ModelError::MissingTensor { path: shard.path.clone(), tensor: name.to_string() })?;
+        if info.shape != expected {
+            return Err(ModelError::ShapeMismatch {
+                path: shard.path.clone(),
+                tensor: name.to_string(),
+                expected: expected.to_vec(),
+                actual: info.shape.clone(),
+            });
+        }
+        let (start, end) = info.data_offsets;
+        let base = 8 + shard.header_len;
+        let bytes = shard.map.get(base + start..base + end).ok_or_else(|| ModelError::Truncated {
+            path: shard.path.clone(),
+            what: format!("data of tensor {name}"),
+        })?;
+        widen(&shard.path, name, info.dtype, bytes)
+    }
+}
+
+/// The weights of a GGUF file, under Hugging Face names.
+#[derive(Debug)]
+pub struct GgufWeights<'a> {
+    file: &'a GgufFile,
+    /// Whether q/k rows are interleaved for llama.cpp's `norm` rope and must be un-permuted.
+    unpermute_qk: bool,
+    num_heads: usize,
+    num_kv_heads: usize,
+}
+
+impl<'a> GgufWeights<'a> {
+    /// Wraps `file`, whose configuration is `config`.
+    pub fn new(file: &'a GgufFile, config: &ModelConfig) -> Self {
+        GgufWeights {
+            file,
+            unpermute_qk: matches!(config.architecture, Architecture::Llama | Architecture::Mistral),
+            num_heads: config.num_heads,
+            num_kv_heads: config.num_kv_heads,
+        }
+    }
+
+    /// The llama.cpp name of a Hugging Face tensor name, and the head count whose rows are
+    /// interleaved (for q/k of Llama models).
+    fn map_name(&self, name: &str) -> Option<(String, Option<usize>)> {
+        match name {
+            "model.embed_tokens.weight" => return Some(("token_embd.weight".into(), None)),
+            "model.norm.weight" => return Some(("output_norm.weight".into(), None)),
+            "lm_head.weight" => return Some(("output.weight".into(), None)),
+            _ => {}
+        }
+        let rest = name.strip_prefix("model.layers.")?;
+        let (layer, rest) = rest.split_once('.')?;
+        let (module, suffix) = rest.rsplit_once('.')?;
+        let (short, heads) = match module {
+            "input_layernorm" => ("attn_norm", None),
+            "post_attention_layernorm" => ("ffn_norm", None),
+            "self_attn.q_proj" => ("attn_q", Some(self.num_heads)),
+            "self_attn.k_proj" => ("attn_k", Some(self.num_kv_heads)),
+            "self_attn.v_proj" => ("attn_v", None),
+            "self_attn.o_proj" => ("attn_output", None),
+            "mlp.gate_proj" => ("ffn_gate", None),
+            "mlp.up_proj" => ("ffn_up", None),
+            "mlp.down_proj" => ("ffn_down", None),
+            _ => return None,
+        };
+        let heads = if self.unpermute_qk { heads } else { None };
+        Some((format!("blk.{layer}.{short}.{suffix}"), heads))
+    }
+
+    fn lookup(&self, name: &str, expected: &[usize]) -> Result<(String, Option<usize>)> {
+        let (gguf_name, heads) = self.map_name(name).ok_or_else(|| ModelError::MissingTensor {
+            path: self.file.path().to_path_buf(),
+            tensor: name.to_string(),
+        })?;
+        let info = self.file.tensor_info(&gguf_name)?;
+        let shape = info.shape();
+        if shape != expected {
+            return Err(ModelError::ShapeMismatch {
+                path: self.file.path().to_path_buf(),
+                tensor: gguf_name,
+                expected: expected.to_vec(),
+                actual: shape,
+            });
+        }
+        Ok((gguf_name, heads))
+    }
+}
+
+/// Undoes llama.cpp's q/k interleaving: within each head, stored row `2i + j` is the
+/// Hugging Face row `j * head_dim / 2 + i`. `rows` holds `heads * head_dim` rows of
+/// `row_len` items each.
+fn unpermute_rows<T: Copy>(rows: &[T], heads: usize, row_len: usize) -> Vec<T> {
+    let total_rows = rows.len() / row_len.max(1);
+    let head_dim = total_rows / heads.max(1);
+    let half = head_dim / 2;
+    let mut out = rows.to_vec();
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let from = h * head_dim + 2 * i + j;
+                let to = h * head_dim + j * half + i;
+                out[to * row_len..(to + 1) * row_len].copy_from_slice(&rows[from * row_len..(from + 1) * row_len]);
+            }
+        }
+    }
+    out
+}
+
+impl WeightSource for GgufWeights<'_> {
+    fn origin(&self) -> &Path {
+        self.file.path()
+    }
+
+    fn tensor(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let (gguf_name, heads) = self.lookup(name, expected)?;
+        let (_, values) = self.file.tensor_f32(&gguf_name)?;
+        Ok(match heads {
+            Some(heads) => {
+                let row_len = if expected.len() == 2 { expected[1] } else { 1 };
+                unpermute_rows(&values, heads, row_len)
+            }
+            None => values,
+        })
+    }
+
+    fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<HostLinear> {
+        let (gguf_name, heads) = self.lookup(name, &[out_features, in_features])?;
+        let info = self.file.tensor_info(&gguf_name)?;
+        if !info.ggml_type.is_quantized() {
+            return Ok(HostLinear::F32(self.tensor(name, &[out_features, in_features])?));
+        }
+        let bytes = self.file.tensor_bytes(info)?;
+        let row_bytes = bytes.len() / out_features.max(1);
+        let bytes = match heads {
+            Some(heads) => unpermute_rows(bytes, heads, row_bytes),
+            None => bytes.to_vec(),
+        };
+        Ok(HostLinear::Ggml { ggml_type: info.ggml_type.id(), bytes, elements: out_features * in_features })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unpermute_rows;
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_interleaving() {
+        // llama.cpp's permute: HF row (j, i) of a head goes to stored row 2i + j.
+        let heads = 2;
+        let head_dim = 4;
+        let hf: Vec<u32> = (0..(heads * head_dim) as u32).collect();
+        let mut stored = hf.clone();
+        for h in 0..heads {
+            for j in 0..2 {
+                for i in 0..head_dim / 2 {
+                    stored[h * head_dim + 2 * i + j] = hf[h * head_dim + j * head_dim / 2 + i];
+                }
+            }
+        }
+        assert_ne!(stored, hf);
+        assert_eq!(unpermute_rows(&stored, heads, 1), hf);
+    }
+}

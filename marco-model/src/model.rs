@@ -1,0 +1,470 @@
+//! The network: a Llama-family decoder (RMSNorm, rotary embeddings, grouped-query attention,
+//! SwiGLU, optional q/k/v bias, tied or untied head), generic over a [`KernelBackend`].
+//!
+//! As in llama-burn, the module is immutable after loading and holds no per-sequence state:
+//! every forward takes the sequences' [`KvCache`]s. One forward runs a *ragged batch*: any
+//! number of sequences, each with any number of new tokens and its own cache length. The
+//! linear layers run once over all rows of all sequences (this is what makes a batched step
+//! cheap); attention runs per sequence over that sequence's cache segments, so sequences of
+//! different lengths need neither padding nor masks between them.
+//!
+//! Rotary embeddings use the Hugging Face half-split layout (`rotate_half`); loaders of GGUF
+//! files un-permute llama.cpp's interleaved q/k rows into it.
+
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::backend::{HostWeight, KernelBackend, LinearPath};
+use crate::cache::{KvCache, KvShape, LayerKv};
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::loader::{HostLinear, WeightSource};
+use marco_core::TokenId;
+
+/// A linear layer: a weight in the chosen path's layout and an optional bias.
+#[derive(Debug, Clone)]
+pub struct Linear<B: KernelBackend> {
+    weight: LinearWeightKind<B>,
+    bias: Option<Tensor<B, 2>>,
+}
+
+#[derive(Debug, Clone)]
+enum LinearWeightKind<B: KernelBackend> {
+    /// `[in, out]` for burn's `matmul`.
+    Burn(Tensor<B, 2>),
+    /// The backend kernel's own layout.
+    Kernel(B::LinearWeight),
+}
+
+impl<B: KernelBackend> Linear<B> {
+    /// Builds a layer from host rows `[out, in]` along `path`.
+    pub fn new(
+        host: HostLinear,
+        out_features: usize,
+        in_features: usize,
+        bias: Option<Vec<f32>>,
+        path: LinearPath,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let weight = match path {
+            LinearPath::Burn => {
+                let rows = host.into_f32()?;
+                LinearWeightKind::Burn(crate::backend::dense_in_out::<B>(&rows, out_features, in_features, device))
+            }
+            LinearPath::Kernel => {
+                let direct = match &host {
+                    HostLinear::F32(rows) => {
+                        B::linear_weight(HostWeight::F32(rows), out_features, in_features, device)?
+                    }
+                    HostLinear::Ggml { ggml_type, bytes, .. } => B::linear_weight(
+                        HostWeight::Ggml { ggml_type: *ggml_type, bytes },
+                        out_features,
+                        in_features,
+                        device,
+                    )?,
+                };
+                let weight = match direct {
+                    Some(w) => w,
+                    None => {
+                        let rows = host.into_f32()?;
+                        B::linear_weight(HostWeight::F32(&rows), out_features, in_features, device)?.ok_or_else(
+                            || ModelError::InvalidConfig {
+                                path: "<backend>".into(),
+                                reason: "the backend rejected a dense f32 weight".into(),
+                            },
+                        )?
+                    }
+                };
+                LinearWeightKind::Kernel(weight)
+            }
+        };
+        let bias = bias.map(|b| Tensor::from_data(TensorData::new(b, [1, out_features]), device));
+        Ok(Linear { weight, bias })
+    }
+
+    /// `x · Wᵀ + b` for `x` of shape `[rows, in]`.
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let y = match &self.weight {
+            LinearWeightKind::Burn(w) => x.matmul(w.clone()),
+            LinearWeightKind::Kernel(w) => B::kernel_linear(x, w),
+        };
+        match &self.bias {
+            Some(b) => y + b.clone(),
+            None => y,
+        }
+    }
+
+    /// Bytes of the weight and bias.
+    pub fn bytes(&self) -> usize {
+        let w = match &self.weight {
+            LinearWeightKind::Burn(w) => w.shape().num_elements() * 4,
+            LinearWeightKind::Kernel(w) => B::linear_weight_bytes(w),
+        };
+        w + self.bias.as_ref().map_or(0, |b| b.shape().num_elements() * 4)
+    }
+}
+
+/// Root-mean-square normalisation of the rows of `x` (`[rows, width]`), scaled by `weight`.
+fn rms_norm<B: KernelBackend>(x: Tensor<B, 2>, weight: &Tensor<B, 2>, eps: f32) -> Tensor<B, 2> {
+    let inv_rms = x.clone().square().mean_dim(1).add_scalar(eps).sqrt().recip();
+    x * inv_rms * weight.clone()
+}
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+struct DecoderLayer<B: KernelBackend> {
+    input_norm: Tensor<B, 2>,
+    q_proj: Linear<B>,
+    k_proj: Linear<B>,
+    v_proj: Linear<B>,
+    o_proj: Linear<B>,
+    post_attention_norm: Tensor<B, 2>,
+    gate_proj: Linear<B>,
+    up_proj: Linear<B>,
+    down_proj: Linear<B>,
+}
+
+/// Cosine and sine tables of the rotary embedding, `[positions, head_dim]` (half-split layout:
+/// the frequency table repeated twice).
+#[derive(Debug, Clone)]
+struct Rope<B: KernelBackend> {
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+}
+
+impl<B: KernelBackend> Rope<B> {
+    fn new(config: &ModelConfig, device: &B::Device) -> Self {
+        let dim = config.head_dim;
+        let half = dim / 2;
+        let positions = config.max_position_embeddings;
+        // As transformers computes it: inverse frequencies and angles in f32.
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| (1.0 / (config.rope_theta as f64).powf((2 * i) as f64 / dim as f64)) as f32)
+            .map(|f| config.rope_freq_rounding.round(f))
+            .collect();
+        let mut cos = Vec::with_capacity(positions * dim);
+        let mut sin = Vec::with_capacity(positions * dim);
+        for p in 0..positions {
+            for _ in 0..2 {
+                for &f in &inv_freq {
+                    let angle = (p as f32 * f) as f64;
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
+                }
+            }
+        }
+        Rope {
+            cos: Tensor::from_data(TensorData::new(cos, [positions, dim]), device),
+            sin: Tensor::from_data(TensorData::new(sin, [positions, dim]), device),
+        }
+    }
+
+    /// Rotates `x` (`[rows, heads, head_dim]`) by the angles of `positions` (`[rows]`).
+    fn apply(&self, x: Tensor<B, 3>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Tensor<B, 3> {
+        let [rows, heads, dim] = x.dims();
+        let half = dim / 2;
+        let x1 = x.clone().slice([0..rows, 0..heads, 0..half]);
+        let x2 = x.clone().slice([0..rows, 0..heads, half..dim]);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 2);
+        x * cos.clone() + rotated * sin.clone()
+    }
+
+    /// The `[rows, 1, head_dim]` cos and sin rows of `positions`.
+    fn rows(&self, positions: Tensor<B, 1, Int>) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let cos = self.cos.clone().select(0, positions.clone()).unsqueeze_dim::<3>(1);
+        let sin = self.sin.clone().select(0, positions).unsqueeze_dim::<3>(1);
+        (cos, sin)
+    }
+}
+
+/// One sequence of a ragged batch: its new tokens and its cache.
+#[derive(Debug)]
+pub struct ForwardItem<'a, B: KernelBackend> {
+    /// Tokens to feed (not empty).
+    pub tokens: &'a [TokenId],
+    /// The sequence's cache; the tokens are appended to it.
+    pub cache: &'a mut KvCache<B>,
+}
+
+/// Which positions' logits a forward returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsAt {
+    /// The last new position of each sequence: `[sequences, vocab]`.
+    Last,
+    /// Every new position, sequences in order: `[total new tokens, vocab]`.
+    All,
+}
+
+/// The decoder network.
+#[derive(Debug, Clone)]
+pub struct Transformer<B: KernelBackend> {
+    config: ModelConfig,
+    embed: Tensor<B, 2>,
+    layers: Vec<DecoderLayer<B>>,
+    norm: Tensor<B, 2>,
+    lm_head: Linear<B>,
+    rope: Rope<B>,
+    device: B::Device,
+    path: LinearPath,
+}
+
+/// The Hugging Face names of layer `i`'s tensors.
+fn layer_name(i: usize, rest: &str) -> String {
+    format!("model.layers.{i}.{rest}")
+}
+
+impl<B: KernelBackend> Transformer<B> {
+    /// Builds the network from `source` (tensors under their Hugging Face names), checking
+    /// every shape against `config`.
+    pub fn load(config: ModelConfig, source: &dyn WeightSource, path: LinearPath, device: &B::Device) -> Result<Self> {
+        let c = &config;
+        let h = c.hidden_size;
+        let vector = |name: &str, len: usize| -> Result<Tensor<B, 2>> {
+            let data = source.tensor(name, &[len])?;
+            Ok(Tensor::from_data(TensorData::new(data, [1, len]), device))
+        };
+        let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear<B>> {
+            let host = source.linear(&format!("{name}.weight"), out, inp)?;
+            let bias = if bias { Some(source.tensor(&format!("{name}.bias"), &[out])?) } else { None };
+            Linear::new(host, out, inp, bias, path, device)
+        };
+        let embed_rows = source.tensor("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let attn = |p: &str| layer_name(i, &format!("self_attn.{p}"));
+            let mlp = |p: &str| layer_name(i, &format!("mlp.{p}"));
+            layers.push(DecoderLayer {
+                input_norm: vector(&layer_name(i, "input_layernorm.weight"), h)?,
+                q_proj: linear(&attn("q_proj"), c.q_dim(), h, c.qkv_bias)?,
+                k_proj: linear(&attn("k_proj"), c.kv_dim(), h, c.qkv_bias)?,
+                v_proj: linear(&attn("v_proj"), c.kv_dim(), h, c.qkv_bias)?,
+                o_proj: linear(&attn("o_proj"), h, c.q_dim(), false)?,
+                post_attention_norm: vector(&layer_name(i, "post_attention_layernorm.weight"), h)?,
+                gate_proj: linear(&mlp("gate_proj"), c.intermediate_size, h, false)?,
+                up_proj: linear(&mlp("up_proj"), c.intermediate_size, h, false)?,
+                down_proj: linear(&mlp("down_proj"), h, c.intermediate_size, false)?,
+            });
+        }
+        let norm = vector("model.norm.weight", h)?;
+        let lm_head = if c.tie_word_embeddings {
+            Linear::new(HostLinear::F32(embed_rows.clone()), c.vocab_size, h, None, path, device)?
+        } else {
+            linear("lm_head", c.vocab_size, h, false)?
+        };
+        let embed = Tensor::from_data(TensorData::new(embed_rows, [c.vocab_size, h]), device);
+        let rope = Rope::new(c, device);
+        Ok(Transformer { config, embed, layers, norm, lm_head, rope, device: device.clone(), path })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    /// Which implementation runs the linear layers.
+    pub fn linear_path(&self) -> LinearPath {
+        self.path
+    }
+
+    /// The shape of this model's KV caches.
+    pub fn kv_shape(&self) -> KvShape {
+        KvShape { layers: self.config.num_layers, kv_heads: self.config.num_kv_heads, head_dim: self.config.head_dim }
+    }
+
+    /// An empty cache for a new sequence.
+    pub fn new_cache(&self) -> KvCache<B> {
+        KvCache::new(self.kv_shape(), &self.device)
+    }
+
+    /// Bytes of all weights.
+    pub fn weight_bytes(&self) -> usize {
+        let linears: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]
+                    .iter()
+                    .map(|x| x.bytes())
+                    .sum::<usize>()
+            })
+            .sum();
+        linears + self.lm_head.bytes() + self.embed.shape().num_elements() * 4
+    }
+
+    /// Feeds every item's tokens (appending them to its cache) in one forward pass and
+    /// returns logits (see [`LogitsAt`]). Checks token ids and context length first, so a
+    /// bad request changes no cache.
+    pub fn forward(&self, items: &mut [ForwardItem<'_, B>], logits_at: LogitsAt) -> Result<Tensor<B, 2>> {
+        let c = &self.config;
+        if items.is_empty() || items.iter().any(|item| item.tokens.is_empty()) {
+            return Err(marco_core::Error::EmptyInput("a forward needs at least one token per sequence".into()).into());
+        }
+        let mut ids: Vec<i64> = Vec::new();
+        let mut positions: Vec<i64> = Vec::new();
+        for item in items.iter() {
+            let start = item.cache.len();
+            let needed = start + item.tokens.len();
+            if needed > c.max_position_embeddings {
+                return Err(marco_core::Error::ContextOverflow { needed, limit: c.max_position_embeddings }.into());
+            }
+            for (offset, &token) in item.tokens.iter().enumerate() {
+                if token as usize >= c.vocab_size {
+                    return Err(marco_core::Error::TokenOutOfRange { token, vocab_size: c.vocab_size }.into());
+                }
+                ids.push(token as i64);
+                positions.push((start + offset) as i64);
+            }
+        }
+        let total = ids.len();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [total]), &self.device);
+        let positions = Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [total]), &self.device);
+        let (cos, sin) = self.rope.rows(positions);
+        for item in items.iter_mut() {
+            item.cache.reserve(item.tokens.len());
+        }
+
+        let mut x = self.embed.clone().select(0, ids);
+        for (index, layer) in self.layers.iter().enumerate() {
+            let h = rms_norm(x.clone(), &layer.input_norm, c.rms_norm_eps);
+            let attention = self.attention(index, layer, h, &cos, &sin, items);
+            x = x + layer.o_proj.forward(attention);
+            let h = rms_norm(x.clone(), &layer.post_attention_norm, c.rms_norm_eps);
+            let gated = silu(layer.gate_proj.forward(h.clone())) * layer.up_proj.forward(h);
+            x = x + layer.down_proj.forward(gated);
+        }
+        for item in items.iter_mut() {
+            item.cache.commit(item.tokens.len());
+        }
+
+        let x = match logits_at {
+            LogitsAt::All => x,
+            LogitsAt::Last => {
+                let mut last = Vec::with_capacity(items.len());
+                let mut end = 0i64;
+                for item in items.iter() {
+                    end += item.tokens.len() as i64;
+                    last.push(end - 1);
+                }
+                if last.len() == total {
+                    x
+                } else {
+                    let n = last.len();
+                    x.select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(last, [n]), &self.device))
+                }
+            }
+        };
+        let x = rms_norm(x, &self.norm, c.rms_norm_eps);
+        Ok(self.lm_head.forward(x))
+    }
+
+    /// Self-attention of `layer` for every item; writes the items' new keys and values to
+    /// their caches (uncommitted). Returns `[total rows, heads * head_dim]`.
+    fn attention(
+        &self,
+        index: usize,
+        layer: &DecoderLayer<B>,
+        h: Tensor<B, 2>,
+        cos: &Tensor<B, 3>,
+        sin: &Tensor<B, 3>,
+        items: &mut [ForwardItem<'_, B>],
+    ) -> Tensor<B, 2> {
+        let c = &self.config;
+        let (heads, kv_heads, dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let group = heads / kv_heads;
+        let total = h.dims()[0];
+        let scale = 1.0 / (dim as f32).sqrt();
+        let q = layer.q_proj.forward(h.clone()).reshape([total, heads, dim]);
+        let k = layer.k_proj.forward(h.clone()).reshape([total, kv_heads, dim]);
+        let v = layer.v_proj.forward(h).reshape([total, kv_heads, dim]);
+        let q = self.rope.apply(q, cos, sin).mul_scalar(scale);
+        let k = self.rope.apply(k, cos, sin);
+
+        let mut outputs = Vec::with_capacity(items.len());
+        let mut row = 0;
+        for item in items.iter_mut() {
+            let n = item.tokens.len();
+            let rows = row..row + n;
+            row += n;
+            let past = item.cache.len();
+            let single = items_len_is_total(n, total);
+            let slice3 = |t: &Tensor<B, 3>, width: usize| {
+                if single {
+                    t.clone()
+                } else {
+                    t.clone().slice([rows.clone(), 0..width, 0..dim])
+                }
+            };
+            // [n, kv_heads, dim] -> [kv_heads, n, dim]
+            let k_new = slice3(&k, kv_heads).swap_dims(0, 1);
+            let v_new = slice3(&v, kv_heads).swap_dims(0, 1);
+            item.cache.write(index, LayerKv { k: k_new, v: v_new });
+            // [n, heads, dim] -> [kv_heads, group * n, dim], row r = g * n + j.
+            let q_seq = slice3(&q, heads);
+            let q_seq = if n == 1 {
+                q_seq.reshape([kv_heads, group, dim])
+            } else {
+                q_seq.reshape([n, kv_heads, group, dim]).permute([1, 2, 0, 3]).reshape([kv_heads, group * n, dim])
+            };
+            let segments = item.cache.segments(index, n);
+            let mut scores: Vec<Tensor<B, 3>> =
+                segments.iter().map(|s| q_seq.clone().matmul(s.k.clone().swap_dims(1, 2))).collect();
+            let mut scores = if scores.len() == 1 { scores.remove(0) } else { Tensor::cat(scores, 2) };
+            let keys = past + n;
+            if n > 1 {
+                // Causal mask over the new positions: row j sees keys 0..=past + j.
+                let mut mask = vec![0.0f32; n * keys];
+                for j in 0..n {
+                    for key in past + j + 1..keys {
+                        mask[j * keys + key] = f32::NEG_INFINITY;
+                    }
+                }
+                let mask = Tensor::<B, 4>::from_data(TensorData::new(mask, [1, 1, n, keys]), &self.device);
+                scores = (scores.reshape([kv_heads, group, n, keys]) + mask).reshape([kv_heads, group * n, keys]);
+            }
+            let probs = softmax(scores, 2);
+            let mut out: Option<Tensor<B, 3>> = None;
+            let mut start = 0;
+            let segment_count = segments.len();
+            for segment in segments {
+                let len = segment.v.dims()[1];
+                let p = if segment_count == 1 {
+                    probs.clone()
+                } else {
+                    probs.clone().slice([0..kv_heads, 0..group * n, start..start + len])
+                };
+                start += len;
+                let part = p.matmul(segment.v);
+                out = Some(match out {
+                    Some(acc) => acc + part,
+                    None => part,
+                });
+            }
+            let out = match out {
+                Some(out) => out,
+                None => Tensor::zeros([kv_heads, group * n, dim], &self.device),
+            };
+            // [kv_heads, group * n, dim] -> [n, heads * dim]
+            let out = if n == 1 {
+                out.reshape([1, heads * dim])
+            } else {
+                out.reshape([kv_heads, group, n, dim]).permute([2, 0, 1, 3]).reshape([n, heads * dim])
+            };
+            outputs.push(out);
+        }
+        if outputs.len() == 1 {
+            outputs.remove(0)
+        } else {
+            Tensor::cat(outputs, 0)
+        }
+    }
+}
+
+/// Whether one item covers every row (then no row slicing is needed).
+fn items_len_is_total(n: usize, total: usize) -> bool {
+    n == total
+}

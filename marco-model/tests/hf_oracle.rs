@@ -1,0 +1,262 @@
+//! The burn network against Hugging Face transformers (the `tiny-qwen2` and `tiny-llama`
+//! oracles in `tests/data`), through burn's plain ops and through the kernel seam; the KV
+//! cache against uncached forwards; and the loader's typed errors for broken checkpoints.
+
+use std::path::{Path, PathBuf};
+
+use burn_ndarray::NdArray;
+use marco_core::{LanguageModel, SamplingParams, SeqId, StepRequest};
+use marco_model::loader::HfWeights;
+use marco_model::model::{ForwardItem, LogitsAt};
+use marco_model::{BurnLm, LinearPath, ModelConfig, ModelError, Transformer};
+use serde::Deserialize;
+
+type B = NdArray;
+
+#[derive(Deserialize)]
+struct Oracle {
+    cases: Vec<Case>,
+    greedy: Greedy,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    input_ids: Vec<u32>,
+    last_logits: Vec<f32>,
+    top5_ids: Vec<Vec<u32>>,
+}
+
+#[derive(Deserialize)]
+struct Greedy {
+    input_ids: Vec<u32>,
+    continuation: Vec<u32>,
+}
+
+/// These tests feed ids directly; the tokenizer is never asked to encode.
+struct IdsOnly(usize);
+
+impl marco_core::Tokenizer for IdsOnly {
+    fn encode(&self, _: &str, _: bool) -> marco_core::Result<Vec<u32>> {
+        Err(marco_core::Error::Tokenizer("ids only".into()))
+    }
+    fn decode(&self, tokens: &[u32], _: bool) -> marco_core::Result<String> {
+        Ok(format!("{tokens:?}"))
+    }
+    fn vocab_size(&self) -> usize {
+        self.0
+    }
+    fn stop_tokens(&self) -> &[u32] {
+        &[]
+    }
+    fn apply_chat_template(&self, _: &[marco_core::ChatMessage], _: bool) -> marco_core::Result<String> {
+        Err(marco_core::Error::Tokenizer("ids only".into()))
+    }
+}
+
+fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
+}
+
+fn oracle(name: &str) -> Oracle {
+    let text = std::fs::read_to_string(data(name).join("oracle.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn load_transformer(dir: &Path, path: LinearPath) -> marco_model::Result<Transformer<B>> {
+    let config = ModelConfig::from_hf_file(&dir.join("config.json"))?;
+    let weights = HfWeights::open(dir)?;
+    Transformer::load(config, &weights, path, &Default::default())
+}
+
+fn load_lm(name: &str, path: LinearPath) -> BurnLm<B> {
+    let dir = data(name);
+    let model = load_transformer(&dir, path).unwrap();
+    let vocab = model.config().vocab_size;
+    BurnLm::new(model, Box::new(IdsOnly(vocab)))
+}
+
+/// Logits at every position of `ids`, from one uncached forward.
+fn all_logits(model: &Transformer<B>, ids: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = model.new_cache();
+    let mut items = [ForwardItem { tokens: ids, cache: &mut cache }];
+    let logits = model.forward(&mut items, LogitsAt::All).unwrap();
+    let vocab = model.config().vocab_size;
+    let flat = logits.into_data().to_vec::<f32>().unwrap();
+    flat.chunks(vocab).map(|c| c.to_vec()).collect()
+}
+
+fn top5(row: &[f32]) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+    idx.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+    idx.truncate(5);
+    idx
+}
+
+fn check_against_oracle(name: &str, path: LinearPath) {
+    let oracle = oracle(name);
+    let model = load_transformer(&data(name), path).unwrap();
+    for (c, case) in oracle.cases.iter().enumerate() {
+        let logits = all_logits(&model, &case.input_ids);
+        let last = logits.last().unwrap();
+        assert_eq!(last.len(), case.last_logits.len());
+        let worst = last.iter().zip(&case.last_logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-3, "{name} {path:?} case {c}: max |logit diff| {worst}");
+        for (position, expected) in case.top5_ids.iter().enumerate() {
+            assert_eq!(&top5(&logits[position]), expected, "{name} {path:?} case {c} position {position}");
+        }
+    }
+    // Greedy continuation through the LanguageModel (KV-cached, batched step of one).
+    let mut lm = load_lm(name, path);
+    let seq = lm.new_sequence(&oracle.greedy.input_ids).unwrap();
+    let mut produced = Vec::new();
+    for _ in 0..oracle.greedy.continuation.len() {
+        let out = lm.step(&[StepRequest::new(seq, SamplingParams::greedy())]).unwrap();
+        produced.push(out[0].token);
+    }
+    assert_eq!(produced, oracle.greedy.continuation, "{name} {path:?} greedy continuation");
+}
+
+#[test]
+fn tiny_qwen2_matches_transformers_plain_burn() {
+    check_against_oracle("tiny-qwen2", LinearPath::Burn);
+}
+
+#[test]
+fn tiny_qwen2_matches_transformers_kernel_seam() {
+    check_against_oracle("tiny-qwen2", LinearPath::Kernel);
+}
+
+#[test]
+fn tiny_llama_matches_transformers_plain_burn() {
+    check_against_oracle("tiny-llama", LinearPath::Burn);
+}
+
+#[test]
+fn tiny_llama_matches_transformers_kernel_seam() {
+    check_against_oracle("tiny-llama", LinearPath::Kernel);
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Prefill part of a sequence, then feed the rest token by token (append and forced steps),
+/// with forks and batched steps mixed in: every pending distribution equals the uncached
+/// forward over the same tokens.
+fn incremental_equals_uncached(name: &str, path: LinearPath) {
+    let oracle = oracle(name);
+    let ids = &oracle.cases[3].input_ids;
+    let model = load_transformer(&data(name), path).unwrap();
+    let reference = all_logits(&model, ids);
+    let mut lm = load_lm(name, path);
+
+    let seq = lm.new_sequence(&ids[..5]).unwrap();
+    let d0 = max_abs_diff(&lm.pending_logits(seq).unwrap(), &reference[4]);
+    assert!(d0 < 1e-4, "{name} {path:?} prefill: {d0}");
+    lm.append(seq, &ids[5..9]).unwrap();
+    assert!(max_abs_diff(&lm.pending_logits(seq).unwrap(), &reference[8]) < 1e-4);
+    // A fork, then three sequences of different lengths stepped together: the original goes
+    // elsewhere (token 7), the fork follows `ids`, and a short sequence follows `ids` too,
+    // lagging behind. Both followers must match the uncached reference.
+    let child = lm.fork(seq).unwrap();
+    let lagging = lm.new_sequence(&ids[..2]).unwrap();
+    let force = |s: SeqId, t: u32| StepRequest { force: Some(t), ..StepRequest::new(s, SamplingParams::greedy()) };
+    for (step, position) in (9..ids.len()).enumerate() {
+        let lag_position = 2 + step;
+        let out = lm.step(&[force(seq, 7), force(child, ids[position]), force(lagging, ids[lag_position])]).unwrap();
+        // The forced token's log-prob is reported under the pending distribution.
+        let row = &reference[position - 1];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = row.iter().map(|&x| ((x - max) as f64).exp()).sum::<f64>().ln() as f32 + max;
+        assert!((out[1].logprob - (row[ids[position] as usize] - lse)).abs() < 1e-4);
+        let diff = max_abs_diff(&lm.pending_logits(child).unwrap(), &reference[position]);
+        assert!(diff < 1e-4, "{name} {path:?} fork at position {position}: {diff}");
+        let diff = max_abs_diff(&lm.pending_logits(lagging).unwrap(), &reference[lag_position]);
+        assert!(diff < 1e-4, "{name} {path:?} lagging at position {lag_position}: {diff}");
+    }
+    assert_eq!(lm.seq_len(child).unwrap(), ids.len());
+    assert_eq!(lm.seq_len(seq).unwrap(), ids.len());
+    lm.release(lagging).unwrap();
+    assert!(lm.release(lagging).is_err());
+    let counters = lm.counters();
+    assert!(counters.forward_passes >= 4);
+    assert_eq!(counters.kv_bytes_per_token as usize, model.kv_shape().bytes_per_token());
+}
+
+#[test]
+fn incremental_decoding_equals_uncached_forward() {
+    for name in ["tiny-qwen2", "tiny-llama"] {
+        for path in [LinearPath::Burn, LinearPath::Kernel] {
+            incremental_equals_uncached(name, path);
+        }
+    }
+}
+
+/// A writable copy of an oracle checkpoint.
+fn scratch_copy(name: &str, tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("marco-model-{tag}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(data(name)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn missing_shard_names_the_file() {
+    let dir = scratch_copy("tiny-qwen2", "shard");
+    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    match load_transformer(&dir, LinearPath::Kernel) {
+        Err(ModelError::Io { path, .. }) => assert!(path.ends_with("model-00002-of-00002.safetensors"), "{path:?}"),
+        other => panic!("expected an Io error naming the shard, got {other:?}"),
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn config_tensor_shape_mismatch_names_file_and_tensor() {
+    let dir = scratch_copy("tiny-llama", "shape");
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    std::fs::write(dir.join("config.json"), config.replace("\"intermediate_size\": 192", "\"intermediate_size\": 200"))
+        .unwrap();
+    match load_transformer(&dir, LinearPath::Burn) {
+        Err(ModelError::ShapeMismatch { path, tensor, expected, actual }) => {
+            assert!(path.ends_with("model.safetensors"));
+            assert_eq!(tensor, "model.layers.0.mlp.gate_proj.weight");
+            assert_eq!((expected, actual), (vec![200, 96], vec![192, 96]));
+        }
+        other => panic!("expected ShapeMismatch, got {other:?}"),
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn unknown_architecture_is_rejected() {
+    let dir = scratch_copy("tiny-llama", "arch");
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let config = config
+        .replace("LlamaForCausalLM", "FalconForCausalLM")
+        .replace("\"model_type\": \"llama\"", "\"model_type\": \"falcon\"");
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    match load_transformer(&dir, LinearPath::Burn) {
+        Err(ModelError::UnknownArchitecture { architecture, .. }) => assert_eq!(architecture, "FalconForCausalLM"),
+        other => panic!("expected UnknownArchitecture, got {other:?}"),
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn truncated_shard_is_a_typed_error() {
+    let dir = scratch_copy("tiny-qwen2", "trunc");
+    let shard = dir.join("model-00001-of-00002.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
+    match load_transformer(&dir, LinearPath::Burn) {
+        Err(ModelError::Truncated { path, .. }) => assert!(path.ends_with("model-00001-of-00002.safetensors")),
+        other => panic!("expected Truncated, got {other:?}"),
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
