@@ -95,6 +95,16 @@ impl std::fmt::Debug for MarcoTokenizer {
 }
 
 impl MarcoTokenizer {
+    /// Loads the tokenizer of `path`: a Hugging Face model directory, or a `.gguf` file.
+    pub fn load(path: impl AsRef<Path>) -> Result<MarcoTokenizer> {
+        let path = path.as_ref();
+        if path.is_dir() {
+            Self::from_hf_dir(path)
+        } else {
+            Self::from_gguf(&GgufFile::open(path)?)
+        }
+    }
+
     /// Loads the tokenizer of a Hugging Face model directory (`tokenizer.json` required;
     /// `tokenizer_config.json`, `chat_template.jinja`, `generation_config.json` and
     /// `config.json` read when present).

@@ -201,6 +201,30 @@ fn tiny_llama_hf_directory() {
     // No template anywhere in the directory: a clear error.
     let err = tokenizer.apply_chat_template(&[ChatMessage::user("hi")], true).unwrap_err();
     assert!(err.to_string().contains("no chat template"), "{err}");
+
+    // The same directory with a plain-string template and special tokens in tokenizer_config.json.
+    let copy = std::env::temp_dir().join(format!("marco-tiny-llama-{}", std::process::id()));
+    std::fs::create_dir_all(&copy).unwrap();
+    for file in ["tokenizer.json", "config.json", "generation_config.json"] {
+        std::fs::copy(dir.join(file), copy.join(file)).unwrap();
+    }
+    let config = serde_json::json!({
+        "bos_token": "<t1>",
+        "eos_token": "<t3>",
+        "add_bos_token": true,
+        "chat_template": "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {{ eos_token }} {% endfor %}\n{% if add_generation_prompt %}<t9>{% endif %}",
+    });
+    std::fs::write(copy.join("tokenizer_config.json"), config.to_string()).unwrap();
+    let tokenizer = MarcoTokenizer::load(&copy).unwrap();
+    // EOS from tokenizer_config.json first, then generation_config.json's.
+    assert_eq!(tokenizer.eos_tokens(), &[3, 2]);
+    assert!(tokenizer.adds_bos());
+    let text =
+        tokenizer.apply_chat_template(&[ChatMessage::user("<t7>"), ChatMessage::assistant("<t8>")], true).unwrap();
+    // trim_blocks removes the newline after the `endfor` block, as in transformers.
+    assert_eq!(text, "<t1><t7> <t3> <t8> <t3> <t9>");
+    assert_eq!(tokenizer.encode("<t7>", false).unwrap(), vec![1, 7]);
+    let _ = std::fs::remove_dir_all(&copy);
 }
 
 #[test]
