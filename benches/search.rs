@@ -130,6 +130,19 @@ fn policies() -> Vec<(&'static str, Box<dyn SearchPolicy>)> {
             ),
         ),
         (
+            "mcts_4_leaves",
+            Box::new(
+                Mcts::new(
+                    MctsConfig::default()
+                        .with_budget(budget)
+                        .with_generation(generation.clone())
+                        .with_width(3)
+                        .with_parallel_leaves(4),
+                )
+                .unwrap(),
+            ),
+        ),
+        (
             "beam",
             Box::new(
                 BeamSearch::new(

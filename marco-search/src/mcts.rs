@@ -66,6 +66,11 @@ pub struct MctsConfig {
     pub answer_rule: MctsAnswerRule,
     /// Reflection as an extra child of finished thoughts; off by default.
     pub reflection: Option<Reflection>,
+    /// Leaves selected per iteration. With more than one, each selection adds a virtual loss
+    /// to its path so the next one goes elsewhere, and all their expansions and rollouts
+    /// share the model's batched steps: bigger batches for an accelerator, at the price of
+    /// selecting with slightly staler statistics. 1 is classic sequential MCTS.
+    pub parallel_leaves: usize,
 }
 
 impl Default for MctsConfig {
@@ -77,6 +82,7 @@ impl Default for MctsConfig {
             exploration: std::f64::consts::SQRT_2,
             answer_rule: MctsAnswerRule::MostVisited,
             reflection: None,
+            parallel_leaves: 1,
         }
     }
 }
@@ -112,6 +118,11 @@ impl MctsConfig {
         self.reflection = Some(reflection);
         self
     }
+    /// Sets the leaves selected per iteration.
+    pub fn with_parallel_leaves(mut self, leaves: usize) -> Self {
+        self.parallel_leaves = leaves;
+        self
+    }
 
     /// Checks every field.
     pub fn validate(&self) -> Result<()> {
@@ -119,6 +130,9 @@ impl MctsConfig {
         self.generation.validate()?;
         if self.width == 0 {
             return Err(marco_core::Error::InvalidConfig("MCTS width must be at least 1".into()));
+        }
+        if self.parallel_leaves == 0 {
+            return Err(marco_core::Error::InvalidConfig("MCTS parallel_leaves must be at least 1".into()));
         }
         if !(self.exploration.is_finite() && self.exploration >= 0.0) {
             return Err(marco_core::Error::InvalidConfig(format!(
@@ -182,17 +196,42 @@ impl Mcts {
             // path, which is simply evaluated again). After many re-evaluations in a row the
             // walk skips exhausted subtrees, so that the search always ends.
             let force_growth = revisits_in_a_row > engine.tree.len();
-            let leaf = {
-                let e = &*engine;
-                descend(
-                    &e.tree,
-                    self.config.exploration,
-                    |id| self.expandable(e, id, reflection_tokens.len()) || e.tree.node(id).children.is_empty(),
-                    |id| force_growth && exhausted[id.index()],
-                )
-            };
-            let Some(leaf) = leaf else { break };
-            if !self.expandable(engine, leaf, reflection_tokens.len()) {
+            let mut leaves: Vec<NodeId> = Vec::new();
+            let mut revisit = None;
+            while leaves.len() < self.config.parallel_leaves {
+                let leaf = {
+                    let e = &*engine;
+                    descend(
+                        &e.tree,
+                        self.config.exploration,
+                        |id| {
+                            !leaves.contains(&id)
+                                && (self.expandable(e, id, reflection_tokens.len())
+                                    || e.tree.node(id).children.is_empty())
+                        },
+                        |id| (force_growth && exhausted[id.index()]) || leaves.contains(&id),
+                    )
+                };
+                let Some(leaf) = leaf else { break };
+                if !self.expandable(engine, leaf, reflection_tokens.len()) {
+                    if leaves.is_empty() {
+                        revisit = Some(leaf);
+                    }
+                    break;
+                }
+                // A virtual loss (one more visit, no value) on the path steers the next
+                // selection of this batch elsewhere; it is taken back below.
+                for id in engine.tree.path(leaf) {
+                    engine.tree.node_mut(id).visits += 1;
+                }
+                leaves.push(leaf);
+            }
+            for &leaf in &leaves {
+                for id in engine.tree.path(leaf) {
+                    engine.tree.node_mut(id).visits -= 1;
+                }
+            }
+            if let Some(leaf) = revisit {
                 // A leaf with nothing left to grow: one more evaluation of its known value.
                 engine.tracker.rollouts += 1;
                 let value = match engine.values[leaf.index()] {
@@ -204,30 +243,46 @@ impl Mcts {
                 observer.on_progress(&engine.progress());
                 continue;
             }
+            if leaves.is_empty() {
+                break;
+            }
             revisits_in_a_row = 0;
             let old_len = engine.tree.len();
             let mut walkers = Vec::new();
-            if engine.tree.node(leaf).terminal {
-                // A reflection child and one rollout from it; needs a node for each.
-                if engine.nodes_left() < 2 {
-                    engine.stop_with(marco_core::StopReason::NodeBudget);
-                    break;
-                }
-                let child = engine.reflect(leaf, &reflection_tokens)?;
-                walkers.push(engine.walker(child, width == 1, None)?);
-            } else {
-                let missing = width - engine.tree.node(leaf).children.len();
-                let count = missing.min(engine.nodes_left()).min(engine.rollouts_left());
-                let group = if count > 1 || !engine.tree.node(leaf).children.is_empty() {
-                    engine.sibling_group(leaf)
+            for &leaf in &leaves {
+                // Walkers in flight each hold a node and a rollout of the budget.
+                let nodes_left = engine.nodes_left().saturating_sub(walkers.len());
+                let rollouts_left = engine.rollouts_left().saturating_sub(walkers.len());
+                if engine.tree.node(leaf).terminal {
+                    // A reflection child and one rollout from it; needs a node for each.
+                    if nodes_left < 2 || rollouts_left == 0 {
+                        if walkers.is_empty() {
+                            engine.stop_with(marco_core::StopReason::NodeBudget);
+                        }
+                        break;
+                    }
+                    let child = engine.reflect(leaf, &reflection_tokens)?;
+                    walkers.push(engine.walker(child, width == 1, None)?);
                 } else {
-                    None
-                };
-                for i in 0..count {
-                    // The last child of a fully expanded node takes its state over.
-                    let take = i + 1 == count && count == missing;
-                    walkers.push(engine.walker(leaf, take, group)?);
+                    let missing = width - engine.tree.node(leaf).children.len();
+                    let count = missing.min(nodes_left).min(rollouts_left);
+                    if count == 0 {
+                        break;
+                    }
+                    let group = if count > 1 || !engine.tree.node(leaf).children.is_empty() {
+                        engine.sibling_group(leaf)
+                    } else {
+                        None
+                    };
+                    for i in 0..count {
+                        // The last child of a fully expanded node takes its state over.
+                        let take = i + 1 == count && count == missing;
+                        walkers.push(engine.walker(leaf, take, group)?);
+                    }
                 }
+            }
+            if walkers.is_empty() {
+                break;
             }
             engine.tracker.rollouts += walkers.len();
             engine.walk(&mut walkers, WalkMode { rollout: true, keep_states: true })?;
@@ -258,8 +313,10 @@ impl Mcts {
             for i in (old_len..engine.tree.len()).rev() {
                 refresh(NodeId(i as u32), &mut exhausted);
             }
-            for id in engine.tree.path(leaf).into_iter().rev() {
-                refresh(id, &mut exhausted);
+            for &leaf in &leaves {
+                for id in engine.tree.path(leaf).into_iter().rev() {
+                    refresh(id, &mut exhausted);
+                }
             }
             observer.on_progress(&engine.progress());
             if engine.tree.len() == old_len {
@@ -334,9 +391,10 @@ impl SearchPolicy for Mcts {
     fn name(&self) -> String {
         let c = &self.config;
         format!(
-            "mcts(width={}, c={:.3}, temperature={}, answer={:?}, reflection={}, {})",
+            "mcts(width={}, c={:.3}, leaves={}, temperature={}, answer={:?}, reflection={}, {})",
             c.width,
             c.exploration,
+            c.parallel_leaves,
             c.generation.sampling.temperature,
             c.answer_rule,
             c.reflection.as_ref().map_or(0, |r| r.max_per_path),

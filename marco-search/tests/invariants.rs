@@ -36,7 +36,7 @@ impl ModelSpec {
 
 #[derive(Debug, Clone)]
 enum PolicySpec {
-    Mcts { width: usize, exploration: f64, rule: MctsAnswerRule },
+    Mcts { width: usize, exploration: f64, rule: MctsAnswerRule, leaves: usize },
     Beam { width: usize, expansions: usize, score: BeamScore },
     Greedy { rounds: u32, rule: GreedyAnswerRule },
     SelfConsistency { samples: usize },
@@ -62,9 +62,15 @@ fn policy_spec() -> impl Strategy<Value = PolicySpec> {
         (
             1usize..5,
             prop_oneof![Just(0.0), Just(std::f64::consts::SQRT_2), 0.1f64..3.0],
-            prop_oneof![Just(MctsAnswerRule::MostVisited), Just(MctsAnswerRule::BestValue), Just(MctsAnswerRule::Vote)]
+            prop_oneof![Just(MctsAnswerRule::MostVisited), Just(MctsAnswerRule::BestValue), Just(MctsAnswerRule::Vote)],
+            prop_oneof![Just(1usize), 2usize..6],
         )
-            .prop_map(|(width, exploration, rule)| PolicySpec::Mcts { width, exploration, rule }),
+            .prop_map(|(width, exploration, rule, leaves)| PolicySpec::Mcts {
+                width,
+                exploration,
+                rule,
+                leaves
+            }),
         (1usize..5, 1usize..4, prop_oneof![Just(BeamScore::Reward), Just(BeamScore::SumLogprob)])
             .prop_map(|(width, expansions, score)| PolicySpec::Beam { width, expansions, score }),
         (0u32..3, prop_oneof![Just(GreedyAnswerRule::LastRound), Just(GreedyAnswerRule::MostConfident)])
@@ -116,8 +122,9 @@ fn run(spec: &Spec) -> (SearchOutcome, Option<Vec<Vec<NodeId>>>, MockModel) {
     let problem = problem(&model);
     let reflection = Reflection::default().with_max_per_path(2);
     let (outcome, rounds) = match &spec.policy {
-        PolicySpec::Mcts { width, exploration, rule } => {
+        PolicySpec::Mcts { width, exploration, rule, leaves } => {
             let mut c = MctsConfig::default()
+                .with_parallel_leaves(*leaves)
                 .with_budget(spec.budget)
                 .with_generation(spec.generation.clone())
                 .with_width(*width)
@@ -261,6 +268,7 @@ proptest! {
 fn invalid_configurations_are_refused() {
     let bad_config = |r: marco_core::Result<()>| matches!(r, Err(Error::InvalidConfig(_)));
     assert!(bad_config(Mcts::new(MctsConfig::default().with_width(0)).map(|_| ())));
+    assert!(bad_config(Mcts::new(MctsConfig::default().with_parallel_leaves(0)).map(|_| ())));
     assert!(bad_config(Mcts::new(MctsConfig::default().with_exploration(f64::NAN)).map(|_| ())));
     assert!(bad_config(Mcts::new(MctsConfig::default().with_reflection(Reflection::new(""))).map(|_| ())));
     assert!(bad_config(BeamSearch::new(BeamConfig::default().with_beam_width(0)).map(|_| ())));

@@ -84,10 +84,11 @@ fn greedy_with_reflection_is_right() {
 
 #[test]
 fn mcts_is_right() {
-    for seed in 0..8 {
+    for (seed, leaves) in (0..8).flat_map(|s| [(s, 1), (s, 3)]) {
         for rule in [MctsAnswerRule::MostVisited, MctsAnswerRule::BestValue, MctsAnswerRule::Vote] {
             let (mut model, problem) = scenario(seed);
             let config = MctsConfig::default()
+                .with_parallel_leaves(leaves)
                 .with_budget(Budget::tokens(400).with_rollouts(24))
                 .with_generation(generation(seed))
                 .with_width(2)
