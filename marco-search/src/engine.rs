@@ -95,6 +95,8 @@ pub(crate) struct Engine<'a> {
     pub tracker: BudgetTracker,
     /// Live model state at the end of each node, if any.
     seqs: Vec<Option<SeqId>>,
+    /// States held by walkers (not by nodes), so that an error mid-search leaks none.
+    in_flight: Vec<SeqId>,
     /// Value of the last evaluation that ended at each node.
     pub values: Vec<Option<f64>>,
     generation: GenerationConfig,
@@ -137,6 +139,7 @@ impl<'a> Engine<'a> {
             tree: Tree::new(problem.prompt_tokens.clone(), problem.prompt_text.clone()),
             tracker,
             seqs: vec![Some(root_seq)],
+            in_flight: Vec::new(),
             values: vec![None],
             generation: generation.clone(),
             granularity,
@@ -210,6 +213,7 @@ impl<'a> Engine<'a> {
         } else {
             self.model.fork(own)?
         };
+        self.in_flight.push(seq);
         let seq_len = self.model.seq_len(seq)?;
         Ok(Walker {
             parent,
@@ -396,6 +400,7 @@ impl<'a> Engine<'a> {
     fn commit(&mut self, w: &mut Walker, mode: WalkMode, others: usize) -> Result<()> {
         if w.tokens.is_empty() {
             // Nothing was computed on this state: it leaves no trace.
+            self.land(w.seq);
             self.model.release(w.seq)?;
             w.done = true;
             return Ok(());
@@ -416,14 +421,17 @@ impl<'a> Engine<'a> {
         self.seqs.push(None);
         self.values.push(None);
         w.last = Some(node);
-        let continues = mode.rollout
-            && !terminal
-            && w.end == ActionEnd::Complete
-            && self.stop.is_none()
-            && self.nodes_left() > others;
+        let wants_more = mode.rollout && !terminal && w.end == ActionEnd::Complete && self.stop.is_none();
+        if wants_more && self.nodes_left() <= others {
+            // The rollout is cut short for want of nodes: the node budget ends the search.
+            self.stop_with(StopReason::NodeBudget);
+        }
+        let continues = wants_more && self.nodes_left() > others;
         if continues {
             if mode.keep_states {
                 let next = self.model.fork(w.seq)?;
+                self.in_flight.push(next);
+                self.land(w.seq);
                 self.seqs[node.index()] = Some(w.seq);
                 w.seq = next;
             }
@@ -431,10 +439,18 @@ impl<'a> Engine<'a> {
             w.group = None;
             w.end = ActionEnd::Open;
         } else {
+            self.land(w.seq);
             self.seqs[node.index()] = Some(w.seq);
             w.done = true;
         }
         Ok(())
+    }
+
+    /// `seq` is no longer a walker's: a node holds it, or it is released.
+    fn land(&mut self, seq: SeqId) {
+        if let Some(i) = self.in_flight.iter().rposition(|&s| s == seq) {
+            self.in_flight.swap_remove(i);
+        }
     }
 
     /// Reflections on the path from the root to `node`.
@@ -535,14 +551,13 @@ impl<'a> Engine<'a> {
         }
     }
 
-    /// Frees every live state.
+    /// Frees every live state, held by nodes or by walkers.
     pub fn release_all(&mut self) -> Result<()> {
         let mut first_error = None;
-        for slot in self.seqs.iter_mut() {
-            if let Some(seq) = slot.take() {
-                if let Err(e) = self.model.release(seq) {
-                    first_error.get_or_insert(e);
-                }
+        let held = self.seqs.iter_mut().filter_map(Option::take);
+        for seq in held.chain(self.in_flight.drain(..)) {
+            if let Err(e) = self.model.release(seq) {
+                first_error.get_or_insert(e);
             }
         }
         first_error.map_or(Ok(()), Err)

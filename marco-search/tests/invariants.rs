@@ -434,3 +434,65 @@ fn nothing_is_computed_twice_in_larger_searches() {
         assert_eq!(m.counters().live_sequences, 0);
     }
 }
+
+/// A model that fails on its `fail_at`-th step.
+struct Failing {
+    inner: MockModel,
+    steps: usize,
+    fail_at: usize,
+}
+
+impl LanguageModel for Failing {
+    fn tokenizer(&self) -> &dyn marco_core::Tokenizer {
+        self.inner.tokenizer()
+    }
+    fn max_context(&self) -> usize {
+        self.inner.max_context()
+    }
+    fn new_sequence(&mut self, prompt: &[u32]) -> marco_core::Result<marco_core::SeqId> {
+        self.inner.new_sequence(prompt)
+    }
+    fn fork(&mut self, seq: marco_core::SeqId) -> marco_core::Result<marco_core::SeqId> {
+        self.inner.fork(seq)
+    }
+    fn append(&mut self, seq: marco_core::SeqId, tokens: &[u32]) -> marco_core::Result<()> {
+        self.inner.append(seq, tokens)
+    }
+    fn step(&mut self, batch: &[marco_core::StepRequest]) -> marco_core::Result<Vec<marco_core::StepOutput>> {
+        self.steps += 1;
+        if self.steps == self.fail_at {
+            return Err(Error::backend(std::io::Error::other("device lost")));
+        }
+        self.inner.step(batch)
+    }
+    fn release(&mut self, seq: marco_core::SeqId) -> marco_core::Result<()> {
+        self.inner.release(seq)
+    }
+    fn seq_len(&self, seq: marco_core::SeqId) -> marco_core::Result<usize> {
+        self.inner.seq_len(seq)
+    }
+    fn counters(&self) -> marco_core::ModelCounters {
+        self.inner.counters()
+    }
+}
+
+#[test]
+fn a_model_error_is_returned_and_leaks_no_sequence() {
+    let generation = GenerationConfig::default().with_granularity(Granularity::MiniStep(3)).with_temperature(1.0);
+    let policies: Vec<Box<dyn SearchPolicy>> = vec![
+        Box::new(Mcts::new(MctsConfig::default().with_generation(generation.clone()).with_parallel_leaves(3)).unwrap()),
+        Box::new(BeamSearch::new(BeamConfig::default().with_generation(generation.clone())).unwrap()),
+        Box::new(GreedyReflection::new(GreedyConfig::default().with_generation(generation.clone())).unwrap()),
+        Box::new(SelfConsistency::new(SelfConsistencyConfig::default().with_generation(generation)).unwrap()),
+    ];
+    for policy in policies {
+        for fail_at in [1, 2, 5, 17] {
+            let inner = MockModel::builder().seed(9).typical_length(20).build().unwrap();
+            let mut model = Failing { inner, steps: 0, fail_at };
+            let problem = problem(&model.inner);
+            let r = policy.search(&mut model, &problem);
+            assert!(matches!(r, Err(Error::Backend(_))), "{}: {r:?}", policy.name());
+            assert_eq!(model.counters().live_sequences, 0, "{} failing at step {fail_at}", policy.name());
+        }
+    }
+}
