@@ -1,7 +1,8 @@
 //! Self-consistency: sample several independent chains, vote over their answers.
 //!
-//! All `samples` chains start from the one prompt state (forks; the first tokens distinct
-//! where the model allows) and advance together, one batched step per token. Each chain is a
+//! All `samples` chains start from the one prompt state (forks) and advance together, one
+//! batched step per token. The default configuration samples them independently (no
+//! distinct first tokens), so that the vote reflects the model's own distribution. Each chain is a
 //! rollout; its path is evaluated by the reward and backed up. The answer is the
 //! [vote](mod@crate::vote) over the chains that finished (over all chains if none did); the best
 //! value decides if no chain holds an answer.
@@ -22,7 +23,8 @@ use crate::vote::vote;
 pub struct SelfConsistencyConfig {
     /// Limits of the search.
     pub budget: Budget,
-    /// How actions are generated.
+    /// How actions are generated (by default without distinct first tokens: the chains are
+    /// independent samples).
     pub generation: GenerationConfig,
     /// Chains sampled.
     pub samples: usize,
@@ -30,7 +32,11 @@ pub struct SelfConsistencyConfig {
 
 impl Default for SelfConsistencyConfig {
     fn default() -> Self {
-        SelfConsistencyConfig { budget: Budget::default(), generation: GenerationConfig::default(), samples: 8 }
+        SelfConsistencyConfig {
+            budget: Budget::default(),
+            generation: GenerationConfig::default().with_distinct_first_tokens(false),
+            samples: 8,
+        }
     }
 }
 
