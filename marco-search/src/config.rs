@@ -113,6 +113,14 @@ impl GenerationConfig {
 }
 
 /// The reflection prompt and how often it may be used.
+///
+/// A reflection follows a *finished thought*: an action that ended at a stop token. The
+/// model has consumed that stop token by the time the step reports it, so the reflection is
+/// appended after it (the stop token stays in the context and in the tree). The alternative —
+/// keeping a copy of every state from before each token in case it turns out to be a stop —
+/// would cost a fork per generated token, and going back by feeding the thought again would
+/// compute its tokens twice. Start the text with a separator if a model reads better so.
+/// The answer of a path is taken from the text after its last reflection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Reflection {
