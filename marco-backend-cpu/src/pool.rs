@@ -1,15 +1,21 @@
 //! A tiny persistent fork-join pool for the kernels.
 //!
-//! A decode step runs a few hundred small matrix products of 50–500 µs each; spawning threads
+//! A decode step runs a few hundred small matrix products of 20–500 µs each; spawning threads
 //! per product (~20–50 µs each) would cost a noticeable fraction, so the pool keeps
-//! `num_threads() - 1` workers alive. A call to [`run`] publishes one job (a `Fn(task_index)`),
-//! runs task 0 on the calling thread and waits for the workers to finish theirs. Workers spin
-//! briefly after a job (the next product usually follows within microseconds) and then park,
-//! so an idle process does not burn a core.
+//! `num_threads() - 1` workers alive. A call to [`run`] publishes one job (tasks
+//! `0..n_tasks`, claimed one at a time from a shared counter by every participating thread),
+//! works on it itself, and returns when all tasks are done.
 //!
-//! Only one job runs at a time: a caller that finds the pool busy (another thread is in the
-//! middle of a product) simply runs all its tasks inline, which keeps concurrent users correct
-//! without queueing.
+//! Robustness on a busy machine matters more than elegance here: with other processes on two
+//! cores, a worker may not get the CPU for milliseconds. So a worker must *join* a job before
+//! touching it, and the caller *closes* the job once every task is claimed: a worker that wakes
+//! up late finds the job closed and goes back to waiting, and the caller only ever waits for
+//! workers that are actually running a task. Join and close are one atomic word
+//! (`CLOSED` bit + count of joined workers), so no worker can join after the close.
+//!
+//! Workers spin briefly after a job (the next product usually follows within microseconds)
+//! and then park, so an idle process does not burn a core. Only one job runs at a time: a
+//! caller that finds the pool busy (another thread is mid-product) runs its tasks inline.
 //!
 //! The thread count defaults to `min(2, available cores)` and can be set with the
 //! `MARCO_THREADS` environment variable (read once, at first use).
@@ -20,27 +26,46 @@ use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 /// How long an idle worker spins before parking.
-const SPIN_BEFORE_PARK: Duration = Duration::from_micros(200);
+const SPIN_BEFORE_PARK: Duration = Duration::from_micros(300);
 
-/// A job as the workers see it: a type- and lifetime-erased `&dyn Fn(usize) + Sync`.
+/// Set in `Shared::joined` once the current job accepts no more workers.
+const CLOSED: u64 = 1 << 63;
+
+/// A job as the workers see it: a type- and lifetime-erased `&dyn Fn() + Sync`.
 #[derive(Clone, Copy)]
 struct JobRef {
-    data: *const (dyn Fn(usize) + Sync + 'static),
+    data: *const (dyn Fn() + Sync + 'static),
 }
 
-// SAFETY: the pointee is `Sync`, and `run` keeps it alive until every worker has finished.
+// SAFETY: the pointee is `Sync`; `run` keeps it alive while any worker has joined the job.
 unsafe impl Send for JobRef {}
 unsafe impl Sync for JobRef {}
 
 struct Shared {
-    /// Bumped once per published job; workers compare it to the last one they ran.
+    /// Bumped once per published job; wakes the workers.
     generation: AtomicU64,
-    /// Workers that have not yet finished the current job.
-    pending: AtomicUsize,
-    /// The current job (valid while `pending > 0`).
+    /// `CLOSED` bit plus the number of workers currently inside the job.
+    joined: AtomicU64,
+    /// The current job (dereferenced only by a worker that has joined it).
     job: Mutex<Option<JobRef>>,
     /// Set when a worker's task panicked, so that the caller can re-raise it.
     worker_panicked: AtomicBool,
+}
+
+impl Shared {
+    /// Enters the current job unless it is closed.
+    fn try_join(&self) -> bool {
+        let mut state = self.joined.load(Ordering::Acquire);
+        loop {
+            if state & CLOSED != 0 {
+                return false;
+            }
+            match self.joined.compare_exchange_weak(state, state + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return true,
+                Err(current) => state = current,
+            }
+        }
+    }
 }
 
 struct Pool {
@@ -71,15 +96,14 @@ fn pool() -> &'static Pool {
     POOL.get_or_init(|| {
         let shared: &'static Shared = Box::leak(Box::new(Shared {
             generation: AtomicU64::new(0),
-            pending: AtomicUsize::new(0),
+            joined: AtomicU64::new(CLOSED),
             job: Mutex::new(None),
             worker_panicked: AtomicBool::new(false),
         }));
         let mut workers = Vec::new();
         for index in 1..requested_threads() {
-            let spawned = std::thread::Builder::new()
-                .name(format!("marco-kernel-{index}"))
-                .spawn(move || worker_loop(shared, index));
+            let spawned =
+                std::thread::Builder::new().name(format!("marco-kernel-{index}")).spawn(move || worker_loop(shared));
             match spawned {
                 Ok(handle) => workers.push(handle.thread().clone()),
                 // Fewer threads is still correct; stop adding workers.
@@ -90,15 +114,16 @@ fn pool() -> &'static Pool {
     })
 }
 
-fn worker_loop(shared: &'static Shared, index: usize) {
+fn worker_loop(shared: &'static Shared) {
     let mut seen = 0u64;
     loop {
         let started_waiting = Instant::now();
         let mut spins = 0u32;
-        let generation = loop {
+        loop {
             let generation = shared.generation.load(Ordering::Acquire);
             if generation != seen {
-                break generation;
+                seen = generation;
+                break;
             }
             spins = spins.wrapping_add(1);
             if spins.is_multiple_of(64) && started_waiting.elapsed() > SPIN_BEFORE_PARK {
@@ -107,44 +132,44 @@ fn worker_loop(shared: &'static Shared, index: usize) {
             } else {
                 std::hint::spin_loop();
             }
-        };
-        seen = generation;
+        }
+        if !shared.try_join() {
+            continue;
+        }
         let job = shared.job.lock().map(|guard| *guard).unwrap_or(None);
         if let Some(job) = job {
-            // SAFETY: the publishing `run` call waits for `pending == 0` before returning, so the
-            // closure outlives this call.
+            // SAFETY: this worker has joined the job, and the publishing `run` call does not
+            // return while any joined worker remains, so the closure is alive.
             let f = unsafe { &*job.data };
-            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(index))).is_err() {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
                 shared.worker_panicked.store(true, Ordering::Relaxed);
             }
         }
-        shared.pending.fetch_sub(1, Ordering::AcqRel);
+        shared.joined.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-/// Waits for the workers of the current job even if the caller's own task unwinds, so that
-/// the job's closure is never freed while a worker still runs it.
-struct WaitForWorkers<'a> {
+/// Closes the current job and waits for the workers inside it, even if the caller's own part
+/// unwinds, so that the job's closure is never freed while a worker still runs it.
+struct CloseAndWait<'a> {
     shared: &'a Shared,
 }
 
-impl Drop for WaitForWorkers<'_> {
+impl Drop for CloseAndWait<'_> {
     fn drop(&mut self) {
-        while self.shared.pending.load(Ordering::Acquire) != 0 {
+        self.shared.joined.fetch_or(CLOSED, Ordering::AcqRel);
+        while self.shared.joined.load(Ordering::Acquire) != CLOSED {
             std::hint::spin_loop();
-        }
-        if let Ok(mut job) = self.shared.job.lock() {
-            *job = None;
         }
     }
 }
 
 /// Runs `f(0)`, …, `f(n_tasks - 1)` with up to [`num_threads`] threads and returns when all are
-/// done. `n_tasks` larger than the thread count are run in turn by the threads.
+/// done. Threads claim tasks one at a time, so a thread that starts late does fewer: split
+/// work into a few tasks per thread.
 pub(crate) fn run(n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
     let pool = pool();
-    let n_threads = pool.workers.len() + 1;
-    if n_tasks <= 1 || n_threads == 1 {
+    if n_tasks <= 1 || pool.workers.is_empty() {
         (0..n_tasks).for_each(f);
         return;
     }
@@ -156,18 +181,18 @@ pub(crate) fn run(n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
             return;
         }
     };
-    // Each thread t runs tasks t, t + n_threads, ...
-    let strided = |thread: usize| {
-        let mut task = thread;
-        while task < n_tasks {
-            f(task);
-            task += n_threads;
+    let next_task = AtomicUsize::new(0);
+    let claim_loop = || loop {
+        let task = next_task.fetch_add(1, Ordering::Relaxed);
+        if task >= n_tasks {
+            break;
         }
+        f(task);
     };
-    let strided: &(dyn Fn(usize) + Sync) = &strided;
-    // SAFETY: only the lifetime is erased; `WaitForWorkers` below keeps `strided` alive until
-    // every worker has decremented `pending`.
-    let erased: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(strided) };
+    let claim_loop: &(dyn Fn() + Sync) = &claim_loop;
+    // SAFETY: only the lifetime is erased; `CloseAndWait` below keeps `claim_loop` (and what it
+    // borrows) alive until no worker is inside the job, and closed jobs cannot be joined.
+    let erased: *const (dyn Fn() + Sync + 'static) = unsafe { std::mem::transmute(claim_loop) };
     let shared = pool.shared;
     match shared.job.lock() {
         Ok(mut job) => *job = Some(JobRef { data: erased }),
@@ -176,14 +201,15 @@ pub(crate) fn run(n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
             return;
         }
     }
-    shared.pending.store(pool.workers.len(), Ordering::Release);
+    // Open the job (no worker can be inside: the previous job was closed and drained).
+    shared.joined.store(0, Ordering::Release);
     shared.generation.fetch_add(1, Ordering::AcqRel);
     for worker in &pool.workers {
         worker.unpark();
     }
     {
-        let _wait = WaitForWorkers { shared };
-        strided(0);
+        let _close = CloseAndWait { shared };
+        claim_loop();
     }
     if shared.worker_panicked.swap(false, Ordering::Relaxed) {
         // Kernels do not panic on valid input; a panic here is a bug worth surfacing loudly.

@@ -196,18 +196,18 @@ pub fn matmul_with(
     let out_ptr = OutPtr { ptr: out.as_mut_ptr(), n_out };
     let isa = isa();
     if rows > options.small_batch_max {
-        let tasks = split_outputs(n_out, 64, options.parallel);
+        let tasks = split_outputs(n_out, GEMM_TILE, GEMM_TILE, options.parallel);
         run_tasks(&tasks, &|range| gemm_path(x, rows, w, range, out_ptr));
         return Ok(());
     }
     match w.storage() {
         Storage::F32(values) => {
-            let tasks = split_outputs(n_out, 8, options.parallel);
+            let tasks = split_outputs(n_out, 8, 64, options.parallel);
             run_tasks(&tasks, &|range| f32_rows(isa, values, n_in, x, rows, range, out_ptr));
         }
         Storage::Blocks { ty, data, row_stride } => {
             let blocks = BlockRows { ty: *ty, data, row_stride: *row_stride, n_in };
-            let tasks = split_outputs(n_out, 8, options.parallel);
+            let tasks = split_outputs(n_out, 8, 64, options.parallel);
             match options.activations {
                 ActivationMode::Q8 => {
                     let acts = QuantizedActs::quantize(x, rows, n_in);
@@ -237,14 +237,17 @@ impl BlockRows<'_> {
     }
 }
 
-/// Output ranges for the tasks: one per thread, boundaries aligned to `align` features.
-fn split_outputs(n_out: usize, align: usize, parallel: bool) -> Vec<Range<usize>> {
+/// Output ranges for the tasks: a few per thread (claimed dynamically, so a thread that starts
+/// late does less), boundaries aligned to `align` features, at least `min_len` features each.
+fn split_outputs(n_out: usize, align: usize, min_len: usize, parallel: bool) -> Vec<Range<usize>> {
     let threads = if parallel { pool::num_threads() } else { 1 };
-    // Tiny products are not worth a hand-off.
-    let threads = threads.min(n_out.div_ceil(align.max(16))).max(1);
-    let per = n_out.div_ceil(threads).div_ceil(align) * align;
-    (0..threads).map(|t| (t * per).min(n_out)..((t + 1) * per).min(n_out)).filter(|r| !r.is_empty()).collect()
+    let tasks = if threads == 1 { 1 } else { (TASKS_PER_THREAD * threads).min(n_out / min_len.max(1)).max(1) };
+    let per = n_out.div_ceil(tasks).div_ceil(align) * align;
+    (0..tasks).map(|t| (t * per).min(n_out)..((t + 1) * per).min(n_out)).filter(|r| !r.is_empty()).collect()
 }
+
+/// Tasks per pool thread in a product.
+const TASKS_PER_THREAD: usize = 4;
 
 fn run_tasks(tasks: &[Range<usize>], f: &(dyn Fn(Range<usize>) + Sync)) {
     match tasks {
@@ -290,7 +293,11 @@ fn gemm_path(x: &[f32], rows: usize, w: &PackedMatrix, outs: Range<usize>, out: 
     let mut tile = Vec::new();
     let mut start = outs.start;
     while start < outs.end {
-        let end = (start + GEMM_TILE).min(outs.end);
+        // f32 weights need no staging: one call for the whole range lets gemm block it freely.
+        let end = match w.storage() {
+            Storage::F32(_) => outs.end,
+            Storage::Blocks { .. } => (start + GEMM_TILE).min(outs.end),
+        };
         let weights: &[f32] = match w.storage() {
             Storage::F32(values) => &values[start * n_in..end * n_in],
             Storage::Blocks { ty, data, row_stride } => {
