@@ -5,7 +5,7 @@
 //!
 //! `cargo bench -p marco-backend-cpu --bench kernels` (filter with a trailing name pattern).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use marco_backend_cpu::{matmul_with, top_k, ActivationMode, GgmlType, MatmulOptions, PackedMatrix};
