@@ -44,7 +44,7 @@ impl Default for GenerationConfig {
             max_depth: 64,
             top_logprobs: 5,
             distinct_first_tokens: true,
-            distinct_min_ratio: 0.1,
+            distinct_min_ratio: 0.05,
         }
     }
 }

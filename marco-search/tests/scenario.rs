@@ -15,6 +15,11 @@ use marco_search::{
 };
 
 fn scenario(seed: u64) -> (MockModel, Problem) {
+    scenario_with(seed, 0.6)
+}
+
+/// The scenario with "Try A:" at probability `p_a` and "Try B:" at `1 - p_a`.
+fn scenario_with(seed: u64, p_a: f64) -> (MockModel, Problem) {
     let model = MockModel::builder()
         .seed(seed)
         .pieces(["Try A:", "Try B:", " 7", " 8", " 6", " 42"])
@@ -26,7 +31,7 @@ fn scenario(seed: u64) -> (MockModel, Problem) {
         .rule(Rule::ends_with(" 8").probs([(EOS, 0.55), ("?", 0.4)]))
         .rule(Rule::ends_with(" 6").probs([(EOS, 0.55), ("?", 0.4)]))
         .rule(Rule::ends_with("?").probs([(EOS, 0.9)]))
-        .rule(Rule::ends_with("assistant: ").probs([("Try A:", 0.6), ("Try B:", 0.4)]))
+        .rule(Rule::ends_with("assistant: ").probs([("Try A:", p_a), ("Try B:", 1.0 - p_a)]))
         .build()
         .unwrap();
     let problem = Problem::from_question(model.tokenizer(), "What is six times seven?", None).unwrap();
@@ -169,4 +174,67 @@ fn beam_reflection_continues_finished_thoughts() {
     println!("{}", summary(&o));
     assert_eq!(o.answer.as_deref(), Some("42"));
     assert!(o.tree.nodes.iter().any(|n| n.kind == marco_core::NodeKind::Reflection));
+}
+
+#[test]
+fn search_finds_a_less_likely_first_step() {
+    // The better first step gets rarer; the search still finds it at default settings
+    // (temperature 0.7, width 3, distinct first tokens) within a small budget.
+    for p_a in [0.55, 0.7, 0.8, 0.9] {
+        for seed in 0..4 {
+            let (mut model, problem) = scenario_with(seed, p_a);
+            let generation = GenerationConfig::default().with_granularity(Granularity::Token).with_seed(seed);
+            let mcts = MctsConfig::default().with_budget(Budget::tokens(300)).with_generation(generation.clone());
+            let o = Mcts::new(mcts).unwrap().search(&mut model, &problem).unwrap();
+            assert_eq!(o.answer.as_deref(), Some("42"), "mcts p_a {p_a} seed {seed}: {}", summary(&o));
+            let (mut model, problem) = scenario_with(seed, p_a);
+            let beam = BeamConfig::default().with_budget(Budget::tokens(300)).with_generation(generation);
+            let o = BeamSearch::new(beam).unwrap().search(&mut model, &problem).unwrap();
+            assert_eq!(o.answer.as_deref(), Some("42"), "beam p_a {p_a} seed {seed}: {}", summary(&o));
+        }
+    }
+}
+
+#[test]
+fn line_steps_and_output_tags() {
+    use marco_core::mock::Condition;
+    let when_after = |plan: &str| {
+        Rule::when(Condition::All(vec![
+            Condition::Contains(plan.into()),
+            Condition::EndsWith("\n".into()),
+            Condition::Not(Box::new(Condition::Contains("<Output>".into()))),
+        ]))
+    };
+    let build = || {
+        let model = MockModel::builder()
+            .pieces(["Plan A", "Plan B", "<Output>7</Output>", "<Output>8</Output>", "<Output>42</Output>"])
+            .rule(Rule::ends_with("assistant: ").probs([("Plan A", 0.6), ("Plan B", 0.4)]))
+            .rule(Rule::ends_with("Plan A").probs([("\n", 0.9)]))
+            .rule(Rule::ends_with("Plan B").probs([("\n", 0.9)]))
+            .rule(when_after("Plan A").probs([("<Output>7</Output>", 0.35), ("<Output>8</Output>", 0.3)]))
+            .rule(when_after("Plan B").probs([("<Output>42</Output>", 0.95)]))
+            .rule(Rule::ends_with("</Output>").probs([(EOS, 0.97)]))
+            .build()
+            .unwrap();
+        let problem = Problem::from_question(model.tokenizer(), "What is six times seven?", None).unwrap();
+        (model, problem)
+    };
+    let generation = GenerationConfig::default().with_granularity(Granularity::line());
+    let (mut model, problem) = build();
+    let greedy = GreedyConfig::default()
+        .with_rounds(0)
+        .with_budget(Budget::tokens(100))
+        .with_generation(generation.clone().with_temperature(0.0));
+    let o = GreedyReflection::new(greedy).unwrap().search(&mut model, &problem).unwrap();
+    assert_eq!(o.answer.as_deref(), Some("7"), "{}", summary(&o));
+    assert_eq!(o.path.len(), 3, "two line steps: {}", summary(&o));
+    let (mut model, problem) = build();
+    let mcts = MctsConfig::default().with_budget(Budget::tokens(200)).with_generation(generation.clone());
+    let o = Mcts::new(mcts).unwrap().search(&mut model, &problem).unwrap();
+    assert_eq!(o.answer.as_deref(), Some("42"), "{}", summary(&o));
+    assert_eq!(o.text, "Plan B\n<Output>42</Output>");
+    let (mut model, problem) = build();
+    let beam = BeamConfig::default().with_budget(Budget::tokens(200)).with_generation(generation);
+    let o = BeamSearch::new(beam).unwrap().search(&mut model, &problem).unwrap();
+    assert_eq!(o.answer.as_deref(), Some("42"), "{}", summary(&o));
 }
