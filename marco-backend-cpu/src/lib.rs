@@ -16,19 +16,28 @@
 //!   [`num_threads`] threads (default 2; `MARCO_THREADS` overrides). [`matmul_with`] takes
 //!   [`MatmulOptions`] (e.g. exact f32 activations instead of 8-bit ones).
 //! * [`top_k`]: the k largest logits without a full sort.
+//! * NdArray glue: [`linear_ndarray`]`(x, &w, bias)` runs [`matmul`] on burn-ndarray's float
+//!   primitive ([`NdArrayTensor`], shape `[..., in]` → `[..., out]`), plus
+//!   [`embedding_ndarray`], [`top_k_ndarray`] and the conversions [`ndarray_f32_values`] /
+//!   [`ndarray_from_f32`].
 //!
 //! Every fallible function returns [`KernelError`]; no function panics on bad input.
 #![deny(missing_docs)]
 
 mod error;
 mod kernels;
+mod ndarray_glue;
 mod packed;
 mod pool;
 pub mod quant;
 mod topk;
 
+pub use burn_ndarray::NdArrayTensor;
 pub use error::KernelError;
 pub use kernels::{isa, matmul, matmul_with, ActivationMode, Isa, MatmulOptions, SMALL_BATCH_MAX};
+pub use ndarray_glue::{
+    embedding_ndarray, linear_ndarray, linear_ndarray_with, ndarray_f32_values, ndarray_from_f32, top_k_ndarray,
+};
 pub use packed::PackedMatrix;
 pub use pool::num_threads;
 pub use quant::{dequantize, row_bytes, GgmlType};
