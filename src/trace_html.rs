@@ -184,7 +184,12 @@ pub fn render(outcome: &SearchOutcome) -> String {
         if row.depth > INDENT_CAP {
             let _ = write!(html, "<s>d{}</s>", row.depth);
         }
-        let _ = writeln!(html, "<q>{}</q></span></div>", escape_text(&node.text));
+        if node.text.is_empty() {
+            // An edge of only a stop token (or of tokens that decode to nothing).
+            html.push_str("<q class=\"none\">(no text)</q></span></div>\n");
+        } else {
+            let _ = writeln!(html, "<q>{}</q></span></div>", escape_text(&node.text));
+        }
         debug_assert!(row.end >= position);
     }
     html.push_str("</main>\n");
@@ -239,6 +244,7 @@ main{padding:4px 0 40px;font:12.5px/1.5 ui-monospace,"DejaVu Sans Mono",Menlo,mo
 .k.e{background:var(--e);color:var(--ef)}
 q{quotes:none;flex:1;min-width:0;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;cursor:pointer}
 q u{text-decoration:none;color:#a0a4a8}
+q.none{color:#a0a4a8;font-style:italic}
 .r0.w q,body.wrap q{white-space:pre-wrap;overflow-wrap:anywhere}
 .r0[hidden]{display:none}
 "#;

@@ -87,6 +87,10 @@ fn every_node_is_present_with_its_numbers() {
     assert!(d_row.contains("<i>1</i><i>0.900</i><i>0.938</i>"), "{d_row}");
     assert!(d_row.contains("<span class=\"k e\">end</span>"), "terminal flag");
     assert!(html.contains("<span class=\"k r\">reflection</span>"));
+    // An edge without text says so.
+    let (mut empty, _) = small_outcome();
+    empty.tree.node_mut(d).text.clear();
+    assert!(render(&empty).contains("<q class=\"none\">(no text)</q>"));
     // Line breaks are shown, not lost.
     assert!(html.contains("3 + 5 = 8<u>↵</u>\n<u>↵</u>\n"));
     // Header counters.
