@@ -23,7 +23,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use marco::core::{Budget, Granularity, LanguageModel, NodeId, NodeKind, Problem, SearchOutcome, SearchPolicy};
 use marco::search::{
-    BeamConfig, BeamSearch, GenerationConfig, GreedyConfig, GreedyReflection, Mcts, MctsConfig, Reflection,
+    BeamAnswerRule, BeamConfig, BeamSearch, GenerationConfig, GreedyConfig, GreedyReflection, Mcts, MctsAnswerRule,
+    MctsConfig, Reflection,
 };
 
 /// The system prompt unless `--system` replaces it.
@@ -38,6 +39,16 @@ enum PolicyKind {
     Beam,
     /// Greedy decoding (with `--reflect`: one Marco-o1 reflection round).
     Greedy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AnswerRule {
+    /// MCTS: follow the most visited child from the root; beam: the best-scored path.
+    MostVisited,
+    /// The finished path of highest value.
+    BestValue,
+    /// Self-consistency vote over the finished paths' answers.
+    Vote,
 }
 
 #[derive(Parser, Debug)]
@@ -57,6 +68,12 @@ struct Args {
     /// MCTS children per expansion; beam width.
     #[arg(long, default_value_t = 3)]
     width: usize,
+    /// How MCTS and beam search pick the final path among the ones they explored.
+    #[arg(long, value_enum, default_value_t = AnswerRule::Vote)]
+    answer_rule: AnswerRule,
+    /// Most steps (tree edges) on one path.
+    #[arg(long, default_value_t = 16)]
+    max_depth: u32,
     /// Most generated tokens (all paths together).
     #[arg(long, default_value_t = 384)]
     budget_tokens: u64,
@@ -95,6 +112,9 @@ impl Args {
         if self.width == 0 {
             bail!("--width must be at least 1");
         }
+        if self.max_depth == 0 {
+            bail!("--max-depth must be at least 1");
+        }
         if self.budget_tokens == 0 {
             bail!("--budget-tokens must be at least 1");
         }
@@ -128,20 +148,36 @@ impl Args {
         let generation = GenerationConfig::default()
             .with_granularity(self.granularity.clone())
             .with_temperature(self.temperature.unwrap_or(default_temperature))
-            .with_seed(self.seed);
+            .with_seed(self.seed)
+            .with_max_depth(self.max_depth);
         let reflection = Reflection::default();
         Ok(match self.policy {
             PolicyKind::Mcts => {
-                let mut config =
-                    MctsConfig::default().with_budget(budget).with_generation(generation).with_width(self.width);
+                let rule = match self.answer_rule {
+                    AnswerRule::MostVisited => MctsAnswerRule::MostVisited,
+                    AnswerRule::BestValue => MctsAnswerRule::BestValue,
+                    AnswerRule::Vote => MctsAnswerRule::Vote,
+                };
+                let mut config = MctsConfig::default()
+                    .with_budget(budget)
+                    .with_generation(generation)
+                    .with_width(self.width)
+                    .with_answer_rule(rule);
                 if self.reflect {
                     config = config.with_reflection(reflection);
                 }
                 Box::new(Mcts::new(config)?)
             }
             PolicyKind::Beam => {
-                let mut config =
-                    BeamConfig::default().with_budget(budget).with_generation(generation).with_beam_width(self.width);
+                let rule = match self.answer_rule {
+                    AnswerRule::MostVisited | AnswerRule::BestValue => BeamAnswerRule::BestScore,
+                    AnswerRule::Vote => BeamAnswerRule::Vote,
+                };
+                let mut config = BeamConfig::default()
+                    .with_budget(budget)
+                    .with_generation(generation)
+                    .with_beam_width(self.width)
+                    .with_answer_rule(rule);
                 if self.reflect {
                     config = config.with_reflection(reflection);
                 }
