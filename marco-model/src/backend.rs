@@ -8,7 +8,7 @@
 //! - `NdArray` (feature `cpu`): weights are `marco_backend_cpu` packed matrices (dense or
 //!   ggml-quantised rows, read by a GEMV/GEMM with runtime SIMD dispatch), run directly on the
 //!   primitive's host buffer; top-k is a partial selection on that buffer (the "device" is the
-//!   host, so nothing is copied).
+//!   host, so nothing is copied), and the log-sum-exp accumulates in f64.
 //! - `Cuda` (feature `cuda`): weights are burn tensors and the kernel is burn's `matmul`.
 //!
 //! The same network can always run on burn's plain ops instead ([`LinearPath::Burn`]): the
@@ -72,6 +72,16 @@ pub trait KernelBackend: Backend {
     /// Bytes the weight occupies.
     fn linear_weight_bytes(weight: &Self::LinearWeight) -> usize;
 
+    /// The log-sum-exp of every row of `logits` (`[rows, vocab]` → `[rows, 1]`); non-finite
+    /// when any entry of the row is (NaN, ±inf), so it doubles as the NaN check. The default
+    /// reduces on the device in the backend's float type.
+    fn log_sum_exp(logits: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let row_max = logits.clone().max_dim(1);
+        let lse = (logits.clone() - row_max.clone()).exp().sum_dim(1).log() + row_max;
+        // `0 * sum` is 0 for finite rows and NaN when any entry is NaN or infinite.
+        lse + logits.sum_dim(1).mul_scalar(0.0)
+    }
+
     /// The `k` largest entries of every row of `logits` (`[rows, vocab]`) and their column
     /// indices, each row sorted descending. The default sorts on the device with burn.
     fn top_k(logits: Tensor<Self, 2>, k: usize) -> (Tensor<Self, 2>, Tensor<Self, 2, Int>) {
@@ -110,8 +120,12 @@ mod cpu {
     use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
     use burn_ndarray::{NdArray, NdArrayDevice, NdArrayTensor};
 
+    use std::sync::Arc;
+
+    use marco_backend_cpu::{GgmlType, PackedMatrix};
+
     use super::{HostWeight, KernelBackend};
-    use crate::error::Result;
+    use crate::error::{ModelError, Result};
 
     /// Runs `f` on the row-major f32 contents of an NdArray tensor without copying when the
     /// tensor is contiguous (a copy is made otherwise).
@@ -135,35 +149,67 @@ mod cpu {
         }
     }
 
+    fn kernel_error(e: marco_backend_cpu::KernelError) -> ModelError {
+        ModelError::InvalidConfig { path: "<linear weight>".into(), reason: e.to_string() }
+    }
+
     impl KernelBackend for NdArray {
-        // Until marco_backend_cpu's packed kernels are wired in, the kernel path multiplies
-        // `[in, out]` tensors like the plain path.
-        type LinearWeight = Tensor<NdArray, 2>;
+        // Shared: cloning a model must not copy its weights.
+        type LinearWeight = Arc<PackedMatrix>;
 
         fn kernel_name() -> &'static str {
-            "ndarray-matmul"
+            "marco-cpu"
         }
 
         fn linear_weight(
             weight: HostWeight<'_>,
             out_features: usize,
             in_features: usize,
-            device: &NdArrayDevice,
+            _device: &NdArrayDevice,
         ) -> Result<Option<Self::LinearWeight>> {
-            match weight {
-                HostWeight::F32(rows) => {
-                    Ok(Some(super::dense_in_out::<NdArray>(rows, out_features, in_features, device)))
-                }
-                HostWeight::Ggml { .. } => Ok(None),
-            }
+            let packed = match weight {
+                HostWeight::F32(rows) => PackedMatrix::from_f32(rows.to_vec(), out_features, in_features),
+                HostWeight::Ggml { ggml_type, bytes } => match GgmlType::from_id(ggml_type) {
+                    Some(ty) => PackedMatrix::from_ggml(ty, bytes, out_features, in_features),
+                    None => return Ok(None),
+                },
+            };
+            packed.map(|p| Some(Arc::new(p))).map_err(kernel_error)
         }
 
         fn kernel_linear(x: Tensor<Self, 2>, weight: &Self::LinearWeight) -> Tensor<Self, 2> {
-            x.matmul(weight.clone())
+            let [rows, _] = x.dims();
+            let out_features = weight.out_features();
+            let device = x.device();
+            let mut out = vec![0.0f32; rows * out_features];
+            // Shapes were checked when the model was built, so the kernel cannot fail here;
+            // should it, the NaNs surface as `NonFiniteLogits` instead of a panic.
+            if with_host_f32(&x, |input| marco_backend_cpu::matmul(input, rows, weight, &mut out)).is_err() {
+                out.iter_mut().for_each(|v| *v = f32::NAN);
+            }
+            Tensor::from_data(TensorData::new(out, [rows, out_features]), &device)
         }
 
         fn linear_weight_bytes(weight: &Self::LinearWeight) -> usize {
-            weight.shape().num_elements() * std::mem::size_of::<f32>()
+            weight.weight_bytes()
+        }
+
+        fn log_sum_exp(logits: Tensor<Self, 2>) -> Tensor<Self, 2> {
+            let [rows, vocab] = logits.dims();
+            let device = logits.device();
+            // f64 accumulation: an f32 sum over a 49k vocabulary drifts by ~1e-4.
+            let lse: Vec<f32> = with_host_f32(&logits, |all| {
+                all.chunks(vocab.max(1))
+                    .map(|row| {
+                        if row.iter().any(|x| !x.is_finite()) {
+                            return f32::NAN;
+                        }
+                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                        (max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln()) as f32
+                    })
+                    .collect()
+            });
+            Tensor::from_data(TensorData::new(lse, [rows, 1]), &device)
         }
 
         fn top_k(logits: Tensor<Self, 2>, k: usize) -> (Tensor<Self, 2>, Tensor<Self, 2, Int>) {
@@ -173,17 +219,10 @@ mod cpu {
             let mut values = Vec::with_capacity(rows * k);
             let mut indices: Vec<i64> = Vec::with_capacity(rows * k);
             with_host_f32(&logits, |all| {
-                for row in all.chunks(vocab) {
-                    let desc = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
-                    let mut idx: Vec<u32> = (0..vocab as u32).collect();
-                    if k < vocab {
-                        idx.select_nth_unstable_by(k - 1, desc);
-                        idx.truncate(k);
-                    }
-                    idx.sort_unstable_by(desc);
-                    for &i in &idx {
-                        values.push(row[i as usize]);
-                        indices.push(i as i64);
+                for row in all.chunks(vocab.max(1)) {
+                    for (index, value) in marco_backend_cpu::top_k(row, k) {
+                        values.push(value);
+                        indices.push(index as i64);
                     }
                 }
             });

@@ -16,4 +16,5 @@ pub use backend::{KernelBackend, LinearPath};
 pub use config::{Architecture, ModelConfig, RopeFreqRounding};
 pub use error::{ModelError, Result};
 pub use lm::BurnLm;
+pub use loader::{load, load_default, load_with, LoadOptions};
 pub use model::Transformer;

@@ -6,8 +6,8 @@
 //! **one** forward pass (a ragged batch: sequences of different lengths need no padding) and
 //! stores the new pending rows.
 //!
-//! What crosses to the host per step and sequence is small: the log-sum-exp, the row sum
-//! (a NaN/inf check: any non-finite logit makes it non-finite), the top-k values and ids
+//! What crosses to the host per step and sequence is small: the log-sum-exp (also the NaN/inf
+//! check: any non-finite logit makes it non-finite), the top-k values and ids
 //! (selected by [`KernelBackend::top_k`], on the device), and the logit of a forced token.
 //! Only temperature sampling copies a full row, because sampling with top-p needs the whole
 //! distribution; greedy and forced steps never do.
@@ -117,31 +117,29 @@ impl<B: KernelBackend> BurnLm<B> {
         let [rows, vocab] = logits.dims();
         let device = self.model.device().clone();
         let k = batch.iter().map(|r| r.top_logprobs).max().unwrap_or(0).clamp(1, vocab);
-        let row_max = logits.clone().max_dim(1);
-        let lse = (logits.clone() - row_max.clone()).exp().sum_dim(1).log() + row_max;
-        let sum = logits.clone().sum_dim(1);
+        let lse = B::log_sum_exp(logits.clone());
         let forced: Vec<i64> = batch.iter().map(|r| r.force.unwrap_or(0) as i64).collect();
         let forced = Tensor::<B, 2, Int>::from_data(TensorData::new(forced, [rows, 1]), &device);
         let forced_logit = logits.clone().gather(1, forced);
         let (top_values, top_ids) = B::top_k(logits.clone(), k);
         let k = top_values.dims()[1];
-        let host = Tensor::cat(vec![lse, sum, forced_logit, top_values], 1)
+        let host = Tensor::cat(vec![lse, forced_logit, top_values], 1)
             .into_data()
             .convert::<f32>()
             .into_vec::<f32>()
             .map_err(|e| backend_error(format!("{e:?}")))?;
         let ids =
             top_ids.into_data().convert::<i64>().into_vec::<i64>().map_err(|e| backend_error(format!("{e:?}")))?;
-        let width = 3 + k;
+        let width = 2 + k;
         let mut outputs = Vec::with_capacity(rows);
         for (i, request) in batch.iter().enumerate() {
             let row = &host[i * width..(i + 1) * width];
-            let (lse, sum, forced_logit) = (row[0], row[1], row[2]);
-            if !(lse.is_finite() && sum.is_finite()) {
+            let (lse, forced_logit) = (row[0], row[1]);
+            if !lse.is_finite() {
                 return Err(Error::NonFiniteLogits { seq: request.seq.0, position: lens[i] });
             }
             let mut top: Vec<TokenLogprob> =
-                (0..k).map(|j| TokenLogprob { token: ids[i * k + j] as TokenId, logprob: row[3 + j] - lse }).collect();
+                (0..k).map(|j| TokenLogprob { token: ids[i * k + j] as TokenId, logprob: row[2 + j] - lse }).collect();
             top.sort_by(|a, b| b.logprob.total_cmp(&a.logprob).then(a.token.cmp(&b.token)));
             let (token, logprob) = if let Some(token) = request.force {
                 (token, forced_logit - lse)

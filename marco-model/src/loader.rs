@@ -13,6 +13,9 @@
 //! - [`GgufWeights`]: maps the Hugging Face names to llama.cpp's (`blk.N.attn_q.weight`, ...)
 //!   and un-permutes the q/k rows that llama.cpp's converter interleaves for Llama models
 //!   (`rope_type = norm`), so one rotary implementation (half-split) serves both formats.
+//!
+//! [`load`] puts it together: a `.gguf` file or a Hugging Face directory becomes a [`BurnLm`]
+//! with its tokenizer.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -21,9 +24,13 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::{Dtype, Metadata};
 use safetensors::SafeTensors;
 
+use crate::backend::{KernelBackend, LinearPath};
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
+use crate::lm::BurnLm;
+use crate::model::Transformer;
+use crate::tokenizer::MarcoTokenizer;
 use marco_backend_cpu::quant::{self, GgmlType};
 
 /// A linear layer's weight rows `[out, in]` on the host.
@@ -333,6 +340,58 @@ impl WeightSource for GgufWeights<'_> {
         };
         Ok(HostLinear::Ggml { ggml_type: info.ggml_type.id(), bytes, elements: out_features * in_features })
     }
+}
+
+/// Options of [`load_with`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Which implementation runs the linear layers.
+    pub linear_path: LinearPath,
+}
+
+/// Loads a model for `B` from `path`: a `.gguf` file (weights, configuration and tokenizer
+/// from its metadata) or a Hugging Face directory (`config.json`, safetensors, `tokenizer.json`).
+pub fn load<B: KernelBackend>(path: &Path, device: &B::Device) -> Result<BurnLm<B>> {
+    load_with(path, device, LoadOptions::default())
+}
+
+/// [`load`] with [`LoadOptions`].
+pub fn load_with<B: KernelBackend>(path: &Path, device: &B::Device, options: LoadOptions) -> Result<BurnLm<B>> {
+    let metadata = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
+    let (model, tokenizer) = if metadata.is_dir() {
+        let config = ModelConfig::from_hf_file(&path.join("config.json"))?;
+        let tokenizer = MarcoTokenizer::from_hf_dir(path)?;
+        check_vocab(&path.join("tokenizer.json"), &tokenizer, &config)?;
+        let weights = HfWeights::open(path)?;
+        (Transformer::load(config, &weights, options.linear_path, device)?, tokenizer)
+    } else {
+        let file = GgufFile::open(path)?;
+        let config = ModelConfig::from_gguf(&file)?;
+        let tokenizer = MarcoTokenizer::from_gguf(&file)?;
+        check_vocab(path, &tokenizer, &config)?;
+        let weights = GgufWeights::new(&file, &config);
+        (Transformer::load(config, &weights, options.linear_path, device)?, tokenizer)
+    };
+    Ok(BurnLm::new(model, Box::new(tokenizer)))
+}
+
+/// Loads the default model (SmolLM2-135M-Instruct Q4_1), fetching it on first use
+/// (see [`crate::fetch::default_model_path`]).
+pub fn load_default<B: KernelBackend>(device: &B::Device) -> Result<BurnLm<B>> {
+    load(&crate::fetch::default_model_path()?, device)
+}
+
+/// A tokenizer may have fewer tokens than the embedding table (checkpoints pad it), never more.
+fn check_vocab(path: &Path, tokenizer: &MarcoTokenizer, config: &ModelConfig) -> Result<()> {
+    let tokens = marco_core::Tokenizer::vocab_size(tokenizer);
+    if tokens > config.vocab_size {
+        return Err(ModelError::VocabMismatch {
+            path: path.to_path_buf(),
+            tokenizer: tokens,
+            model: config.vocab_size,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

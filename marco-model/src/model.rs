@@ -247,7 +247,9 @@ impl<B: KernelBackend> Transformer<B> {
         }
         let norm = vector("model.norm.weight", h)?;
         let lm_head = if c.tie_word_embeddings {
-            Linear::new(HostLinear::F32(embed_rows.clone()), c.vocab_size, h, None, path, device)?
+            // The embedding table as a linear weight: a GGUF source keeps its quantised blocks.
+            let host = source.linear("model.embed_tokens.weight", c.vocab_size, h)?;
+            Linear::new(host, c.vocab_size, h, None, path, device)?
         } else {
             linear("lm_head", c.vocab_size, h, false)?
         };

@@ -1,0 +1,151 @@
+//! Prefill and decode speed of a model, burn's plain ops against marco's kernel seam, in one
+//! run: a table of medians.
+//!
+//! ```text
+//! cargo run --release --example decode_bench                      # default model, both paths
+//! cargo run --release --example decode_bench -- --runs 5 --prompt-tokens 128 --gen-tokens 128
+//! cargo run --release --example decode_bench -- --model path/to/model.gguf --paths kernel
+//! cargo run --release --features cuda --example decode_bench
+//! ```
+//!
+//! Each run prefills a fixed prompt of `--prompt-tokens` tokens (a paragraph tokenised and
+//! repeated) as one new sequence, then decodes `--gen-tokens` greedy tokens (stop tokens are
+//! fed like any other). Prefill and decode are timed separately; the table shows the median
+//! over `--runs` runs after one warm-up run per path.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use marco::core::{LanguageModel, SamplingParams, StepRequest, TokenId};
+use marco::model::{KernelBackend, LinearPath, LoadOptions};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PathArg {
+    /// The backend's own kernels for the linear layers.
+    Kernel,
+    /// burn's plain `matmul` on f32 weights.
+    Burn,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "Prefill/decode tokens per second: burn's plain ops vs marco's kernel seam")]
+struct Args {
+    /// A `.gguf` file or a Hugging Face directory (default: the default model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Prompt length.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens decoded after the prompt.
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    /// Timed runs per path (after one warm-up run).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Which linear-layer paths to measure.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [PathArg::Burn, PathArg::Kernel])]
+    paths: Vec<PathArg>,
+}
+
+const PARAGRAPH: &str = "Monte Carlo Tree Search explores a tree of possible continuations. Each node keeps \
+     a visit count and a value; the search selects promising children, expands a leaf, rolls out to the end \
+     and propagates the reward back to the root. Marco-o1 uses the model's own confidence as the reward. ";
+
+fn main() -> ExitCode {
+    let args = match common::parse_args::<Args>() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
+    common::report(run::<common::Backend>(args))
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// One prefill + decode; returns (prefill seconds, decode seconds).
+fn one_run(model: &mut dyn LanguageModel, prompt: &[TokenId], gen_tokens: usize) -> Result<(f64, f64)> {
+    let start = Instant::now();
+    let seq = model.new_sequence(prompt)?;
+    let prefill = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    for _ in 0..gen_tokens {
+        model.step(&[StepRequest::new(seq, SamplingParams::greedy())])?;
+    }
+    let decode = start.elapsed().as_secs_f64();
+    model.release(seq)?;
+    Ok((prefill, decode))
+}
+
+fn run<B: KernelBackend>(args: Args) -> Result<()> {
+    if args.runs == 0 || args.prompt_tokens == 0 || args.gen_tokens == 0 {
+        bail!("--runs, --prompt-tokens and --gen-tokens must be positive");
+    }
+    let path = match &args.model {
+        Some(path) => {
+            common::check_model_path(path)?;
+            path.clone()
+        }
+        None => common::fetch_default_model()?,
+    };
+    let device = B::Device::default();
+    let mut rows = Vec::new();
+    for &which in &args.paths {
+        let linear_path = match which {
+            PathArg::Kernel => LinearPath::Kernel,
+            PathArg::Burn => LinearPath::Burn,
+        };
+        let load_start = Instant::now();
+        let mut model = marco::model::load_with::<B>(&path, &device, LoadOptions { linear_path })
+            .with_context(|| format!("cannot load the model {}", path.display()))?;
+        let load = load_start.elapsed().as_secs_f64();
+        let weight_mb = model.model().weight_bytes() as f64 / 1e6;
+        let mut prompt = Vec::new();
+        while prompt.len() < args.prompt_tokens {
+            prompt.extend(model.tokenizer().encode(PARAGRAPH, false)?);
+        }
+        prompt.truncate(args.prompt_tokens);
+        if prompt.len() + args.gen_tokens > model.max_context() {
+            bail!("{} tokens exceed the model's context of {}", prompt.len() + args.gen_tokens, model.max_context());
+        }
+        one_run(&mut model, &prompt, args.gen_tokens)?;
+        let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+        for _ in 0..args.runs {
+            let (p, d) = one_run(&mut model, &prompt, args.gen_tokens)?;
+            prefill.push(args.prompt_tokens as f64 / p);
+            decode.push(args.gen_tokens as f64 / d);
+        }
+        let kernel = match linear_path {
+            LinearPath::Kernel => B::kernel_name(),
+            LinearPath::Burn => "burn matmul",
+        };
+        rows.push((kernel, load, weight_mb, median(&mut prefill), median(&mut decode)));
+    }
+    println!(
+        "model: {} · backend: {} · prompt {} tokens, {} greedy tokens, median of {} runs",
+        path.display(),
+        common::backend_name(),
+        args.prompt_tokens,
+        args.gen_tokens,
+        args.runs
+    );
+    println!("| linear path | load s | weights MB | prefill tok/s | decode tok/s | decode ms/token |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (kernel, load, weight_mb, prefill, decode) in rows {
+        println!("| {kernel} | {load:.2} | {weight_mb:.0} | {prefill:.1} | {decode:.1} | {:.2} |", 1000.0 / decode);
+    }
+    Ok(())
+}

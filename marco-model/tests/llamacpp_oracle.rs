@@ -1,0 +1,115 @@
+//! The real default model (SmolLM2-135M-Instruct Q4_1 GGUF, obtained through
+//! `marco_model::fetch`) against llama.cpp: teacher forcing the oracle's greedy ids, the
+//! top-1 agrees wherever llama.cpp's top-1 leads its top-2 by more than 0.2 nats, and the
+//! log-probs of llama.cpp's top-5 are matched within 0.1 nats on average.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+
+use burn_ndarray::NdArray;
+use marco_core::{LanguageModel, SamplingParams, StepRequest};
+use marco_model::{load_with, BurnLm, LinearPath, LoadOptions};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Oracle {
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    token_ids: Vec<u32>,
+    greedy_ids: Vec<u32>,
+    steps: Vec<Step>,
+}
+
+#[derive(Deserialize)]
+struct Step {
+    top5_ids: Vec<u32>,
+    top5_logprobs: Vec<f64>,
+}
+
+fn oracle() -> Oracle {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/llamacpp/smollm2-135m-instruct-q4_1.json");
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn model(path: LinearPath) -> BurnLm<NdArray> {
+    let file = marco_model::fetch::default_model_path().expect("the default model can be fetched");
+    load_with::<NdArray>(&file, &Default::default(), LoadOptions { linear_path: path }).unwrap()
+}
+
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+    row.iter().map(|&x| x as f64 - lse).collect()
+}
+
+/// Runs `cases` with teacher forcing; returns (decisive steps, top-1 disagreements on them,
+/// mean |log-prob difference| over the oracle's top-5).
+fn compare(lm: &mut BurnLm<NdArray>, cases: &[Case]) -> (usize, Vec<String>, f64) {
+    let mut decisive = 0;
+    let mut disagreements = Vec::new();
+    let (mut diff_sum, mut diff_count) = (0.0f64, 0usize);
+    for case in cases {
+        let seq = lm.new_sequence(&case.token_ids).unwrap();
+        assert_eq!(case.steps.len(), case.greedy_ids.len());
+        for (i, (step, &forced)) in case.steps.iter().zip(&case.greedy_ids).enumerate() {
+            let logprobs = log_softmax(&lm.pending_logits(seq).unwrap());
+            let request =
+                StepRequest { force: Some(forced), top_logprobs: 5, ..StepRequest::new(seq, SamplingParams::greedy()) };
+            let out = lm.step(&[request]).unwrap().remove(0);
+            // The device-side top-k agrees with the full row.
+            let d = (out.top[0].logprob as f64 - logprobs[out.top[0].token as usize]).abs();
+            assert!(d < 1e-4, "{} step {i}: {d} {:?} {}", case.name, out.top[0], logprobs[out.top[0].token as usize]);
+            assert!((out.logprob as f64 - logprobs[forced as usize]).abs() < 1e-4);
+            for (&id, &expected) in step.top5_ids.iter().zip(&step.top5_logprobs) {
+                diff_sum += (logprobs[id as usize] - expected).abs();
+                diff_count += 1;
+            }
+            if step.top5_logprobs[0] - step.top5_logprobs[1] > 0.2 {
+                decisive += 1;
+                if out.top[0].token != step.top5_ids[0] {
+                    disagreements
+                        .push(format!("{} step {i}: ours {} oracle {}", case.name, out.top[0].token, step.top5_ids[0]));
+                }
+            }
+        }
+        lm.release(seq).unwrap();
+    }
+    (decisive, disagreements, diff_sum / diff_count.max(1) as f64)
+}
+
+#[test]
+fn default_model_matches_llamacpp_with_kernel_seam() {
+    let oracle = oracle();
+    let mut lm = model(LinearPath::Kernel);
+    let (decisive, disagreements, mean_diff) = compare(&mut lm, &oracle.cases);
+    eprintln!(
+        "kernel seam: {decisive} decisive steps, {} disagreements, mean |Δ logprob| {mean_diff:.4}",
+        disagreements.len()
+    );
+    assert!(decisive > 100, "the oracle should have many decisive steps, got {decisive}");
+    assert!(disagreements.is_empty(), "top-1 disagreements: {disagreements:?}");
+    assert!(mean_diff < 0.1, "mean |logprob diff| over the oracle's top-5: {mean_diff}");
+}
+
+#[test]
+fn default_model_matches_llamacpp_with_plain_burn() {
+    // Plain burn dequantises every weight to f32 and multiplies exactly; it is slow, so three
+    // cases. llama.cpp's own arithmetic (8-bit activations, f16 KV cache) sits ~0.10 nats from
+    // an exact f32 evaluation of the same weights (measured: 0.100 over these cases, while our
+    // 8-bit-activation kernel path and this exact path differ from each other by 0.068), so
+    // this path gets 0.11 where the kernel seam above is held to the 0.1.
+    let oracle = oracle();
+    let mut lm = model(LinearPath::Burn);
+    let (decisive, disagreements, mean_diff) = compare(&mut lm, &oracle.cases[..3]);
+    eprintln!(
+        "plain burn: {decisive} decisive steps, {} disagreements, mean |Δ logprob| {mean_diff:.4}",
+        disagreements.len()
+    );
+    assert!(decisive > 30);
+    assert!(disagreements.is_empty(), "top-1 disagreements: {disagreements:?}");
+    assert!(mean_diff < 0.11, "mean |logprob diff| over the oracle's top-5: {mean_diff}");
+}
