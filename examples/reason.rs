@@ -27,10 +27,6 @@ use marco::search::{
     MctsConfig, Reflection,
 };
 
-/// The system prompt unless `--system` replaces it.
-const DEFAULT_SYSTEM: &str = "You are a careful assistant. Think step by step, one short step per line. \
-     End with a line of the form \"The answer is X.\"";
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum PolicyKind {
     /// Monte Carlo Tree Search with the confidence reward.
@@ -60,6 +56,8 @@ struct Args {
     #[arg(long, value_enum, default_value_t = PolicyKind::Mcts)]
     policy: PolicyKind,
     /// What one tree edge is: step (ends at a blank line), line, token, or mini-step:N.
+    /// (Default `line`: the default model seldom writes blank lines, so with `step` a whole
+    /// answer is one edge and the tree has no depth.)
     #[arg(long, default_value = "line")]
     granularity: Granularity,
     /// Add Marco-o1's reflection ("Wait! Maybe I made some mistakes!…") after finished thoughts.
@@ -98,9 +96,10 @@ struct Args {
     /// Write the search tree as a self-contained HTML page.
     #[arg(long, value_name = "FILE")]
     html: Option<PathBuf>,
-    /// System prompt.
-    #[arg(long, default_value = DEFAULT_SYSTEM)]
-    system: String,
+    /// System prompt (default: the model's own; with the 135M default model a "think step by
+    /// step" system prompt scored worse on simple word problems than none).
+    #[arg(long)]
+    system: Option<String>,
 }
 
 impl Args {
@@ -201,7 +200,7 @@ fn run(args: Args) -> Result<()> {
     let budget = args.validate()?;
     let policy = args.policy(budget)?;
     let mut model: Box<dyn LanguageModel> = common::load_model(args.model.as_deref())?;
-    let system = Some(args.system.as_str()).filter(|s| !s.trim().is_empty());
+    let system = args.system.as_deref().filter(|s| !s.trim().is_empty());
     let problem = Problem::from_question(model.tokenizer(), &args.question, system)?;
 
     let label = format!("{:?}", args.policy).to_lowercase();
@@ -247,11 +246,19 @@ fn print_outcome(question: &str, outcome: &SearchOutcome) {
         println!("  (empty: the search generated nothing)");
     }
     let answer = outcome.answer.clone().unwrap_or_else(|| {
-        let last = outcome.text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
-        if last.is_empty() {
-            "(none)".into()
-        } else {
-            format!("(no answer extracted; last line) {last}")
+        // No number or tagged answer: show the last line the model wrote (reflection
+        // prompts are not the model's words).
+        let last = steps
+            .iter()
+            .rev()
+            .map(|&id| outcome.tree.node(id))
+            .filter(|node| node.kind != NodeKind::Reflection)
+            .flat_map(|node| node.text.lines().rev())
+            .map(str::trim)
+            .find(|line| !line.is_empty());
+        match last {
+            Some(line) => format!("(no answer extracted; the last line) {line}"),
+            None => "(none: the model wrote nothing)".into(),
         }
     });
     println!("\nAnswer: {answer}\n");
