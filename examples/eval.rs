@@ -216,6 +216,9 @@ fn run(args: Args) -> Result<()> {
         width: args.width,
         seed: args.seed,
     };
+    if let (false, Some(path)) = (args.mock, &args.model) {
+        common::check_model_path(path)?;
+    }
     // Build every policy once up front, so a bad setting fails before any work.
     for label in &labels {
         build_policy(label, 0, &settings)?;
