@@ -16,6 +16,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::{BlockRows, OutPtr, QuantizedActs};
+use crate::packed::SplitBlocks;
 use crate::quant::{dequantize_into, k4_scale_min, GgmlType, QK, QK_K};
 
 /// Widens a little-endian f16 at `p`.
@@ -493,5 +494,129 @@ pub(super) unsafe fn float_decode_rows(w: &BlockRows<'_>, x: &[f32], rows: usize
             }
             r0 += 4;
         }
+    }
+}
+
+/// Split-layout kinds (const generic parameter of [`split_dot`]).
+const KIND_Q8_0: u8 = 0;
+const KIND_Q4_0: u8 = 1;
+const KIND_Q4_1: u8 = 2;
+
+/// Dot products of weight row `o` of a split Q8_0/Q4_0/Q4_1 matrix with `R` activation rows.
+///
+/// Blocks go in groups of eight: the eight weight scales (and mins) are converted with one
+/// `vcvtph2ps`, multiplied by the eight activation scales of each row, and each block's scale
+/// is then broadcast from that vector with one `vpermps`. Offsets are accumulated as vectors.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn split_dot<const R: usize, const KIND: u8>(w: &SplitBlocks, o: usize, acts: Acts, r0: usize) -> [f32; R] {
+    let nb = w.blocks;
+    let quant = if KIND == KIND_Q8_0 { 32 } else { 16 };
+    // SAFETY (pointer arithmetic and loads below): row `o` has `nb` scales (and mins) and
+    // `nb * quant` quant bytes; rows `r0..r0 + R` of the activations have `nb` blocks.
+    let (d_row, m_row, qs_row) = unsafe {
+        (
+            w.d.as_ptr().add(o * nb),
+            if KIND == KIND_Q4_1 { w.m.as_ptr().add(o * nb) } else { w.d.as_ptr() },
+            w.qs.as_ptr().add(o * nb * quant),
+        )
+    };
+    let mask = _mm256_set1_epi8(0x0F);
+    let mut acc = [[_mm256_setzero_ps(); R]; 2];
+    let mut corr = [_mm256_setzero_ps(); R];
+    let groups = nb / 8;
+    for g in 0..groups {
+        let dw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(d_row.add(8 * g) as *const __m128i) });
+        let offset = match KIND {
+            KIND_Q4_1 => _mm256_cvtph_ps(unsafe { _mm_loadu_si128(m_row.add(8 * g) as *const __m128i) }),
+            _ => _mm256_mul_ps(dw, _mm256_set1_ps(-8.0)),
+        };
+        let mut scales = [_mm256_setzero_ps(); R];
+        for r in 0..R {
+            let row_block = (r0 + r) * acts.blocks + 8 * g;
+            let da = unsafe { _mm256_loadu_ps(acts.d.add(row_block)) };
+            scales[r] = _mm256_mul_ps(dw, da);
+            if KIND != KIND_Q8_0 {
+                let dsum = unsafe { _mm256_loadu_ps(acts.dsum.add(row_block)) };
+                corr[r] = _mm256_fmadd_ps(offset, dsum, corr[r]);
+            }
+        }
+        for i in 0..8 {
+            let b = 8 * g + i;
+            let qp = unsafe { qs_row.add(b * quant) };
+            let wq = if KIND == KIND_Q8_0 {
+                unsafe { load256(qp) }
+            } else {
+                let packed = unsafe { _mm_loadu_si128(qp as *const __m128i) };
+                _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), mask)
+            };
+            let w_unsigned = if KIND == KIND_Q8_0 { _mm256_sign_epi8(wq, wq) } else { wq };
+            let lane = _mm256_set1_epi32(i as i32);
+            for r in 0..R {
+                let a = unsafe { load256(acts.block(r0 + r, b)) };
+                let a = if KIND == KIND_Q8_0 { _mm256_sign_epi8(a, wq) } else { a };
+                let s = _mm256_cvtepi32_ps(dot_u8_i8(w_unsigned, a));
+                let scale = _mm256_permutevar8x32_ps(scales[r], lane);
+                acc[i & 1][r] = _mm256_fmadd_ps(s, scale, acc[i & 1][r]);
+            }
+        }
+    }
+    // Leftover blocks (fewer than eight): per-block scalar scales.
+    let mut tail = [0.0f32; R];
+    for b in groups * 8..nb {
+        let (dw, qp) = unsafe { (load_f16(d_row.add(b) as *const u8), qs_row.add(b * quant)) };
+        let offset = match KIND {
+            KIND_Q4_1 => unsafe { load_f16(m_row.add(b) as *const u8) },
+            _ => -8.0 * dw,
+        };
+        let wq = if KIND == KIND_Q8_0 {
+            unsafe { load256(qp) }
+        } else {
+            let packed = unsafe { _mm_loadu_si128(qp as *const __m128i) };
+            _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), mask)
+        };
+        let w_unsigned = if KIND == KIND_Q8_0 { _mm256_sign_epi8(wq, wq) } else { wq };
+        for r in 0..R {
+            let (a, da) = unsafe { (load256(acts.block(r0 + r, b)), acts.scale(r0 + r, b)) };
+            let a = if KIND == KIND_Q8_0 { _mm256_sign_epi8(a, wq) } else { a };
+            let s = _mm256_cvtepi32_ps(dot_u8_i8(w_unsigned, a));
+            acc[0][r] = _mm256_fmadd_ps(s, _mm256_set1_ps(dw * da), acc[0][r]);
+            if KIND != KIND_Q8_0 {
+                tail[r] += offset * unsafe { acts.scaled_sum(r0 + r, b) };
+            }
+        }
+    }
+    std::array::from_fn(|r| hsum(_mm256_add_ps(_mm256_add_ps(acc[0][r], acc[1][r]), corr[r])) + tail[r])
+}
+
+/// Computes `out[r, o]` for a split Q8_0/Q4_0/Q4_1 matrix.
+///
+/// # Safety
+/// As [`quantized_rows`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn split_rows(w: &SplitBlocks, acts: &QuantizedActs, rows: usize, outs: Range<usize>, out: OutPtr) {
+    let raw = Acts::new(acts);
+    macro_rules! run_kind {
+        ($kind:expr) => {
+            for o in outs {
+                let mut r0 = 0;
+                while r0 < rows {
+                    // SAFETY: rows `r0..r0 + R` exist; output `(r, o)` belongs to this task.
+                    unsafe {
+                        match rows - r0 {
+                            1 => write_rows(out, r0, o, &split_dot::<1, { $kind }>(w, o, raw, r0)),
+                            2 => write_rows(out, r0, o, &split_dot::<2, { $kind }>(w, o, raw, r0)),
+                            3 => write_rows(out, r0, o, &split_dot::<3, { $kind }>(w, o, raw, r0)),
+                            _ => write_rows(out, r0, o, &split_dot::<4, { $kind }>(w, o, raw, r0)),
+                        }
+                    }
+                    r0 += 4;
+                }
+            }
+        };
+    }
+    match w.ty {
+        GgmlType::Q8_0 => run_kind!(KIND_Q8_0),
+        GgmlType::Q4_0 => run_kind!(KIND_Q4_0),
+        _ => run_kind!(KIND_Q4_1),
     }
 }
