@@ -6,7 +6,11 @@
 //! cargo run --release --example decode_bench -- --runs 5 --prompt-tokens 128 --gen-tokens 128
 //! cargo run --release --example decode_bench -- --model path/to/model.gguf --paths kernel
 //! cargo run --release --features cuda --example decode_bench
+//! cargo run --release --features cuda --example decode_bench -- --random qwen2-7b --paths kernel
 //! ```
+//!
+//! `--random` builds a model of a known shape with seeded random weights instead of loading
+//! one (for machines without the checkpoint; speed does not depend on the weights' values).
 //!
 //! Each run prefills a fixed prompt of `--prompt-tokens` tokens (a paragraph tokenised and
 //! repeated) as one new sequence, then decodes `--gen-tokens` greedy tokens (stop tokens are
@@ -21,8 +25,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use marco::core::{LanguageModel, SamplingParams, StepRequest, TokenId};
-use marco::model::{KernelBackend, LinearPath, LoadOptions};
+use marco::core::{ChatMessage, LanguageModel, SamplingParams, StepRequest, TokenId, Tokenizer};
+use marco::model::loader::RandomWeights;
+use marco::model::{
+    Architecture, BurnLm, KernelBackend, LinearPath, LoadOptions, ModelConfig, RopeFreqRounding, Transformer,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum PathArg {
@@ -32,12 +39,85 @@ enum PathArg {
     Burn,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RandomShape {
+    /// SmolLM2-135M (the default model's shape).
+    #[value(name = "smollm2-135m")]
+    Smollm2135m,
+    /// Qwen2-7B (Marco-o1's shape): ~30 GB of f32 weights.
+    #[value(name = "qwen2-7b")]
+    Qwen27b,
+}
+
+impl RandomShape {
+    fn config(self) -> ModelConfig {
+        match self {
+            RandomShape::Smollm2135m => ModelConfig {
+                architecture: Architecture::Llama,
+                vocab_size: 49152,
+                hidden_size: 576,
+                intermediate_size: 1536,
+                num_layers: 30,
+                num_heads: 9,
+                num_kv_heads: 3,
+                head_dim: 64,
+                rms_norm_eps: 1e-5,
+                rope_theta: 100_000.0,
+                rope_freq_rounding: RopeFreqRounding::None,
+                max_position_embeddings: 8192,
+                tie_word_embeddings: true,
+                qkv_bias: false,
+            },
+            RandomShape::Qwen27b => ModelConfig {
+                architecture: Architecture::Qwen2,
+                vocab_size: 152064,
+                hidden_size: 3584,
+                intermediate_size: 18944,
+                num_layers: 28,
+                num_heads: 28,
+                num_kv_heads: 4,
+                head_dim: 128,
+                rms_norm_eps: 1e-6,
+                rope_theta: 1_000_000.0,
+                rope_freq_rounding: RopeFreqRounding::Bf16,
+                max_position_embeddings: 32768,
+                tie_word_embeddings: false,
+                qkv_bias: true,
+            },
+        }
+    }
+}
+
+/// The tokenizer of a random-weight model: the benchmark feeds ids and never encodes.
+struct IdsOnly(usize);
+
+impl Tokenizer for IdsOnly {
+    fn encode(&self, _: &str, _: bool) -> marco::core::Result<Vec<TokenId>> {
+        Err(marco::core::Error::Tokenizer("a random-weight model has no tokenizer".into()))
+    }
+    fn decode(&self, tokens: &[TokenId], _: bool) -> marco::core::Result<String> {
+        Ok(format!("{tokens:?}"))
+    }
+    fn vocab_size(&self) -> usize {
+        self.0
+    }
+    fn stop_tokens(&self) -> &[TokenId] {
+        &[]
+    }
+    fn apply_chat_template(&self, _: &[ChatMessage], _: bool) -> marco::core::Result<String> {
+        Err(marco::core::Error::Tokenizer("a random-weight model has no chat template".into()))
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(about = "Prefill/decode tokens per second: burn's plain ops vs marco's kernel seam")]
 struct Args {
     /// A `.gguf` file or a Hugging Face directory (default: the default model).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "random")]
     model: Option<PathBuf>,
+    /// Benchmark a random-weight model of this shape instead of loading one.
+    #[arg(long, value_enum)]
+    random: Option<RandomShape>,
     /// Prompt length.
     #[arg(long, default_value_t = 128)]
     prompt_tokens: usize,
@@ -94,12 +174,13 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
     if args.runs == 0 || args.prompt_tokens == 0 || args.gen_tokens == 0 {
         bail!("--runs, --prompt-tokens and --gen-tokens must be positive");
     }
-    let path = match &args.model {
-        Some(path) => {
+    let path = match (&args.model, args.random) {
+        (_, Some(_)) => None,
+        (Some(path), None) => {
             common::check_model_path(path)?;
-            path.clone()
+            Some(path.clone())
         }
-        None => common::fetch_default_model()?,
+        (None, None) => Some(common::fetch_default_model()?),
     };
     let device = B::Device::default();
     let mut rows = Vec::new();
@@ -109,15 +190,30 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
             PathArg::Burn => LinearPath::Burn,
         };
         let load_start = Instant::now();
-        let mut model = marco::model::load_with::<B>(&path, &device, LoadOptions { linear_path })
-            .with_context(|| format!("cannot load the model {}", path.display()))?;
+        let mut model: BurnLm<B> = match (&path, args.random) {
+            (Some(path), _) => marco::model::load_with::<B>(path, &device, LoadOptions { linear_path })
+                .with_context(|| format!("cannot load the model {}", path.display()))?,
+            (None, Some(shape)) => {
+                let config = shape.config();
+                let vocab = config.vocab_size;
+                let network = Transformer::<B>::load(config, &RandomWeights::new(0), linear_path, &device)?;
+                BurnLm::new(network, Box::new(IdsOnly(vocab)))
+            }
+            (None, None) => bail!("no model"),
+        };
         let load = load_start.elapsed().as_secs_f64();
         let weight_mb = model.model().weight_bytes() as f64 / 1e6;
-        let mut prompt = Vec::new();
-        while prompt.len() < args.prompt_tokens {
-            prompt.extend(model.tokenizer().encode(PARAGRAPH, false)?);
-        }
-        prompt.truncate(args.prompt_tokens);
+        let prompt: Vec<TokenId> = if path.is_some() {
+            let mut prompt = Vec::new();
+            while prompt.len() < args.prompt_tokens {
+                prompt.extend(model.tokenizer().encode(PARAGRAPH, false)?);
+            }
+            prompt.truncate(args.prompt_tokens);
+            prompt
+        } else {
+            let vocab = model.tokenizer().vocab_size() as u64;
+            (0..args.prompt_tokens as u64).map(|i| ((i * 7919 + 13) % vocab) as TokenId).collect()
+        };
         if prompt.len() + args.gen_tokens > model.max_context() {
             bail!("{} tokens exceed the model's context of {}", prompt.len() + args.gen_tokens, model.max_context());
         }
@@ -134,9 +230,12 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
         };
         rows.push((kernel, load, weight_mb, median(&mut prefill), median(&mut decode)));
     }
+    let model_name = match (&path, args.random) {
+        (Some(path), _) => path.display().to_string(),
+        (None, shape) => format!("random weights, shape {shape:?}"),
+    };
     println!(
-        "model: {} · backend: {} · prompt {} tokens, {} greedy tokens, median of {} runs",
-        path.display(),
+        "model: {model_name} · backend: {} · prompt {} tokens, {} greedy tokens, median of {} runs",
         common::backend_name(),
         args.prompt_tokens,
         args.gen_tokens,

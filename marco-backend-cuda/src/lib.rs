@@ -1,2 +1,108 @@
-//! # marco-backend-cuda: burn-cuda behind the `cuda` feature (to be filled by the model issue).
+//! # marco-backend-cuda: burn-cuda behind the `cuda` feature, and a driver probe that never panics
+//!
+//! With the `cuda` feature this crate re-exports burn-cuda's [`Cuda`] backend and
+//! [`CudaDevice`]; marco-model implements its kernel seam for them. Building needs no GPU and no
+//! CUDA toolkit (cubecl compiles kernels at run time through the driver's NVRTC).
+//!
+//! Running does need the driver, and cudarc panics when `libcuda.so` is missing. Call
+//! [`cuda_available`] first: it `dlopen`s the driver library itself, asks it for devices, and
+//! answers `false` on any failure, so that tests and examples can skip with a clear message
+//! ("skipping: no CUDA driver") instead of aborting.
 #![deny(missing_docs)]
+
+#[cfg(feature = "cuda")]
+pub use burn_cuda::{Cuda, CudaDevice};
+
+/// Why CUDA cannot be used on this machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CudaUnavailable {
+    /// No driver library (`libcuda.so.1` / `libcuda.so`) could be loaded.
+    NoDriver(String),
+    /// The driver loaded but lacks an entry point marco needs.
+    MissingSymbol(String),
+    /// `cuInit` failed with this CUresult code.
+    InitFailed(i32),
+    /// The driver reports no device.
+    NoDevice,
+}
+
+impl std::fmt::Display for CudaUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CudaUnavailable::NoDriver(e) => write!(f, "no CUDA driver ({e})"),
+            CudaUnavailable::MissingSymbol(s) => write!(f, "the CUDA driver has no {s}"),
+            CudaUnavailable::InitFailed(code) => write!(f, "cuInit failed with CUresult {code}"),
+            CudaUnavailable::NoDevice => write!(f, "the CUDA driver reports no device"),
+        }
+    }
+}
+
+impl std::error::Error for CudaUnavailable {}
+
+/// Probes the CUDA driver: `Ok(device count)` when at least one device can be used.
+pub fn probe_cuda() -> Result<usize, CudaUnavailable> {
+    type CuInit = unsafe extern "C" fn(flags: u32) -> i32;
+    type CuDeviceGetCount = unsafe extern "C" fn(count: *mut i32) -> i32;
+    let mut last_error = String::from("not found");
+    for name in ["libcuda.so.1", "libcuda.so", "nvcuda.dll"] {
+        // SAFETY: loading the CUDA driver runs its initialisers, which are designed to be
+        // loaded into any process; we only resolve and call two entry points with their
+        // documented C signatures.
+        let library = match unsafe { libloading::Library::new(name) } {
+            Ok(library) => library,
+            Err(e) => {
+                last_error = e.to_string();
+                continue;
+            }
+        };
+        // SAFETY: the symbol types match the CUDA driver API declarations of cuInit and
+        // cuDeviceGetCount (CUresult is a C int).
+        let init: libloading::Symbol<'_, CuInit> =
+            unsafe { library.get(b"cuInit\0") }.map_err(|_| CudaUnavailable::MissingSymbol("cuInit".into()))?;
+        // SAFETY: as above.
+        let count: libloading::Symbol<'_, CuDeviceGetCount> = unsafe { library.get(b"cuDeviceGetCount\0") }
+            .map_err(|_| CudaUnavailable::MissingSymbol("cuDeviceGetCount".into()))?;
+        // SAFETY: cuInit takes flags (must be 0) and returns a status code.
+        let status = unsafe { init(0) };
+        if status != 0 {
+            return Err(CudaUnavailable::InitFailed(status));
+        }
+        let mut devices: i32 = 0;
+        // SAFETY: cuDeviceGetCount writes one int through a valid pointer.
+        let status = unsafe { count(&mut devices) };
+        if status != 0 || devices <= 0 {
+            return Err(CudaUnavailable::NoDevice);
+        }
+        // Keep the driver loaded: unloading it under a later cudarc user is not worth the risk.
+        std::mem::forget(library);
+        return Ok(devices as usize);
+    }
+    Err(CudaUnavailable::NoDriver(last_error))
+}
+
+/// Whether a CUDA driver with at least one device is present. Never panics.
+pub fn cuda_available() -> bool {
+    probe_cuda().is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_answers_without_panicking() {
+        // On a machine without a driver this is NoDriver; with one, a device count. Either
+        // way the call returns, and both entry points agree.
+        match probe_cuda() {
+            Ok(devices) => {
+                assert!(devices > 0);
+                assert!(cuda_available());
+            }
+            Err(reason) => {
+                assert!(!cuda_available());
+                assert!(!reason.to_string().is_empty());
+                eprintln!("no CUDA here: {reason}");
+            }
+        }
+    }
+}

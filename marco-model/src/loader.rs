@@ -342,6 +342,49 @@ impl WeightSource for GgufWeights<'_> {
     }
 }
 
+/// Seeded random weights of any shape: for benchmarks of model shapes whose checkpoint is not
+/// at hand (a 7B shape on a GPU machine without the download, say). Norm weights are near 1
+/// and matrices uniform in ±1/√fan-in, so activations keep a sane scale through the layers.
+#[derive(Debug, Clone)]
+pub struct RandomWeights {
+    seed: u64,
+    origin: PathBuf,
+}
+
+impl RandomWeights {
+    /// Random weights drawn from `seed`.
+    pub fn new(seed: u64) -> Self {
+        RandomWeights { seed, origin: PathBuf::from(format!("<random weights, seed {seed}>")) }
+    }
+}
+
+impl WeightSource for RandomWeights {
+    fn origin(&self) -> &Path {
+        &self.origin
+    }
+
+    fn tensor(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let count: usize = expected.iter().product();
+        let mut state = marco_core::sampling::splitmix64(
+            self.seed
+                ^ name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)),
+        );
+        let mut next = move || {
+            state = marco_core::sampling::splitmix64(state);
+            (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        Ok(match expected {
+            [_] if name.ends_with("norm.weight") => (0..count).map(|_| 1.0 + 0.1 * next()).collect(),
+            [_] => (0..count).map(|_| 0.02 * next()).collect(),
+            [_, fan_in, ..] => {
+                let scale = 1.0 / (*fan_in as f32).sqrt();
+                (0..count).map(|_| scale * next()).collect()
+            }
+            [] => Vec::new(),
+        })
+    }
+}
+
 /// Options of [`load_with`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LoadOptions {

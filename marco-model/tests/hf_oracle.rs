@@ -8,10 +8,11 @@ use burn_ndarray::NdArray;
 use marco_core::{LanguageModel, SamplingParams, SeqId, StepRequest};
 use marco_model::loader::HfWeights;
 use marco_model::model::{ForwardItem, LogitsAt};
+use marco_model::KernelBackend;
 use marco_model::{BurnLm, LinearPath, ModelConfig, ModelError, Transformer};
 use serde::Deserialize;
 
-type B = NdArray;
+type Cpu = NdArray;
 
 #[derive(Deserialize)]
 struct Oracle {
@@ -53,8 +54,12 @@ impl marco_core::Tokenizer for IdsOnly {
     }
 }
 
+/// `tests/data` of this crate; falls back to the working directory's `tests/data` when the
+/// test binary runs on another machine (scripts/gpu-check.sh runs it from the crate folder).
 fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let root = if built.exists() { built } else { PathBuf::from("tests/data") };
+    root.join(name)
 }
 
 fn oracle(name: &str) -> Oracle {
@@ -62,26 +67,30 @@ fn oracle(name: &str) -> Oracle {
     serde_json::from_str(&text).unwrap()
 }
 
-fn load_transformer(dir: &Path, path: LinearPath) -> marco_model::Result<Transformer<B>> {
+fn load_transformer_on<B: KernelBackend>(dir: &Path, path: LinearPath) -> marco_model::Result<Transformer<B>> {
     let config = ModelConfig::from_hf_file(&dir.join("config.json"))?;
     let weights = HfWeights::open(dir)?;
     Transformer::load(config, &weights, path, &Default::default())
 }
 
-fn load_lm(name: &str, path: LinearPath) -> BurnLm<B> {
+fn load_transformer(dir: &Path, path: LinearPath) -> marco_model::Result<Transformer<Cpu>> {
+    load_transformer_on::<Cpu>(dir, path)
+}
+
+fn load_lm<B: KernelBackend>(name: &str, path: LinearPath) -> BurnLm<B> {
     let dir = data(name);
-    let model = load_transformer(&dir, path).unwrap();
+    let model = load_transformer_on::<B>(&dir, path).unwrap();
     let vocab = model.config().vocab_size;
     BurnLm::new(model, Box::new(IdsOnly(vocab)))
 }
 
 /// Logits at every position of `ids`, from one uncached forward.
-fn all_logits(model: &Transformer<B>, ids: &[u32]) -> Vec<Vec<f32>> {
+fn all_logits<B: KernelBackend>(model: &Transformer<B>, ids: &[u32]) -> Vec<Vec<f32>> {
     let mut cache = model.new_cache();
     let mut items = [ForwardItem { tokens: ids, cache: &mut cache }];
     let logits = model.forward(&mut items, LogitsAt::All).unwrap();
     let vocab = model.config().vocab_size;
-    let flat = logits.into_data().to_vec::<f32>().unwrap();
+    let flat = logits.into_data().convert::<f32>().to_vec::<f32>().unwrap();
     flat.chunks(vocab).map(|c| c.to_vec()).collect()
 }
 
@@ -92,9 +101,9 @@ fn top5(row: &[f32]) -> Vec<u32> {
     idx
 }
 
-fn check_against_oracle(name: &str, path: LinearPath) {
+fn check_against_oracle<B: KernelBackend>(name: &str, path: LinearPath) {
     let oracle = oracle(name);
-    let model = load_transformer(&data(name), path).unwrap();
+    let model = load_transformer_on::<B>(&data(name), path).unwrap();
     for (c, case) in oracle.cases.iter().enumerate() {
         let logits = all_logits(&model, &case.input_ids);
         let last = logits.last().unwrap();
@@ -106,7 +115,7 @@ fn check_against_oracle(name: &str, path: LinearPath) {
         }
     }
     // Greedy continuation through the LanguageModel (KV-cached, batched step of one).
-    let mut lm = load_lm(name, path);
+    let mut lm = load_lm::<B>(name, path);
     let seq = lm.new_sequence(&oracle.greedy.input_ids).unwrap();
     let mut produced = Vec::new();
     for _ in 0..oracle.greedy.continuation.len() {
@@ -118,22 +127,22 @@ fn check_against_oracle(name: &str, path: LinearPath) {
 
 #[test]
 fn tiny_qwen2_matches_transformers_plain_burn() {
-    check_against_oracle("tiny-qwen2", LinearPath::Burn);
+    check_against_oracle::<Cpu>("tiny-qwen2", LinearPath::Burn);
 }
 
 #[test]
 fn tiny_qwen2_matches_transformers_kernel_seam() {
-    check_against_oracle("tiny-qwen2", LinearPath::Kernel);
+    check_against_oracle::<Cpu>("tiny-qwen2", LinearPath::Kernel);
 }
 
 #[test]
 fn tiny_llama_matches_transformers_plain_burn() {
-    check_against_oracle("tiny-llama", LinearPath::Burn);
+    check_against_oracle::<Cpu>("tiny-llama", LinearPath::Burn);
 }
 
 #[test]
 fn tiny_llama_matches_transformers_kernel_seam() {
-    check_against_oracle("tiny-llama", LinearPath::Kernel);
+    check_against_oracle::<Cpu>("tiny-llama", LinearPath::Kernel);
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -144,12 +153,12 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// Prefill part of a sequence, then feed the rest token by token (append and forced steps),
 /// with forks and batched steps mixed in: every pending distribution equals the uncached
 /// forward over the same tokens.
-fn incremental_equals_uncached(name: &str, path: LinearPath) {
+fn incremental_equals_uncached<B: KernelBackend>(name: &str, path: LinearPath) {
     let oracle = oracle(name);
     let ids = &oracle.cases[3].input_ids;
-    let model = load_transformer(&data(name), path).unwrap();
+    let model = load_transformer_on::<B>(&data(name), path).unwrap();
     let reference = all_logits(&model, ids);
-    let mut lm = load_lm(name, path);
+    let mut lm = load_lm::<B>(name, path);
 
     let seq = lm.new_sequence(&ids[..5]).unwrap();
     let d0 = max_abs_diff(&lm.pending_logits(seq).unwrap(), &reference[4]);
@@ -188,7 +197,7 @@ fn incremental_equals_uncached(name: &str, path: LinearPath) {
 fn incremental_decoding_equals_uncached_forward() {
     for name in ["tiny-qwen2", "tiny-llama"] {
         for path in [LinearPath::Burn, LinearPath::Kernel] {
-            incremental_equals_uncached(name, path);
+            incremental_equals_uncached::<Cpu>(name, path);
         }
     }
 }
@@ -259,4 +268,33 @@ fn truncated_shard_is_a_typed_error() {
         other => panic!("expected Truncated, got {other:?}"),
     }
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The same checks on burn-cuda, where a GPU is present (`--features cuda`).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use burn_cuda::Cuda;
+
+    fn gpu() -> bool {
+        if marco_backend_cuda::cuda_available() {
+            true
+        } else {
+            eprintln!("skipping: no CUDA driver");
+            false
+        }
+    }
+
+    #[test]
+    fn cuda_matches_transformers_and_cache_is_exact() {
+        if !gpu() {
+            return;
+        }
+        for name in ["tiny-qwen2", "tiny-llama"] {
+            for path in [LinearPath::Burn, LinearPath::Kernel] {
+                check_against_oracle::<Cuda>(name, path);
+                incremental_equals_uncached::<Cuda>(name, path);
+            }
+        }
+    }
 }

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# CUDA checks, built here and run on a GPU machine.
+#
+#   scripts/gpu-check.sh build   # here (no GPU, no CUDA toolkit needed): builds the CUDA test
+#                                # binaries and the decode benchmark into gpu-bundle/ (xz)
+#   scripts/gpu-check.sh run     # on the GPU machine, in the repository root (no network
+#                                # needed, no cargo needed): runs the CUDA tests and the decode
+#                                # benchmark from gpu-bundle/, prints everything, < 8 minutes
+#                                # (gpu-bundle/ is an untracked folder, so a device run that
+#                                # copies the working tree takes it along)
+#   scripts/gpu-check.sh         # both, on a machine that has cargo and a GPU
+#
+# The tests skip with "skipping: no CUDA driver" where no driver is found, so `run` also works
+# (and says so) on a machine without a GPU. The decode benchmark needs a model file: it uses
+# $MARCO_GPU_MODEL if set, else the default model if it is in marco's cache ($MARCO_HOME or
+# ~/.cache/marco), else a random-weight model with the default model's shape.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUNDLE=gpu-bundle
+mode="${1:-all}"
+
+build() {
+    rm -rf "$BUNDLE" && mkdir -p "$BUNDLE"
+    # Only what the GPU run needs, stripped and xz-compressed (a device's whole working tree
+    # travels within 64 MiB): the CUDA oracle tests, the driver probe's tests, the benchmark.
+    local exes
+    exes=$(
+        cargo test --release -p marco-model --features cuda --test hf_oracle --no-run --message-format=json
+        cargo test --release -p marco-backend-cuda --features cuda --lib --no-run --message-format=json
+    )
+    echo "$exes" | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | while read -r exe; do
+        strip -o "$BUNDLE/test-$(basename "$exe")" "$exe"
+    done
+    cargo build --release --features cuda --example decode_bench
+    strip -o "$BUNDLE/decode_bench" target/release/examples/decode_bench
+    xz -T0 -6 "$BUNDLE"/*
+    ls -la "$BUNDLE"
+}
+
+run() {
+    [ -d "$BUNDLE" ] || { echo "no $BUNDLE/: run 'scripts/gpu-check.sh build' first" >&2; exit 1; }
+    local bin
+    bin=$(mktemp -d)
+    for f in "$BUNDLE"/*.xz; do xz -dc "$f" >"$bin/$(basename "${f%.xz}")"; done
+    chmod +x "$bin"/*
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+    status=0
+    # The tests find their data under tests/data relative to the crate directory.
+    for t in "$bin"/test-*; do
+        echo "== $(basename "$t")"
+        (cd marco-model && timeout 300 "$t" --test-threads 1 cuda probe) || status=1
+    done
+    model="${MARCO_GPU_MODEL:-}"
+    cache="${MARCO_HOME:-$HOME/.cache/marco}"
+    if [ -z "$model" ] && [ -f "$cache/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+        model="$cache/SmolLM2-135M-Instruct.Q4_1.gguf"
+    fi
+    echo "== decode benchmark (CUDA)"
+    if [ -n "$model" ]; then
+        timeout 240 "$bin/decode_bench" --model "$model" --runs 3 || status=1
+    else
+        echo "(no model file: random weights with the default model's shape)"
+        timeout 240 "$bin/decode_bench" --random smollm2-135m --runs 3 || status=1
+    fi
+    exit $status
+}
+
+case "$mode" in
+    build) build ;;
+    run) run ;;
+    all) build && run ;;
+    *) echo "usage: $0 [build|run|all]" >&2; exit 2 ;;
+esac
