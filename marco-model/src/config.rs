@@ -163,13 +163,13 @@ impl ModelConfig {
                 return invalid(format!("{name} = {value} is implausibly large"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return invalid(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return invalid(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
@@ -341,11 +341,8 @@ impl HfConfig {
         }
         let rope_theta =
             self.rope_parameters.as_ref().and_then(|p| p.rope_theta).or(self.rope_theta).unwrap_or(10_000.0);
-        let head_dim = self.head_dim.unwrap_or(if self.num_attention_heads > 0 {
-            self.hidden_size / self.num_attention_heads
-        } else {
-            0
-        });
+        // A zero head count is refused by `validate`; 0 here only carries the error there.
+        let head_dim = self.head_dim.unwrap_or(self.hidden_size.checked_div(self.num_attention_heads).unwrap_or(0));
         let config = ModelConfig {
             architecture,
             vocab_size: self.vocab_size,
