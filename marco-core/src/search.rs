@@ -57,7 +57,8 @@ pub struct SearchStats {
     pub tokens_computed: u64,
     /// Distinct token positions in the final tree (prompt included).
     pub distinct_tokens: u64,
-    /// KV-cache bytes in use when the search ended (0 where the model has no cache).
+    /// KV-cache bytes in use when the search ended, taken just before the search released its
+    /// states (0 where the model has no cache).
     pub kv_bytes_in_use: u64,
     /// KV-cache bytes one token occupies (0 where the model has no cache).
     pub kv_bytes_per_token: u64,

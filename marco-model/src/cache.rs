@@ -1,18 +1,39 @@
-//! The KV cache of one sequence, kept outside the (immutable) network.
+//! The KV cache of one sequence, kept outside the (immutable) network, shaped like the search
+//! tree.
 //!
+//! # Design: shared segments
 //! A sequence's keys and values are a chain of *segments*: zero or more frozen segments shared
 //! by `Arc` with every sequence forked from the same prefix, then one growable *tail* that only
 //! this sequence writes. [`KvCache::fork`] freezes the tail (compacting it to its length) and
-//! hands the child the same chain: no KV of the shared prefix is copied, and memory grows with
-//! the distinct tokens of a tree of forks, not with the sum of its path lengths.
+//! hands the child the same chain: no KV of the shared prefix is copied, the child reuses its
+//! parent's KV for the whole prefix, and memory grows with the distinct tokens of a tree of
+//! forks, not with the sum of its path lengths. A segment is freed when the last sequence
+//! holding it is released (its `Arc` drops), so a search that releases pruned subtrees keeps
+//! its memory bounded by the tokens of the states it still holds.
 //!
 //! Attention reads the chain segment by segment ([`KvCache::segments`]); a sequence that was
 //! never forked has one segment, so plain decoding pays nothing for the sharing. The tail is a
 //! buffer with spare capacity, written in place with `slice_assign` (in place on NdArray and
-//! CubeCL when the buffer is uniquely owned), and doubled when full.
+//! CubeCL when the buffer is uniquely owned). It grows by an eighth (at least
+//! [`TAIL_GRANULE`] positions), so an unfilled tail wastes at most an eighth of its length plus
+//! one granule: memory in use stays close to distinct tokens × bytes per token, which
+//! [`KvCache::owned_bytes`] reports honestly (at capacity).
 //!
-//! This is the seam for the tree-shaped paged cache: the network only needs
-//! [`KvCache::reserve`], [`KvCache::write`], [`KvCache::segments`] and [`KvCache::commit`].
+//! # Why segments and not paged blocks
+//! vLLM's PagedAttention cuts every sequence into fixed blocks with reference counts, copying a
+//! partly filled last block on write (copy-on-write), and its attention kernel gathers the
+//! blocks through a block table. That needs a custom attention kernel per backend; burn has
+//! none, and gathering blocks with generic tensor ops would copy the whole context per layer
+//! and step. A tree search forks only at step boundaries, so its sharing is naturally
+//! coarse: one segment per tree edge. Segments give the same sharing (no prefix computed or
+//! stored twice) with ordinary dense `matmul`s over a few long segments. The trade-off: a
+//! fork pays one compacting copy of the parent's *unshared* tail (at most one edge's tokens,
+//! once: it is shared from then on), and attention costs one small matmul per segment, so
+//! very deep trees of tiny edges are slower than one dense buffer would be. Fragmentation is
+//! bounded by the tail's growth rule rather than by a block size.
+//!
+//! This is the seam for a paged cache: the network only needs [`KvCache::reserve`],
+//! [`KvCache::write`], [`KvCache::segments`] and [`KvCache::commit`].
 
 use std::sync::Arc;
 
@@ -78,8 +99,8 @@ pub struct KvCache<B: Backend> {
     tail_capacity: usize,
 }
 
-/// Smallest tail buffer, in positions.
-const MIN_TAIL_CAPACITY: usize = 32;
+/// Tail capacities are multiples of this many positions.
+pub const TAIL_GRANULE: usize = 4;
 
 impl<B: Backend> KvCache<B> {
     /// An empty cache.
@@ -116,7 +137,8 @@ impl<B: Backend> KvCache<B> {
         if needed <= self.tail_capacity {
             return;
         }
-        let capacity = needed.max(2 * self.tail_capacity).max(MIN_TAIL_CAPACITY);
+        // Growth by an eighth keeps the copies amortised O(1) per position and the slack small.
+        let capacity = needed.max(self.tail_capacity + self.tail_capacity / 8).div_ceil(TAIL_GRANULE) * TAIL_GRANULE;
         let KvShape { layers, kv_heads, head_dim } = self.shape;
         let fresh = |old: Option<&Tensor<B, 3>>| {
             let buffer = Tensor::<B, 3>::empty([kv_heads, capacity, head_dim], &self.device);

@@ -412,10 +412,21 @@ impl<B: KernelBackend> Transformer<B> {
             } else {
                 q_seq.reshape([n, kv_heads, group, dim]).permute([1, 2, 0, 3]).reshape([kv_heads, group * n, dim])
             };
-            let segments = item.cache.segments(index, n);
-            let mut scores: Vec<Tensor<B, 3>> =
-                segments.iter().map(|s| q_seq.clone().matmul(s.k.clone().swap_dims(1, 2))).collect();
-            let mut scores = if scores.len() == 1 { scores.remove(0) } else { Tensor::cat(scores, 2) };
+            // The shared segments are joined into one run of keys and values, so the products
+            // below have the shapes (and the summation order) of an unforked sequence: a forked
+            // state then gives bit-for-bit the logits of the same sequence run alone, which
+            // matters on quantised models, whose 8-bit activation rounding turns any float
+            // reassociation into visible logit differences. The join copies this sequence's
+            // KV once per layer and step: cheaper than the weights, which every row reads.
+            let mut segments = item.cache.segments(index, n);
+            let (keys_all, values_all) = if segments.len() == 1 {
+                let only = segments.remove(0);
+                (only.k, only.v)
+            } else {
+                let (ks, vs): (Vec<_>, Vec<_>) = segments.into_iter().map(|s| (s.k, s.v)).unzip();
+                (Tensor::cat(ks, 1), Tensor::cat(vs, 1))
+            };
+            let mut scores = q_seq.matmul(keys_all.swap_dims(1, 2));
             let keys = past + n;
             if n > 1 {
                 // Causal mask over the new positions: row j sees keys 0..=past + j.
@@ -428,28 +439,7 @@ impl<B: KernelBackend> Transformer<B> {
                 let mask = Tensor::<B, 4>::from_data(TensorData::new(mask, [1, 1, n, keys]), &self.device);
                 scores = (scores.reshape([kv_heads, group, n, keys]) + mask).reshape([kv_heads, group * n, keys]);
             }
-            let probs = softmax(scores, 2);
-            let mut out: Option<Tensor<B, 3>> = None;
-            let mut start = 0;
-            let segment_count = segments.len();
-            for segment in segments {
-                let len = segment.v.dims()[1];
-                let p = if segment_count == 1 {
-                    probs.clone()
-                } else {
-                    probs.clone().slice([0..kv_heads, 0..group * n, start..start + len])
-                };
-                start += len;
-                let part = p.matmul(segment.v);
-                out = Some(match out {
-                    Some(acc) => acc + part,
-                    None => part,
-                });
-            }
-            let out = match out {
-                Some(out) => out,
-                None => Tensor::zeros([kv_heads, group * n, dim], &self.device),
-            };
+            let out = softmax(scores, 2).matmul(values_all);
             // [kv_heads, group * n, dim] -> [n, heads * dim]
             let out = if n == 1 {
                 out.reshape([1, heads * dim])

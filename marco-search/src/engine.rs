@@ -572,6 +572,9 @@ impl<'a> Engine<'a> {
         value: f64,
         extractor: &dyn AnswerExtractor,
     ) -> Result<SearchOutcome> {
+        // Counters before the release: `kv_bytes_in_use` is the memory the finished tree's
+        // states held at the end of the search (after the release it would always be 0).
+        let end_counters = self.model.counters();
         self.release_all()?;
         let text = self.tree.path_text(chosen);
         let answer = extractor.extract(&crate::vote::answer_text(&self.tree, chosen));
@@ -586,7 +589,7 @@ impl<'a> Engine<'a> {
             elapsed_secs: self.tracker.elapsed().as_secs_f64(),
             stop_reason: self.stop.unwrap_or(StopReason::Completed),
         }
-        .with_model_counters(&self.start_counters, &self.model.counters());
+        .with_model_counters(&self.start_counters, &end_counters);
         Ok(SearchOutcome { policy, text, answer, path: self.tree.path(chosen), value, stats, tree: self.tree })
     }
 }

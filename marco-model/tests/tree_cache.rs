@@ -1,0 +1,288 @@
+//! The tree-shaped KV cache (issue 5): forked and batched states give the logits of the same
+//! sequence run alone, forks copy no KV, memory follows the distinct tokens and comes back on
+//! release, and the search policies on the default model compute each token once.
+//!
+//! The reference for every comparison is an independent computation: a fresh model that
+//! prefills the whole token sequence in one forward (no fork, no batch, no cache reuse).
+
+use std::path::{Path, PathBuf};
+
+use burn_ndarray::NdArray;
+use marco_core::{Budget, Granularity, LanguageModel, Problem, SamplingParams, SearchPolicy, SeqId, StepRequest};
+use marco_model::loader::HfWeights;
+use marco_model::{BurnLm, LinearPath, ModelConfig, Transformer};
+use marco_search::{
+    BeamConfig, BeamSearch, GenerationConfig, GreedyConfig, GreedyReflection, Mcts, MctsConfig, Reflection,
+};
+
+type Cpu = NdArray;
+
+/// The tiny checkpoints are fed ids directly; their tokenizer is never asked to encode.
+struct IdsOnly(usize);
+
+impl marco_core::Tokenizer for IdsOnly {
+    fn encode(&self, _: &str, _: bool) -> marco_core::Result<Vec<u32>> {
+        Err(marco_core::Error::Tokenizer("ids only".into()))
+    }
+    fn decode(&self, tokens: &[u32], _: bool) -> marco_core::Result<String> {
+        Ok(format!("{tokens:?}"))
+    }
+    fn vocab_size(&self) -> usize {
+        self.0
+    }
+    fn stop_tokens(&self) -> &[u32] {
+        &[]
+    }
+    fn apply_chat_template(&self, _: &[marco_core::ChatMessage], _: bool) -> marco_core::Result<String> {
+        Err(marco_core::Error::Tokenizer("ids only".into()))
+    }
+}
+
+fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
+}
+
+fn tiny(name: &str) -> BurnLm<Cpu> {
+    let dir = data(name);
+    let config = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
+    let weights = HfWeights::open(&dir).unwrap();
+    let model = Transformer::<Cpu>::load(config, &weights, LinearPath::Kernel, &Default::default()).unwrap();
+    let vocab = model.config().vocab_size;
+    BurnLm::new(model, Box::new(IdsOnly(vocab)))
+}
+
+fn default_model() -> BurnLm<Cpu> {
+    let path = marco_model::fetch::default_model_path().expect("the default model (marco_model::fetch)");
+    marco_model::load::<Cpu>(&path, &Default::default()).unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn forced(seq: SeqId, token: u32) -> StepRequest {
+    StepRequest { force: Some(token), ..StepRequest::new(seq, SamplingParams::greedy()) }
+}
+
+/// A deterministic token stream (xorshift) below `vocab`, different per `salt`.
+fn tokens(vocab: usize, salt: u64, n: usize) -> Vec<u32> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ salt.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % vocab as u64) as u32
+        })
+        .collect()
+}
+
+/// The pending logits of a sequence run alone in a fresh state of `reference`: the same
+/// chunks fed the same way (prompt prefill, multi-token appends, one-token steps), but no
+/// fork, no other sequence in a batch, no shared KV. (The same chunks, because the quantised
+/// default model's kernels round a 1-row GEMV and a many-row GEMM differently.)
+fn alone(reference: &mut BurnLm<Cpu>, chunks: &[Vec<u32>]) -> Vec<f32> {
+    let seq = reference.new_sequence(&chunks[0]).unwrap();
+    for chunk in &chunks[1..] {
+        if chunk.len() == 1 {
+            reference.step(&[forced(seq, chunk[0])]).unwrap();
+        } else {
+            reference.append(seq, chunk).unwrap();
+        }
+    }
+    let logits = reference.pending_logits(seq).unwrap();
+    reference.release(seq).unwrap();
+    logits
+}
+
+/// Builds a tree of forks over one shared prompt (branches of different lengths, forks of
+/// forks, an appended "reflection"), steps every branch together in one batch per token, and
+/// checks every pending distribution against the same tokens run alone. Also checks the KV
+/// accounting: a fork adds no KV, memory stays within 1.25× the distinct tokens, and comes
+/// back to zero when everything is released.
+fn tree_matches_alone(lm: &mut BurnLm<Cpu>, reference: &mut BurnLm<Cpu>, vocab: usize, label: &str) {
+    let per_token = lm.counters().kv_bytes_per_token;
+    assert!(per_token > 0);
+    let prompt = tokens(vocab, 1, 11);
+    let root = lm.new_sequence(&prompt).unwrap();
+    // Each branch: its handle and the chunks it was fed.
+    let mut branches: Vec<(SeqId, Vec<Vec<u32>>)> = vec![(root, vec![prompt.clone()])];
+    let mut distinct = prompt.len() as u64;
+    for round in 0..3u64 {
+        // Fork: no token computed, no KV added (the parent's tail is only compacted).
+        let before = lm.counters();
+        let mut children = Vec::new();
+        for (i, (seq, ids)) in branches.iter().enumerate() {
+            if i % 2 == 0 {
+                children.push((lm.fork(*seq).unwrap(), ids.clone()));
+            }
+        }
+        let after = lm.counters();
+        assert_eq!(after.tokens_computed, before.tokens_computed, "{label}: a fork computes nothing");
+        assert!(after.kv_bytes_in_use <= before.kv_bytes_in_use, "{label}: a fork copies no KV");
+        branches.extend(children);
+        // One branch gets a multi-token append, so the batch below mixes lengths.
+        let (seq, ids) = &mut branches[0];
+        let extra = tokens(vocab, 100 + round, 3 + round as usize);
+        lm.append(*seq, &extra).unwrap();
+        ids.push(extra.clone());
+        distinct += extra.len() as u64;
+        // Every branch steps together; a branch stops early so the lengths diverge further.
+        for step in 0..(4 + 2 * round as usize) {
+            let active: Vec<usize> = (0..branches.len()).filter(|&i| i != 1 || step < 2).collect();
+            let requests: Vec<StepRequest> = active
+                .iter()
+                .map(|&i| forced(branches[i].0, tokens(vocab, 1000 * round + 10 * i as u64 + step as u64, 1)[0]))
+                .collect();
+            let outputs = lm.step(&requests).unwrap();
+            for (&i, output) in active.iter().zip(&outputs) {
+                branches[i].1.push(vec![output.token]);
+            }
+            distinct += active.len() as u64;
+        }
+        let lengths: Vec<usize> = branches.iter().map(|(s, _)| lm.seq_len(*s).unwrap()).collect();
+        assert!(lengths.iter().any(|&l| l != lengths[0]), "{label}: lengths differ ({lengths:?})");
+        for (seq, chunks) in &branches {
+            let len: usize = chunks.iter().map(Vec::len).sum();
+            assert_eq!(lm.seq_len(*seq).unwrap(), len);
+            let diff = max_abs_diff(&lm.pending_logits(*seq).unwrap(), &alone(reference, chunks));
+            assert!(diff < 1e-4, "{label}: round {round}, sequence of {len} tokens: max |diff| {diff}");
+        }
+        let counters = lm.counters();
+        assert_eq!(counters.tokens_computed, distinct, "{label}: every token computed once");
+        let bound = 1.25 * (distinct * per_token) as f64;
+        assert!(
+            counters.kv_bytes_in_use >= distinct * per_token && counters.kv_bytes_in_use as f64 <= bound,
+            "{label}: {} KV bytes for {distinct} distinct tokens × {per_token}",
+            counters.kv_bytes_in_use
+        );
+    }
+    for (seq, _) in branches {
+        lm.release(seq).unwrap();
+    }
+    assert_eq!(lm.counters().kv_bytes_in_use, 0, "{label}: released states return their KV");
+    assert_eq!(lm.counters().live_sequences, 0);
+}
+
+#[test]
+fn forked_and_batched_states_match_sequences_run_alone_tiny() {
+    for name in ["tiny-qwen2", "tiny-llama"] {
+        let mut lm = tiny(name);
+        let mut reference = tiny(name);
+        let vocab = lm.model().config().vocab_size;
+        tree_matches_alone(&mut lm, &mut reference, vocab, name);
+    }
+}
+
+#[test]
+fn forked_and_batched_states_match_sequences_run_alone_default_model() {
+    let mut lm = default_model();
+    let mut reference = default_model();
+    // Ordinary text tokens, away from the special ids at the start of the vocabulary.
+    let vocab = 20_000;
+    tree_matches_alone(&mut lm, &mut reference, vocab, "default model");
+}
+
+#[test]
+fn a_long_search_at_a_fixed_budget_keeps_memory_bounded() {
+    let mut lm = tiny("tiny-qwen2");
+    let vocab = lm.model().config().vocab_size;
+    let root = lm.new_sequence(&tokens(vocab, 5, 20)).unwrap();
+    let root_bytes = lm.counters().kv_bytes_in_use;
+    let mut peaks = Vec::new();
+    // Many expansions, each released ("pruned") afterwards: memory returns to the root's.
+    for expansion in 0..40u64 {
+        let children: Vec<SeqId> = (0..3).map(|_| lm.fork(root).unwrap()).collect();
+        for step in 0..24u64 {
+            let requests: Vec<StepRequest> = children
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| forced(c, tokens(vocab, expansion * 97 + step * 7 + i as u64, 1)[0]))
+                .collect();
+            lm.step(&requests).unwrap();
+        }
+        peaks.push(lm.counters().kv_bytes_in_use);
+        for child in children {
+            lm.release(child).unwrap();
+        }
+        assert!(lm.counters().kv_bytes_in_use <= root_bytes, "expansion {expansion}: memory not returned");
+    }
+    assert!(peaks.iter().all(|&p| p == peaks[0]), "peaks differ: {peaks:?}");
+    lm.release(root).unwrap();
+    assert_eq!(lm.counters().kv_bytes_in_use, 0);
+}
+
+/// Runs `policy` and checks its statistics. `holds_states`: the policy keeps node states to
+/// the end (MCTS, beam), so the KV in use reported (taken before the release) is not zero;
+/// greedy decoding drops each state as it goes.
+fn check_search(
+    model: &mut BurnLm<Cpu>,
+    policy: &dyn SearchPolicy,
+    problem: &Problem,
+    label: &str,
+    holds_states: bool,
+) {
+    let outcome = policy.search(model, problem).unwrap();
+    let stats = outcome.stats;
+    assert!(stats.tokens_generated > 0, "{label}: generated nothing");
+    assert!(
+        stats.recompute_ratio() <= 1.01,
+        "{label}: {} tokens computed for {} distinct tokens",
+        stats.tokens_computed,
+        stats.distinct_tokens
+    );
+    let bound = 1.25 * (stats.distinct_tokens * stats.kv_bytes_per_token) as f64;
+    assert!(stats.kv_bytes_per_token > 0, "{label}: no KV size reported");
+    if holds_states {
+        assert!(stats.kv_bytes_in_use > 0, "{label}: KV in use taken before the release");
+    }
+    assert!(
+        stats.kv_bytes_in_use as f64 <= bound,
+        "{label}: {} KV bytes in use > 1.25 × {} distinct × {}",
+        stats.kv_bytes_in_use,
+        stats.distinct_tokens,
+        stats.kv_bytes_per_token
+    );
+    let after = model.counters();
+    assert_eq!((after.live_sequences, after.kv_bytes_in_use), (0, 0), "{label}: states left behind");
+    println!(
+        "{label}: {} nodes, {} computed / {} distinct = {:.3}, KV {} B ≤ {bound:.0} B",
+        stats.nodes,
+        stats.tokens_computed,
+        stats.distinct_tokens,
+        stats.recompute_ratio(),
+        stats.kv_bytes_in_use
+    );
+}
+
+#[test]
+fn searches_on_the_default_model_compute_each_token_once() {
+    let mut model = default_model();
+    let problem = Problem::from_question(model.tokenizer(), "How many r are in strawberry?", None).unwrap();
+    let generation = |seed: u64| {
+        GenerationConfig::default().with_granularity(Granularity::MiniStep(16)).with_seed(seed).with_temperature(0.8)
+    };
+    let mcts =
+        Mcts::new(MctsConfig::default().with_budget(Budget::tokens(160)).with_generation(generation(3)).with_width(3))
+            .unwrap();
+    check_search(&mut model, &mcts, &problem, "mcts", true);
+    let beam = BeamSearch::new(
+        BeamConfig::default()
+            .with_budget(Budget::tokens(160))
+            .with_generation(generation(4))
+            .with_beam_width(3)
+            .with_expansions(2),
+    )
+    .unwrap();
+    check_search(&mut model, &beam, &problem, "beam", true);
+    let greedy = GreedyReflection::new(
+        GreedyConfig::default()
+            .with_budget(Budget::tokens(128))
+            .with_generation(generation(5).with_sampling(SamplingParams::greedy()))
+            .with_reflection(Reflection::default())
+            .with_rounds(1),
+    )
+    .unwrap();
+    check_search(&mut model, &greedy, &problem, "greedy+reflection", false);
+}
