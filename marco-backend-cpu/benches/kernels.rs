@@ -65,7 +65,11 @@ fn bench_case(
     let mut out = vec![0.0f32; rows * n_out];
     let mut group = c.benchmark_group(group_name);
     group.throughput(Throughput::Bytes(w.weight_bytes() as u64));
-    let label = format!("{ty}-{:?}-rows{rows}", options.activations);
+    let label = if ty == GgmlType::F32 {
+        format!("F32-rows{rows}")
+    } else {
+        format!("{ty}-{:?}acts-rows{rows}", options.activations)
+    };
     group.bench_function(BenchmarkId::from_parameter(label), |b| {
         b.iter(|| matmul_with(black_box(&x), rows, &w, &mut out, options).unwrap())
     });
@@ -91,13 +95,13 @@ fn kernels(c: &mut Criterion) {
     for ty in [GgmlType::F32, GgmlType::Q8_0, GgmlType::Q4_1, GgmlType::Q4_K, GgmlType::Q6_K] {
         bench_case(c, "mlp_down_1536x576", ty, 1, 576, 1536, q8);
     }
-    for rows in [8, 16] {
+    for rows in [4, 8, 16] {
         for ty in [GgmlType::F32, GgmlType::Q8_0, GgmlType::Q4_1] {
             bench_case(c, "mlp_up_576x1536_batch", ty, rows, 1536, 576, q8);
         }
     }
     // Prefill: the default GEMM path vs forcing the small-batch integer kernels.
-    let int_path = MatmulOptions { small_batch_max: usize::MAX, ..q8 };
+    let int_path = MatmulOptions { small_batch_max: usize::MAX, small_batch_max_f32: usize::MAX, ..q8 };
     for ty in [GgmlType::F32, GgmlType::Q8_0, GgmlType::Q4_1] {
         bench_case(c, "prefill128_576x1536_gemm", ty, 128, 1536, 576, q8);
         bench_case(c, "prefill128_576x1536_int", ty, 128, 1536, 576, int_path);

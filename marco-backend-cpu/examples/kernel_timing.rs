@@ -1,6 +1,7 @@
 //! Times one kernel case on one thread (no pool), for profiling with `perf stat`:
 //! `cargo run --release -p marco-backend-cpu --example kernel_timing -- Q4_1 1 49152 576 200`
-//! (type, rows, out_features, in_features, iterations). Prints the best and median time per call
+//! (type, rows, out_features, in_features, iterations). `PARALLEL=1` uses the thread pool,
+//! `SMALL_BATCH_MAX=n` moves the small-batch/GEMM threshold. Prints the best and median time per call
 //! and the weight bytes per second at the best time.
 
 use std::time::Instant;
@@ -44,6 +45,10 @@ fn main() -> Result<()> {
     let x: Vec<f32> = (0..rows * n_in).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
     let mut out = vec![0.0; rows * n_out];
     let mut options = MatmulOptions { parallel: std::env::var_os("PARALLEL").is_some(), ..MatmulOptions::default() };
+    if let Some(max) = std::env::var("SMALL_BATCH_MAX").ok().and_then(|v| v.parse().ok()) {
+        options.small_batch_max = max;
+        options.small_batch_max_f32 = max;
+    }
     if args.get(5).is_some_and(|a| a == "f32-acts") {
         options.activations = marco_backend_cpu::ActivationMode::F32;
     }

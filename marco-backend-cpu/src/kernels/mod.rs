@@ -2,7 +2,8 @@
 //!
 //! Two regimes:
 //!
-//! * **Small batch** (decode, `rows <= SMALL_BATCH_MAX`): memory-bound, so the kernels stream
+//! * **Small batch** (decode; `rows <=` [`SMALL_BATCH_MAX`], [`SMALL_BATCH_MAX_F32`] for f32
+//!   weights): memory-bound, so the kernels stream
 //!   each weight row exactly once and reuse it for every activation row (in groups of four so
 //!   the accumulators stay in registers). Quantized weights take llama.cpp's route by default:
 //!   each activation row is quantized once to 8-bit blocks of 32 ([`QuantizedActs`]) and the
@@ -26,8 +27,14 @@ use crate::packed::{PackedMatrix, SplitBlocks, Storage};
 use crate::quant::{GgmlType, QK};
 use crate::{pool, KernelError};
 
-/// Largest row count handled by the small-batch (GEMV-like) kernels; larger batches use GEMM.
+/// Largest row count handled by the small-batch kernels for quantized weights; larger batches
+/// use GEMM. Measured crossover (one thread, `[576→1536]`): Q8_0 between 16 and 32 rows, Q4_1
+/// at ~32 rows (the GEMM path pays for dequantizing the weight on every call).
 pub const SMALL_BATCH_MAX: usize = 16;
+
+/// Largest row count handled by the small-batch kernels for f32 weights (crossover with the
+/// AVX-512 GEMM measured between 8 and 16 rows).
+pub const SMALL_BATCH_MAX_F32: usize = 8;
 
 /// How quantized weights are multiplied in the small-batch kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -45,15 +52,22 @@ pub enum ActivationMode {
 pub struct MatmulOptions {
     /// Activation handling for quantized weights (ignored for f32 weights).
     pub activations: ActivationMode,
-    /// Batches with more rows than this use the GEMM path.
+    /// Batches with more rows than this use the GEMM path (quantized weights).
     pub small_batch_max: usize,
+    /// Batches with more rows than this use the GEMM path (f32 weights).
+    pub small_batch_max_f32: usize,
     /// Split the work across the kernel thread pool.
     pub parallel: bool,
 }
 
 impl Default for MatmulOptions {
     fn default() -> Self {
-        MatmulOptions { activations: ActivationMode::Q8, small_batch_max: SMALL_BATCH_MAX, parallel: true }
+        MatmulOptions {
+            activations: ActivationMode::Q8,
+            small_batch_max: SMALL_BATCH_MAX,
+            small_batch_max_f32: SMALL_BATCH_MAX_F32,
+            parallel: true,
+        }
     }
 }
 
@@ -195,7 +209,11 @@ pub fn matmul_with(
     }
     let out_ptr = OutPtr { ptr: out.as_mut_ptr(), n_out };
     let isa = isa();
-    if rows > options.small_batch_max {
+    let small_batch_max = match w.storage() {
+        Storage::F32(_) => options.small_batch_max_f32,
+        _ => options.small_batch_max,
+    };
+    if rows > small_batch_max {
         let tasks = split_outputs(n_out, GEMM_TILE, GEMM_TILE, options.parallel);
         run_tasks(&tasks, &|range| gemm_path(x, rows, w, range, out_ptr));
         return Ok(());
