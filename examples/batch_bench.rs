@@ -1,0 +1,236 @@
+//! Batched decode: aggregate tokens per second when 1, 2, 4, … sequences step together in one
+//! [`LanguageModel::step`], the way a search advances all its leaves. A table of medians.
+//!
+//! ```text
+//! cargo run --release --example batch_bench                          # default model, batches 1..16
+//! cargo run --release --example batch_bench -- --batches 1,8,32 --gen-tokens 32 --runs 3
+//! cargo run --release --example batch_bench -- --random qwen2-7b     # Marco-o1's shape, random weights
+//! cargo run --release --features cuda --example batch_bench
+//! ```
+//!
+//! Each run prefills one prompt of `--prompt-tokens` tokens, forks it once per sequence (the
+//! forks share the prompt's KV, as leaves of a search tree do) and appends `i mod 4` extra
+//! tokens to fork `i`, so the batch is ragged, as in a search. Then every sequence decodes
+//! `--gen-tokens` greedy tokens (top-5 log-probabilities reported, as the search asks), all
+//! sequences in one step call per token. Only the decode is timed.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use marco::core::{ChatMessage, LanguageModel, SamplingParams, StepRequest, TokenId, Tokenizer};
+use marco::model::loader::RandomWeights;
+use marco::model::{Architecture, BurnLm, KernelBackend, LinearPath, ModelConfig, RopeFreqRounding, Transformer};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RandomShape {
+    /// SmolLM2-135M (the default model's shape).
+    Smollm2135m,
+    /// Qwen2-7B (Marco-o1's shape): ~30 GB of f32 weights.
+    Qwen27b,
+}
+
+impl RandomShape {
+    fn config(self) -> ModelConfig {
+        match self {
+            RandomShape::Smollm2135m => ModelConfig {
+                architecture: Architecture::Llama,
+                vocab_size: 49152,
+                hidden_size: 576,
+                intermediate_size: 1536,
+                num_layers: 30,
+                num_heads: 9,
+                num_kv_heads: 3,
+                head_dim: 64,
+                rms_norm_eps: 1e-5,
+                rope_theta: 100_000.0,
+                rope_freq_rounding: RopeFreqRounding::None,
+                max_position_embeddings: 8192,
+                tie_word_embeddings: true,
+                qkv_bias: false,
+            },
+            RandomShape::Qwen27b => ModelConfig {
+                architecture: Architecture::Qwen2,
+                vocab_size: 152064,
+                hidden_size: 3584,
+                intermediate_size: 18944,
+                num_layers: 28,
+                num_heads: 28,
+                num_kv_heads: 4,
+                head_dim: 128,
+                rms_norm_eps: 1e-6,
+                rope_theta: 1_000_000.0,
+                rope_freq_rounding: RopeFreqRounding::Bf16,
+                max_position_embeddings: 32768,
+                tie_word_embeddings: false,
+                qkv_bias: true,
+            },
+        }
+    }
+}
+
+/// The tokenizer of a random-weight model: the benchmark feeds ids and never encodes.
+struct IdsOnly(usize);
+
+impl Tokenizer for IdsOnly {
+    fn encode(&self, _: &str, _: bool) -> marco::core::Result<Vec<TokenId>> {
+        Err(marco::core::Error::Tokenizer("a random-weight model has no tokenizer".into()))
+    }
+    fn decode(&self, tokens: &[TokenId], _: bool) -> marco::core::Result<String> {
+        Ok(format!("{tokens:?}"))
+    }
+    fn vocab_size(&self) -> usize {
+        self.0
+    }
+    fn stop_tokens(&self) -> &[TokenId] {
+        &[]
+    }
+    fn apply_chat_template(&self, _: &[ChatMessage], _: bool) -> marco::core::Result<String> {
+        Err(marco::core::Error::Tokenizer("a random-weight model has no chat template".into()))
+    }
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "Aggregate decode tokens per second with 1, 2, 4, … sequences stepping together")]
+struct Args {
+    /// A `.gguf` file or a Hugging Face directory (default: the default model).
+    #[arg(long, conflicts_with = "random")]
+    model: Option<PathBuf>,
+    /// Benchmark a random-weight model of this shape instead of loading one.
+    #[arg(long, value_enum)]
+    random: Option<RandomShape>,
+    /// Batch sizes (sequences stepping together).
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2, 4, 8, 16])]
+    batches: Vec<usize>,
+    /// Shared prompt length.
+    #[arg(long, default_value_t = 64)]
+    prompt_tokens: usize,
+    /// Tokens each sequence decodes per run.
+    #[arg(long, default_value_t = 32)]
+    gen_tokens: usize,
+    /// Timed runs per batch size (after one warm-up run).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+}
+
+const PARAGRAPH: &str = "Monte Carlo Tree Search explores a tree of possible continuations. Each node keeps \
+     a visit count and a value; the search selects promising children, expands a leaf, rolls out to the end \
+     and propagates the reward back to the root. Marco-o1 uses the model's own confidence as the reward. ";
+
+fn main() -> ExitCode {
+    let args = match common::parse_args::<Args>() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
+    common::report(run::<common::Backend>(args))
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// One run at `batch` sequences; returns the decode seconds.
+fn one_run(model: &mut dyn LanguageModel, prompt: &[TokenId], batch: usize, gen_tokens: usize) -> Result<f64> {
+    let root = model.new_sequence(prompt)?;
+    let mut seqs = Vec::with_capacity(batch);
+    for i in 0..batch {
+        let seq = model.fork(root)?;
+        let extra: Vec<TokenId> = prompt.iter().copied().take(i % 4).collect();
+        model.append(seq, &extra)?;
+        seqs.push(seq);
+    }
+    model.release(root)?;
+    let requests: Vec<StepRequest> = seqs.iter().map(|&s| StepRequest::new(s, SamplingParams::greedy())).collect();
+    let start = Instant::now();
+    for _ in 0..gen_tokens {
+        model.step(&requests)?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    for seq in seqs {
+        model.release(seq)?;
+    }
+    Ok(seconds)
+}
+
+fn run<B: KernelBackend>(args: Args) -> Result<()> {
+    if args.runs == 0 || args.prompt_tokens == 0 || args.gen_tokens == 0 || args.batches.contains(&0) {
+        bail!("--runs, --prompt-tokens, --gen-tokens and every batch size must be positive");
+    }
+    let device = B::Device::default();
+    let (mut model, model_name): (BurnLm<B>, String) = match (&args.model, args.random) {
+        (_, Some(shape)) => {
+            let config = shape.config();
+            let vocab = config.vocab_size;
+            let network = Transformer::<B>::load(config, &RandomWeights::new(0), LinearPath::Kernel, &device)?;
+            (BurnLm::new(network, Box::new(IdsOnly(vocab))), format!("random weights, shape {shape:?}"))
+        }
+        (path, None) => {
+            let path = match path {
+                Some(path) => {
+                    common::check_model_path(path)?;
+                    path.clone()
+                }
+                None => common::fetch_default_model()?,
+            };
+            let model = marco::model::load::<B>(&path, &device)
+                .with_context(|| format!("cannot load the model {}", path.display()))?;
+            (model, path.display().to_string())
+        }
+    };
+    let prompt: Vec<TokenId> = if args.random.is_none() {
+        let mut prompt = Vec::new();
+        while prompt.len() < args.prompt_tokens {
+            prompt.extend(model.tokenizer().encode(PARAGRAPH, false)?);
+        }
+        prompt.truncate(args.prompt_tokens);
+        prompt
+    } else {
+        let vocab = model.tokenizer().vocab_size() as u64;
+        (0..args.prompt_tokens as u64).map(|i| ((i * 7919 + 13) % vocab) as TokenId).collect()
+    };
+    if prompt.len() + 4 + args.gen_tokens > model.max_context() {
+        bail!("{} tokens exceed the model's context of {}", prompt.len() + 4 + args.gen_tokens, model.max_context());
+    }
+    let mut rows = Vec::new();
+    for &batch in &args.batches {
+        one_run(&mut model, &prompt, batch, args.gen_tokens.min(4))?;
+        let mut rates = Vec::new();
+        for _ in 0..args.runs {
+            let seconds = one_run(&mut model, &prompt, batch, args.gen_tokens)?;
+            rates.push((batch * args.gen_tokens) as f64 / seconds);
+        }
+        rows.push((batch, median(&mut rates)));
+    }
+    println!(
+        "model: {model_name} · backend: {} ({}) · prompt {} tokens shared, {} greedy tokens per sequence, median of {} runs",
+        common::backend_name(),
+        B::kernel_name(),
+        args.prompt_tokens,
+        args.gen_tokens,
+        args.runs
+    );
+    println!("| sequences | aggregate tok/s | ms per step | tok/s per sequence | × batch 1 |");
+    println!("|---:|---:|---:|---:|---:|");
+    let base = rows.first().map(|&(b, r)| if b == 1 { r } else { f64::NAN }).unwrap_or(f64::NAN);
+    for (batch, rate) in rows {
+        println!(
+            "| {batch} | {rate:.1} | {:.1} | {:.1} | {:.2} |",
+            1000.0 * batch as f64 / rate,
+            rate / batch as f64,
+            rate / base
+        );
+    }
+    Ok(())
+}
