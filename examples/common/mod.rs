@@ -17,11 +17,11 @@ use marco::model::fetch::{self, FetchEvent};
 /// The backend the examples run on: CUDA with `--features cuda`, else burn's NdArray with
 /// marco's CPU kernels.
 #[cfg(feature = "cuda")]
-pub type Backend = burn_cuda::Cuda;
+pub type Backend = marco::Cuda;
 /// The backend the examples run on: CUDA with `--features cuda`, else burn's NdArray with
 /// marco's CPU kernels.
 #[cfg(all(feature = "cpu", not(feature = "cuda")))]
-pub type Backend = burn_ndarray::NdArray;
+pub type Backend = marco::Cpu;
 
 #[cfg(not(any(feature = "cpu", feature = "cuda")))]
 compile_error!("the examples need a backend: enable the `cpu` (default) or `cuda` feature");
