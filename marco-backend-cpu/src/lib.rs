@@ -22,6 +22,23 @@
 //!   [`ndarray_from_f32`].
 //!
 //! Every fallible function returns [`KernelError`]; no function panics on bad input.
+//!
+//! Environment: `MARCO_THREADS=n` sets the kernel thread count (default `min(2, cores)`; use 1
+//! on an oversubscribed machine, where a descheduled worker stalls each product), and
+//! `MARCO_KERNELS=scalar` forces the portable kernels (for testing).
+//!
+//! ```
+//! use marco_backend_cpu::{matmul, top_k, PackedMatrix};
+//! // W[out = 2, in = 32]: row 0 all ones, row 1 all twos; quantized to Q8_0 at pack time.
+//! let w: Vec<f32> = (0..64).map(|i| if i < 32 { 1.0 } else { 2.0 }).collect();
+//! let packed = PackedMatrix::quantize_q8_0(&w, 2, 32)?;
+//! let x = vec![0.5f32; 32];
+//! let mut y = vec![0.0f32; 2];
+//! matmul(&x, 1, &packed, &mut y)?;
+//! assert!((y[0] - 16.0).abs() < 1e-3 && (y[1] - 32.0).abs() < 1e-3);
+//! assert_eq!(top_k(&y, 1)[0].0, 1);
+//! # Ok::<(), marco_backend_cpu::KernelError>(())
+//! ```
 #![deny(missing_docs)]
 
 mod error;
