@@ -33,6 +33,9 @@ build() {
     done
     cargo build --release --features cuda --example decode_bench
     strip -o "$BUNDLE/decode_bench" target/release/examples/decode_bench
+    # Batched decode (issue 5; see run_batch_bench below).
+    cargo build --release --features cuda --example batch_bench
+    strip -o "$BUNDLE/batch_bench" target/release/examples/batch_bench
     xz -T0 -6 "$BUNDLE"/*
     ls -la "$BUNDLE"
 }
@@ -62,7 +65,28 @@ run() {
         echo "(no model file: random weights with the default model's shape)"
         timeout 240 "$bin/decode_bench" --random smollm2-135m --runs 3 || status=1
     fi
+    run_batch_bench "$bin" "$model" || status=1
     exit $status
+}
+
+# ---- Batched decode on CUDA (issue 5) ---------------------------------------------------
+# Aggregate decode tok/s with 1, 8 and 32 sequences stepping together (forks of one shared
+# prompt, ragged lengths), for the default model (or a random-weight model of its shape) and
+# for a random-weight Qwen2 with Marco-o1's 7B shape (hidden 3584, 28 layers, 28/4 heads,
+# intermediate 18944, vocab 152064). The 7B run uses f32 weights (~30 GB): marco's CUDA
+# backend is burn_cuda::Cuda<f32>, bf16 is not wired into the kernel seam. ~3 minutes.
+run_batch_bench() {
+    local bin="$1" model="$2" status=0
+    echo "== batched decode (CUDA): default model"
+    if [ -n "$model" ]; then
+        timeout 120 "$bin/batch_bench" --model "$model" --batches 1,8,32 --gen-tokens 32 --runs 3 || status=1
+    else
+        timeout 120 "$bin/batch_bench" --random smollm2-135m --batches 1,8,32 --gen-tokens 32 --runs 3 || status=1
+    fi
+    echo "== batched decode (CUDA): random-weight Qwen2, Marco-o1's 7B shape, f32 weights"
+    timeout 240 "$bin/batch_bench" --random qwen2-7b --batches 1,8,32 --prompt-tokens 32 --gen-tokens 16 --runs 1 \
+        || status=1
+    return $status
 }
 
 case "$mode" in
