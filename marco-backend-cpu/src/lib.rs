@@ -35,7 +35,8 @@
 //! let x = vec![0.5f32; 32];
 //! let mut y = vec![0.0f32; 2];
 //! matmul(&x, 1, &packed, &mut y)?;
-//! assert!((y[0] - 16.0).abs() < 1e-3 && (y[1] - 32.0).abs() < 1e-3);
+//! // Exact up to the f16 rounding of the block scales (relative 2^-11).
+//! assert!((y[0] - 16.0).abs() < 1e-2 && (y[1] - 32.0).abs() < 2e-2);
 //! assert_eq!(top_k(&y, 1)[0].0, 1);
 //! # Ok::<(), marco_backend_cpu::KernelError>(())
 //! ```
