@@ -1,6 +1,7 @@
 //! The burn network against Hugging Face transformers (the `tiny-qwen2` and `tiny-llama`
 //! oracles in `tests/data`), through burn's plain ops and through the kernel seam; the KV
 //! cache against uncached forwards; and the loader's typed errors for broken checkpoints.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
 
