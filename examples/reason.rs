@@ -79,13 +79,13 @@ struct Args {
     #[arg(long)]
     budget_nodes: Option<usize>,
     /// Most seconds of search.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     budget_seconds: Option<f64>,
     /// Seed of the sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Sampling temperature (default 0.7 for mcts and beam, 0 = greedy for greedy).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     temperature: Option<f32>,
     /// A .gguf file or Hugging Face directory (default: the default model, fetched on first use).
     #[arg(long)]

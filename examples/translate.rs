@@ -62,7 +62,7 @@ struct Args {
     #[arg(long, default_value = "mini-step:4")]
     granularity: Granularity,
     /// Sampling temperature of beam search and MCTS.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
     temperature: f32,
     /// Seed of the sampling.
     #[arg(long, default_value_t = 0)]

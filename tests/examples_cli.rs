@@ -1,0 +1,208 @@
+//! The examples as a user meets them: built binaries run with bad input must fail with one
+//! clear line on stderr and a non-zero exit (never a panic), `custom_reward --mock` must show
+//! its verifier beating the confidence reward, and one small `reason` run on the default
+//! model must answer and write its trace and HTML tree.
+//!
+//! The binaries are built by `cargo build --example` (same profile and backend features as
+//! this test) into `target/<profile>/examples/`, next to this test's own folder.
+// Helpers of a test may fail loudly: a failed expectation is a failed test.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// What a finished run left behind.
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Builds the examples once per test run (a no-op when they are up to date) and returns
+/// their folder. `cargo test --test examples_cli` alone would not rebuild them.
+fn examples_dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test binary path");
+        // target/<profile>/deps/examples_cli-<hash> -> target/<profile>
+        let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>").to_path_buf();
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.current_dir(env!("CARGO_MANIFEST_DIR")).args(["build", "--quiet", "-p", "marco"]);
+        for name in ["reason", "translate", "custom_reward"] {
+            cargo.args(["--example", name]);
+        }
+        if profile_dir.file_name().is_some_and(|p| p == "release") {
+            cargo.arg("--release");
+        }
+        // The same features as this test was built with (the same artifacts, no rebuild).
+        let features: Vec<&str> = [("cpu", cfg!(feature = "cpu")), ("cuda", cfg!(feature = "cuda"))]
+            .iter()
+            .filter(|f| f.1)
+            .map(|f| f.0)
+            .collect();
+        if !cfg!(feature = "default") {
+            cargo.arg("--no-default-features");
+        }
+        if !features.is_empty() {
+            cargo.args(["--features", &features.join(",")]);
+        }
+        let status = cargo.status().expect("run cargo build");
+        assert!(status.success(), "building the examples failed");
+        profile_dir.join("examples")
+    })
+}
+
+/// Path of the example binary `name`.
+fn example(name: &str) -> PathBuf {
+    examples_dir().join(format!("{name}{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// Runs example `name` with `args`, killing it after `limit`.
+fn run(name: &str, args: &[&str], limit: Duration) -> Run {
+    let mut child = Command::new(example(name))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove("RUST_BACKTRACE")
+        .spawn()
+        .expect("spawn the example");
+    // Drain both pipes on threads so a chatty child cannot block on a full pipe.
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let out_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the example") {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{name} {args:?} ran longer than {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Run {
+        code: status.code(),
+        stdout: out_thread.join().expect("stdout reader"),
+        stderr: err_thread.join().expect("stderr reader"),
+    }
+}
+
+/// Asserts a failed run: exit code non-zero, stderr one `error:` line containing `expected`.
+fn assert_one_line_error(name: &str, args: &[&str], expected: &str) {
+    let r = run(name, args, Duration::from_secs(60));
+    let context = format!("{name} {args:?}: code {:?}\nstdout: {}\nstderr: {}", r.code, r.stdout, r.stderr);
+    assert!(matches!(r.code, Some(c) if c != 0), "expected a non-zero exit; {context}");
+    assert!(!r.stderr.contains("panicked"), "panic; {context}");
+    let lines: Vec<&str> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "stderr should be one line; {context}");
+    assert!(lines[0].starts_with("error: "), "{context}");
+    assert!(lines[0].contains(expected), "stderr should mention {expected:?}; {context}");
+}
+
+const Q: &str = "What is 2 + 2?";
+
+#[test]
+fn reason_rejects_bad_input_with_one_line() {
+    assert_one_line_error("reason", &[], "QUESTION");
+    assert_one_line_error("reason", &["   "], "the question is empty");
+    assert_one_line_error("reason", &["--model", "/nonexistent/model.gguf", Q], "model file not found");
+    assert_one_line_error("reason", &["--budget-tokens", "0", Q], "--budget-tokens must be at least 1");
+    assert_one_line_error("reason", &["--budget-nodes", "0", Q], "--budget-nodes");
+    assert_one_line_error("reason", &["--budget-seconds", "0", Q], "--budget-seconds");
+    assert_one_line_error("reason", &["--budget-seconds", "-3", Q], "--budget-seconds");
+    assert_one_line_error("reason", &["--budget-seconds", "soon", Q], "soon");
+    assert_one_line_error("reason", &["--width", "0", Q], "--width");
+    assert_one_line_error("reason", &["--temperature", "-1", Q], "--temperature");
+    assert_one_line_error("reason", &["--policy", "astar", Q], "astar");
+    assert_one_line_error("reason", &["--policy", "astar", Q], "mcts");
+    assert_one_line_error("reason", &["--granularity", "words", Q], "unknown granularity");
+    assert_one_line_error("reason", &["--granularity", "mini-step:0", Q], "positive token count");
+    assert_one_line_error("reason", &["--no-such-flag", Q], "--no-such-flag");
+}
+
+#[test]
+fn a_file_that_is_not_a_model_fails_cleanly() {
+    let path = std::env::temp_dir().join(format!("marco-not-a-model-{}.gguf", std::process::id()));
+    std::fs::write(&path, b"this is not a GGUF file at all, just some text").expect("write temp file");
+    let arg = path.to_string_lossy().to_string();
+    assert_one_line_error("reason", &["--model", &arg, Q], "cannot load the model");
+    assert_one_line_error("translate", &["--model", &arg], "cannot load the model");
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn translate_and_custom_reward_reject_bad_input() {
+    assert_one_line_error("translate", &[""], "empty");
+    assert_one_line_error("translate", &["--budget-tokens", "0"], "--budget-tokens");
+    assert_one_line_error("translate", &["--temperature", "-0.5"], "--temperature");
+    assert_one_line_error("translate", &["--granularity", "sentence"], "unknown granularity");
+    assert_one_line_error("custom_reward", &["--mock", " "], "the question is empty");
+    assert_one_line_error("custom_reward", &["--model", "/nonexistent/dir", Q], "model file not found");
+    assert_one_line_error("custom_reward", &["--mock", "--width", "0"], "--width");
+}
+
+#[test]
+fn help_exits_zero() {
+    for name in ["reason", "translate", "custom_reward"] {
+        let r = run(name, &["--help"], Duration::from_secs(30));
+        assert_eq!(r.code, Some(0), "{name} --help: {}", r.stderr);
+        assert!(r.stdout.contains("Usage:"), "{name} --help printed {}", r.stdout);
+    }
+}
+
+#[test]
+fn custom_reward_verifier_beats_confidence_on_the_mock() {
+    let r = run("custom_reward", &["--mock"], Duration::from_secs(30));
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    // The scripted mock's likeliest calculation is the wrong 3 + 5 = 9.
+    let confidence = r.stdout.split("MCTS with the arithmetic verifier").next().unwrap_or_default();
+    let verifier = r.stdout.split("MCTS with the arithmetic verifier").nth(1).unwrap_or_default();
+    assert!(confidence.contains("confidence reward: answer 9"), "{}", r.stdout);
+    assert!(confidence.contains("claim 3 + 5 = 9: WRONG"), "{}", r.stdout);
+    assert!(verifier.starts_with(": answer 8"), "{}", r.stdout);
+    assert!(verifier.contains("claim 3 + 5 = 8: holds"), "{}", r.stdout);
+}
+
+/// One real search on the default model (fetched through marco's own fetch code on first
+/// use), with a small budget: the answer, the summary and both trace files.
+#[test]
+fn reason_answers_on_the_default_model() {
+    let dir = std::env::temp_dir().join(format!("marco-reason-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let trace = dir.join("trace.json");
+    let html = dir.join("tree.html");
+    let (trace_arg, html_arg) = (trace.to_string_lossy().to_string(), html.to_string_lossy().to_string());
+    let question = "Janet has 3 apples and buys 5 more. How many apples does she have now?";
+    let args = ["--budget-tokens", "64", "--width", "2", "--trace", &trace_arg, "--html", &html_arg, question];
+    let r = run("reason", &args, Duration::from_secs(600));
+    assert_eq!(r.code, Some(0), "stdout: {}\nstderr: {}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("Chosen reasoning path:"), "{}", r.stdout);
+    assert!(r.stdout.contains("\nAnswer: "), "{}", r.stdout);
+    let summary = r.stdout.lines().find(|l| l.starts_with("mcts on ")).expect("summary line");
+    assert!(summary.contains("tokens generated"), "{summary}");
+
+    let outcome = marco::core::SearchOutcome::from_json(&std::fs::read_to_string(&trace).expect("trace written"))
+        .expect("trace parses");
+    assert!(outcome.stats.tokens_generated <= 64, "budget exceeded: {}", outcome.stats.tokens_generated);
+    assert!(outcome.stats.tokens_generated > 0);
+    assert!(summary.contains(&format!("{} tokens generated", outcome.stats.tokens_generated)), "{summary}");
+    assert!(outcome.tree.len() > 1);
+    let page = std::fs::read_to_string(&html).expect("html written");
+    assert!(page.contains("<html") && page.contains("</html>"), "not an HTML page");
+    let _ = std::fs::remove_dir_all(&dir);
+}
