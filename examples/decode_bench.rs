@@ -33,8 +33,10 @@ use marco::model::{
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum PathArg {
-    /// The backend's own kernels for the linear layers.
+    /// The backend's own kernels for the linear layers (8-bit activations on the CPU).
     Kernel,
+    /// The backend's own kernels with exact f32 activations.
+    KernelExact,
     /// burn's plain `matmul` on f32 weights.
     Burn,
 }
@@ -128,7 +130,7 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Which linear-layer paths to measure.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [PathArg::Burn, PathArg::Kernel])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [PathArg::Burn, PathArg::KernelExact, PathArg::Kernel])]
     paths: Vec<PathArg>,
 }
 
@@ -171,6 +173,10 @@ fn one_run(model: &mut dyn LanguageModel, prompt: &[TokenId], gen_tokens: usize)
 }
 
 fn run<B: KernelBackend>(args: Args) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Err(reason) = marco::model::backend::probe_cuda() {
+        bail!("the CUDA backend cannot run here: {reason}");
+    }
     if args.runs == 0 || args.prompt_tokens == 0 || args.gen_tokens == 0 {
         bail!("--runs, --prompt-tokens and --gen-tokens must be positive");
     }
@@ -187,6 +193,7 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
     for &which in &args.paths {
         let linear_path = match which {
             PathArg::Kernel => LinearPath::Kernel,
+            PathArg::KernelExact => LinearPath::KernelExact,
             PathArg::Burn => LinearPath::Burn,
         };
         let load_start = Instant::now();
@@ -225,8 +232,9 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
             decode.push(args.gen_tokens as f64 / d);
         }
         let kernel = match linear_path {
-            LinearPath::Kernel => B::kernel_name(),
-            LinearPath::Burn => "burn matmul",
+            LinearPath::Kernel => B::kernel_name().to_string(),
+            LinearPath::KernelExact => format!("{} (f32 activations)", B::kernel_name()),
+            LinearPath::Burn => "burn matmul".to_string(),
         };
         rows.push((kernel, load, weight_mb, median(&mut prefill), median(&mut decode)));
     }

@@ -86,6 +86,10 @@ fn main() -> ExitCode {
 }
 
 fn run<B: KernelBackend>(args: Args) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Err(reason) = marco::model::backend::probe_cuda() {
+        bail!("the CUDA backend cannot run here: {reason}");
+    }
     let sampling = match args.temperature {
         Some(temperature) if !args.greedy => {
             SamplingParams { temperature, top_k: 0, top_p: args.top_p, seed: args.seed }

@@ -22,6 +22,11 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::error::Result;
 
+/// Probes the CUDA driver without panicking (cudarc panics when `libcuda.so` is missing): call
+/// before running on [`burn_cuda::Cuda`].
+#[cfg(feature = "cuda")]
+pub use marco_backend_cuda::{cuda_available, probe_cuda, CudaUnavailable};
+
 /// The rows of a linear layer's weight as they lie on the host, `[out_features, in_features]`
 /// row-major (the Hugging Face and ggml layout).
 #[derive(Debug, Clone, Copy)]
@@ -40,9 +45,13 @@ pub enum HostWeight<'a> {
 /// Which implementation runs the linear layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LinearPath {
-    /// The backend's own kernel ([`KernelBackend::kernel_linear`]).
+    /// The backend's own kernel ([`KernelBackend::kernel_linear`]); on the CPU, quantised
+    /// weights meet 8-bit activations (llama.cpp's scheme; fastest).
     #[default]
     Kernel,
+    /// The backend's own kernel with exact f32 activations (on the CPU ~2× slower decode for
+    /// quantised weights, closer to an exact evaluation: see the llama.cpp oracle test).
+    KernelExact,
     /// burn's plain `matmul` on `[in, out]` tensors (the reference path).
     Burn,
 }
@@ -59,10 +68,12 @@ pub trait KernelBackend: Backend {
     /// when the backend cannot keep this form (a quantised type its kernel does not read);
     /// the loader then dequantises and calls again with [`HostWeight::F32`], which every
     /// backend accepts.
+    /// With `exact_activations`, the kernel keeps activations in f32 even for quantised weights.
     fn linear_weight(
         weight: HostWeight<'_>,
         out_features: usize,
         in_features: usize,
+        exact_activations: bool,
         device: &Self::Device,
     ) -> Result<Option<Self::LinearWeight>>;
 
@@ -122,7 +133,7 @@ mod cpu {
 
     use std::sync::Arc;
 
-    use marco_backend_cpu::{GgmlType, PackedMatrix};
+    use marco_backend_cpu::{ActivationMode, GgmlType, MatmulOptions, PackedMatrix};
 
     use super::{HostWeight, KernelBackend};
     use crate::error::{ModelError, Result};
@@ -149,13 +160,22 @@ mod cpu {
         }
     }
 
+    /// A linear layer for marco's CPU kernels: the packed weight and how to multiply it.
+    #[derive(Debug, Clone)]
+    pub struct CpuLinear {
+        /// The weight, dense or in ggml blocks.
+        pub matrix: PackedMatrix,
+        /// Activation handling and threading of the product.
+        pub options: MatmulOptions,
+    }
+
     fn kernel_error(e: marco_backend_cpu::KernelError) -> ModelError {
         ModelError::InvalidConfig { path: "<linear weight>".into(), reason: e.to_string() }
     }
 
     impl KernelBackend for NdArray {
         // Shared: cloning a model must not copy its weights.
-        type LinearWeight = Arc<PackedMatrix>;
+        type LinearWeight = Arc<CpuLinear>;
 
         fn kernel_name() -> &'static str {
             "marco-cpu"
@@ -165,6 +185,7 @@ mod cpu {
             weight: HostWeight<'_>,
             out_features: usize,
             in_features: usize,
+            exact_activations: bool,
             _device: &NdArrayDevice,
         ) -> Result<Option<Self::LinearWeight>> {
             let packed = match weight {
@@ -174,24 +195,30 @@ mod cpu {
                     None => return Ok(None),
                 },
             };
-            packed.map(|p| Some(Arc::new(p))).map_err(kernel_error)
+            let activations = if exact_activations { ActivationMode::F32 } else { ActivationMode::Q8 };
+            let options = MatmulOptions { activations, ..MatmulOptions::default() };
+            packed.map(|matrix| Some(Arc::new(CpuLinear { matrix, options }))).map_err(kernel_error)
         }
 
         fn kernel_linear(x: Tensor<Self, 2>, weight: &Self::LinearWeight) -> Tensor<Self, 2> {
             let [rows, _] = x.dims();
-            let out_features = weight.out_features();
+            let out_features = weight.matrix.out_features();
             let device = x.device();
             let mut out = vec![0.0f32; rows * out_features];
             // Shapes were checked when the model was built, so the kernel cannot fail here;
             // should it, the NaNs surface as `NonFiniteLogits` instead of a panic.
-            if with_host_f32(&x, |input| marco_backend_cpu::matmul(input, rows, weight, &mut out)).is_err() {
+            if with_host_f32(&x, |input| {
+                marco_backend_cpu::matmul_with(input, rows, &weight.matrix, &mut out, weight.options)
+            })
+            .is_err()
+            {
                 out.iter_mut().for_each(|v| *v = f32::NAN);
             }
             Tensor::from_data(TensorData::new(out, [rows, out_features]), &device)
         }
 
         fn linear_weight_bytes(weight: &Self::LinearWeight) -> usize {
-            weight.weight_bytes()
+            weight.matrix.weight_bytes()
         }
 
         fn log_sum_exp(logits: Tensor<Self, 2>) -> Tensor<Self, 2> {
@@ -234,6 +261,9 @@ mod cpu {
     }
 }
 
+#[cfg(feature = "cpu")]
+pub use cpu::CpuLinear;
+
 #[cfg(feature = "cuda")]
 mod cuda {
     //! CUDA: burn's own matmul on `[in, out]` tensors; top-k sorted on the device.
@@ -255,6 +285,7 @@ mod cuda {
             weight: HostWeight<'_>,
             out_features: usize,
             in_features: usize,
+            _exact_activations: bool,
             device: &CudaDevice,
         ) -> Result<Option<Self::LinearWeight>> {
             match weight {

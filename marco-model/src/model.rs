@@ -51,15 +51,17 @@ impl<B: KernelBackend> Linear<B> {
                 let rows = host.into_f32()?;
                 LinearWeightKind::Burn(crate::backend::dense_in_out::<B>(&rows, out_features, in_features, device))
             }
-            LinearPath::Kernel => {
+            LinearPath::Kernel | LinearPath::KernelExact => {
+                let exact = path == LinearPath::KernelExact;
                 let direct = match &host {
                     HostLinear::F32(rows) => {
-                        B::linear_weight(HostWeight::F32(rows), out_features, in_features, device)?
+                        B::linear_weight(HostWeight::F32(rows), out_features, in_features, exact, device)?
                     }
                     HostLinear::Ggml { ggml_type, bytes, .. } => B::linear_weight(
                         HostWeight::Ggml { ggml_type: *ggml_type, bytes },
                         out_features,
                         in_features,
+                        exact,
                         device,
                     )?,
                 };
@@ -67,7 +69,7 @@ impl<B: KernelBackend> Linear<B> {
                     Some(w) => w,
                     None => {
                         let rows = host.into_f32()?;
-                        B::linear_weight(HostWeight::F32(&rows), out_features, in_features, device)?.ok_or_else(
+                        B::linear_weight(HostWeight::F32(&rows), out_features, in_features, exact, device)?.ok_or_else(
                             || ModelError::InvalidConfig {
                                 path: "<backend>".into(),
                                 reason: "the backend rejected a dense f32 weight".into(),
