@@ -245,23 +245,25 @@ fn print_outcome(question: &str, outcome: &SearchOutcome) {
     if steps.is_empty() {
         println!("  (empty: the search generated nothing)");
     }
-    let answer = outcome.answer.clone().unwrap_or_else(|| {
-        // No number or tagged answer: show the last line the model wrote (reflection
-        // prompts are not the model's words).
-        let last = steps
-            .iter()
-            .rev()
-            .map(|&id| outcome.tree.node(id))
-            .filter(|node| node.kind != NodeKind::Reflection)
-            .flat_map(|node| node.text.lines().rev())
-            .map(str::trim)
-            .find(|line| !line.is_empty());
-        match last {
-            Some(line) => format!("(no answer extracted; the last line) {line}"),
-            None => "(none: the model wrote nothing)".into(),
+    match &outcome.answer {
+        Some(answer) => println!("\nAnswer: {answer}\n"),
+        None => {
+            // No number or tagged answer: show the last line the model wrote (reflection
+            // prompts are not the model's words).
+            let last = steps
+                .iter()
+                .rev()
+                .map(|&id| outcome.tree.node(id))
+                .filter(|node| node.kind != NodeKind::Reflection)
+                .flat_map(|node| node.text.lines().rev())
+                .map(str::trim)
+                .find(|line| !line.is_empty());
+            match last {
+                Some(line) => println!("\nAnswer (its last line; no number or tagged answer found): {line}\n"),
+                None => println!("\nAnswer: none (the model wrote nothing)\n"),
+            }
         }
-    });
-    println!("\nAnswer: {answer}\n");
+    }
 }
 
 /// policy · nodes · tokens generated/computed · time · tok/s · value · why it stopped.

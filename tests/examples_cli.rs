@@ -192,7 +192,7 @@ fn reason_answers_on_the_default_model() {
     let r = run("reason", &args, Duration::from_secs(600));
     assert_eq!(r.code, Some(0), "stdout: {}\nstderr: {}", r.stdout, r.stderr);
     assert!(r.stdout.contains("Chosen reasoning path:"), "{}", r.stdout);
-    assert!(r.stdout.contains("\nAnswer: "), "{}", r.stdout);
+    assert!(r.stdout.contains("\nAnswer"), "{}", r.stdout);
     let summary = r.stdout.lines().find(|l| l.starts_with("mcts on ")).expect("summary line");
     assert!(summary.contains("tokens generated"), "{summary}");
 
