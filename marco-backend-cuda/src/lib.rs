@@ -1,7 +1,7 @@
 //! # marco-backend-cuda: burn-cuda behind the `cuda` feature, and a driver probe that never panics
 //!
-//! With the `cuda` feature this crate re-exports burn-cuda's [`Cuda`] backend and
-//! [`CudaDevice`]; marco-model implements its kernel seam for them. Building needs no GPU and no
+//! With the `cuda` feature this crate re-exports burn-cuda's `Cuda` backend and
+//! `CudaDevice`; marco-model implements its kernel seam for them. Building needs no GPU and no
 //! CUDA toolkit (cubecl compiles kernels at run time through the driver's NVRTC).
 //!
 //! Running does need the driver, and cudarc panics when `libcuda.so` is missing. Call

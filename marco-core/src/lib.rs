@@ -13,7 +13,7 @@
 //!   paper's [`Granularity`] (token, mini-step, step); [`AnswerExtractor`]s.
 //! - [`Budget`]s and the [`StopReason`] a search reports; [`SearchPolicy`] and its
 //!   [`SearchOutcome`], which carries the whole [`Tree`] as a serde trace (and DOT).
-//! - [`mock`] (feature `mock`): a deterministic mock model to test rewards and policies.
+//! - `mock` (feature `mock`): a deterministic mock model to test rewards and policies.
 //!
 //! Policies themselves live in `marco-search`; models in `marco-model`.
 #![deny(missing_docs)]
