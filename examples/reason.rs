@@ -149,7 +149,8 @@ impl Args {
             .with_temperature(self.temperature.unwrap_or(default_temperature))
             .with_seed(self.seed)
             .with_max_depth(self.max_depth);
-        let reflection = Reflection::default();
+        // A chat model ends its turn with its stop token: reflect in a new user turn.
+        let reflection = Reflection::default().as_chat_turn();
         Ok(match self.policy {
             PolicyKind::Mcts => {
                 let rule = match self.answer_rule {

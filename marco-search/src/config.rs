@@ -121,6 +121,11 @@ impl GenerationConfig {
 /// would cost a fork per generated token, and going back by feeding the thought again would
 /// compute its tokens twice. Start the text with a separator if a model reads better so.
 /// The answer of a path is taken from the text after its last reflection.
+///
+/// A chat model's stop token usually ends its *turn*: appended right after it, plain text
+/// reads as a malformed conversation and such a model stops at once. With
+/// [`Reflection::as_chat_turn`] the text is sent as a new user turn instead, rendered by the
+/// model's own chat template (see [`ReflectionPlacement::ChatTurn`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Reflection {
@@ -128,18 +133,39 @@ pub struct Reflection {
     pub text: String,
     /// Most reflections on one path from the root.
     pub max_per_path: u32,
+    /// How the text is joined to the finished thought.
+    pub placement: ReflectionPlacement,
+}
+
+/// How a reflection's text is joined to the thought it follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum ReflectionPlacement {
+    /// The text as it is, right after the stop token (Marco-o1's in-thought reflection).
+    #[default]
+    AfterStop,
+    /// The text as a new user turn: what the model's chat template writes between the end of
+    /// an assistant message and the start of the next assistant message, with the reflection
+    /// as the user message in between (special tokens parsed). A model without a usable
+    /// template falls back to [`ReflectionPlacement::AfterStop`].
+    ChatTurn,
 }
 
 impl Default for Reflection {
     fn default() -> Self {
-        Reflection { text: MARCO_REFLECTION.into(), max_per_path: 1 }
+        Reflection { text: MARCO_REFLECTION.into(), max_per_path: 1, placement: ReflectionPlacement::AfterStop }
     }
 }
 
 impl Reflection {
     /// A reflection with `text`, once per path.
     pub fn new(text: impl Into<String>) -> Self {
-        Reflection { text: text.into(), max_per_path: 1 }
+        Reflection { text: text.into(), ..Reflection::default() }
+    }
+
+    /// Sends the reflection as a new user turn of the chat ([`ReflectionPlacement::ChatTurn`]).
+    pub fn as_chat_turn(mut self) -> Self {
+        self.placement = ReflectionPlacement::ChatTurn;
+        self
     }
 
     /// Sets how many reflections one path may hold.

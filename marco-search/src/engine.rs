@@ -35,7 +35,7 @@ use marco_core::{
     StopReason, TokenId, TokenLogprob, Tree,
 };
 
-use crate::config::{GenerationConfig, Reflection};
+use crate::config::{GenerationConfig, Reflection, ReflectionPlacement};
 
 /// How an action in progress ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -480,11 +480,19 @@ impl<'a> Engine<'a> {
         self.seqs.get(node.index()).copied().flatten().and_then(|s| self.model.seq_len(s).ok()).unwrap_or(usize::MAX)
     }
 
-    /// Tokens of a reflection text (special tokens not parsed).
+    /// Tokens of a reflection text: the text itself (special tokens not parsed), or the chat
+    /// turn that carries it (special tokens parsed).
     pub fn reflection_tokens(&self, reflection: Option<&Reflection>) -> Result<Vec<TokenId>> {
         match reflection {
             Some(r) => {
-                let tokens = self.model.tokenizer().encode(&r.text, false)?;
+                let tokenizer = self.model.tokenizer();
+                let tokens = match r.placement {
+                    ReflectionPlacement::AfterStop => tokenizer.encode(&r.text, false)?,
+                    ReflectionPlacement::ChatTurn => match chat_turn_text(tokenizer, &r.text) {
+                        Some(turn) => tokenizer.encode(&turn, true)?,
+                        None => tokenizer.encode(&r.text, false)?,
+                    },
+                };
                 if tokens.is_empty() {
                     return Err(Error::InvalidConfig("the reflection text encodes to no tokens".into()));
                 }
@@ -607,4 +615,28 @@ pub(crate) fn run_search<'a, T>(
             Err(e)
         }
     }
+}
+
+/// What the model's chat template writes after an assistant message that ended at a stop
+/// token, up to the start of the next assistant message, with `text` as the user message in
+/// between; `None` when the template cannot say (no template, or an unexpected rendering).
+///
+/// Rendered twice around a placeholder answer: the turn is the part of the longer rendering
+/// after the placeholder, less the stop token's own text (the sequence already holds it).
+fn chat_turn_text(tokenizer: &dyn marco_core::Tokenizer, text: &str) -> Option<String> {
+    use marco_core::ChatMessage;
+    const PLACEHOLDER: &str = "marco-reflection-placeholder-answer";
+    let rendered = tokenizer
+        .apply_chat_template(
+            &[ChatMessage::user("q"), ChatMessage::assistant(PLACEHOLDER), ChatMessage::user(text)],
+            true,
+        )
+        .ok()?;
+    let after = &rendered[rendered.find(PLACEHOLDER)? + PLACEHOLDER.len()..];
+    let stop_texts = tokenizer.stop_tokens().iter().filter_map(|&t| tokenizer.decode(&[t], false).ok());
+    let turn = stop_texts
+        .filter(|s| !s.is_empty())
+        .find_map(|s| after.strip_prefix(s.as_str()).map(str::to_string))
+        .unwrap_or_else(|| after.to_string());
+    turn.contains(text).then_some(turn)
 }

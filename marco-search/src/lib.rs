@@ -43,7 +43,7 @@ pub mod uct;
 pub mod vote;
 
 pub use beam::{BeamAnswerRule, BeamConfig, BeamScore, BeamSearch};
-pub use config::{GenerationConfig, Reflection, MARCO_REFLECTION};
+pub use config::{GenerationConfig, Reflection, ReflectionPlacement, MARCO_REFLECTION};
 pub use greedy::{GreedyAnswerRule, GreedyConfig, GreedyReflection};
 pub use mcts::{Mcts, MctsAnswerRule, MctsConfig};
 pub use self_consistency::{SelfConsistency, SelfConsistencyConfig};

@@ -11,7 +11,7 @@ use marco_core::mock::{MockModel, Rule, EOS};
 use marco_core::{Budget, Granularity, LanguageModel, Problem, SearchOutcome, SearchPolicy};
 use marco_search::{
     BeamConfig, BeamSearch, GenerationConfig, GreedyAnswerRule, GreedyConfig, GreedyReflection, Mcts, MctsAnswerRule,
-    MctsConfig, SelfConsistency, SelfConsistencyConfig,
+    MctsConfig, Reflection, SelfConsistency, SelfConsistencyConfig, MARCO_REFLECTION,
 };
 
 fn scenario(seed: u64) -> (MockModel, Problem) {
@@ -237,4 +237,18 @@ fn line_steps_and_output_tags() {
     let beam = BeamConfig::default().with_budget(Budget::tokens(200)).with_generation(generation);
     let o = BeamSearch::new(beam).unwrap().search(&mut model, &problem).unwrap();
     assert_eq!(o.answer.as_deref(), Some("42"), "{}", summary(&o));
+}
+
+#[test]
+fn chat_turn_reflection_is_rendered_by_the_template() {
+    let (mut model, problem) = scenario(0);
+    let config = GreedyConfig::default()
+        .with_generation(generation(0).with_temperature(0.0))
+        .with_rounds(1)
+        .with_reflection(Reflection::default().as_chat_turn());
+    let o = GreedyReflection::new(config).unwrap().search(&mut model, &problem).unwrap();
+    let reflection = o.tree.nodes.iter().find(|n| n.kind == marco_core::NodeKind::Reflection).unwrap();
+    // The mock's template writes `role: content\n` lines and opens the answer with `assistant: `.
+    assert_eq!(reflection.text, format!("\nuser: {MARCO_REFLECTION}\nassistant: "));
+    assert_eq!(o.stats.recompute_ratio(), 1.0);
 }
