@@ -30,24 +30,31 @@ fn examples_dir() -> &'static PathBuf {
         // target/<profile>/deps/examples_cli-<hash> -> target/<profile>
         let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>").to_path_buf();
         let mut cargo = Command::new(env!("CARGO"));
-        cargo.current_dir(env!("CARGO_MANIFEST_DIR")).args(["build", "--quiet", "-p", "marco"]);
-        for name in ["reason", "translate", "custom_reward"] {
-            cargo.args(["--example", name]);
-        }
+        cargo.current_dir(env!("CARGO_MANIFEST_DIR")).args(["build", "--quiet"]);
         if profile_dir.file_name().is_some_and(|p| p == "release") {
             cargo.arg("--release");
         }
-        // The same features as this test was built with (the same artifacts, no rebuild).
-        let features: Vec<&str> = [("cpu", cfg!(feature = "cpu")), ("cuda", cfg!(feature = "cuda"))]
-            .iter()
-            .filter(|f| f.1)
-            .map(|f| f.0)
-            .collect();
-        if !cfg!(feature = "default") {
-            cargo.arg("--no-default-features");
-        }
-        if !features.is_empty() {
-            cargo.args(["--features", &features.join(",")]);
+        if cfg!(all(feature = "cpu", feature = "cuda")) {
+            // Built by the README's `cargo test --workspace --all-features`: the same feature
+            // resolution finds that run's example binaries fresh instead of rebuilding the crates.
+            cargo.args(["--workspace", "--all-features", "--examples"]);
+        } else {
+            cargo.args(["-p", "marco"]);
+            for name in ["reason", "translate", "custom_reward"] {
+                cargo.args(["--example", name]);
+            }
+            // The same features as this test was built with (the same artifacts, no rebuild).
+            let features: Vec<&str> = [("cpu", cfg!(feature = "cpu")), ("cuda", cfg!(feature = "cuda"))]
+                .iter()
+                .filter(|f| f.1)
+                .map(|f| f.0)
+                .collect();
+            if !cfg!(feature = "default") {
+                cargo.arg("--no-default-features");
+            }
+            if !features.is_empty() {
+                cargo.args(["--features", &features.join(",")]);
+            }
         }
         let status = cargo.status().expect("run cargo build");
         assert!(status.success(), "building the examples failed");
