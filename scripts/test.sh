@@ -2,4 +2,4 @@
 # The README's test command: fetches the default model if needed, then runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo test --workspace --all-features --release
+cargo test --workspace --release
