@@ -25,11 +25,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use marco::core::{ChatMessage, LanguageModel, SamplingParams, StepRequest, TokenId, Tokenizer};
+use marco::core::{LanguageModel, SamplingParams, StepRequest, TokenId};
 use marco::model::loader::RandomWeights;
-use marco::model::{
-    Architecture, BurnLm, KernelBackend, LinearPath, LoadOptions, ModelConfig, RopeFreqRounding, Transformer,
-};
+use marco::model::{BurnLm, KernelBackend, LinearPath, LoadOptions, Transformer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum PathArg {
@@ -41,76 +39,6 @@ enum PathArg {
     Burn,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum RandomShape {
-    /// SmolLM2-135M (the default model's shape).
-    #[value(name = "smollm2-135m")]
-    Smollm2135m,
-    /// Qwen2-7B (Marco-o1's shape): ~30 GB of f32 weights.
-    #[value(name = "qwen2-7b")]
-    Qwen27b,
-}
-
-impl RandomShape {
-    fn config(self) -> ModelConfig {
-        match self {
-            RandomShape::Smollm2135m => ModelConfig {
-                architecture: Architecture::Llama,
-                vocab_size: 49152,
-                hidden_size: 576,
-                intermediate_size: 1536,
-                num_layers: 30,
-                num_heads: 9,
-                num_kv_heads: 3,
-                head_dim: 64,
-                rms_norm_eps: 1e-5,
-                rope_theta: 100_000.0,
-                rope_freq_rounding: RopeFreqRounding::None,
-                max_position_embeddings: 8192,
-                tie_word_embeddings: true,
-                qkv_bias: false,
-            },
-            RandomShape::Qwen27b => ModelConfig {
-                architecture: Architecture::Qwen2,
-                vocab_size: 152064,
-                hidden_size: 3584,
-                intermediate_size: 18944,
-                num_layers: 28,
-                num_heads: 28,
-                num_kv_heads: 4,
-                head_dim: 128,
-                rms_norm_eps: 1e-6,
-                rope_theta: 1_000_000.0,
-                rope_freq_rounding: RopeFreqRounding::Bf16,
-                max_position_embeddings: 32768,
-                tie_word_embeddings: false,
-                qkv_bias: true,
-            },
-        }
-    }
-}
-
-/// The tokenizer of a random-weight model: the benchmark feeds ids and never encodes.
-struct IdsOnly(usize);
-
-impl Tokenizer for IdsOnly {
-    fn encode(&self, _: &str, _: bool) -> marco::core::Result<Vec<TokenId>> {
-        Err(marco::core::Error::Tokenizer("a random-weight model has no tokenizer".into()))
-    }
-    fn decode(&self, tokens: &[TokenId], _: bool) -> marco::core::Result<String> {
-        Ok(format!("{tokens:?}"))
-    }
-    fn vocab_size(&self) -> usize {
-        self.0
-    }
-    fn stop_tokens(&self) -> &[TokenId] {
-        &[]
-    }
-    fn apply_chat_template(&self, _: &[ChatMessage], _: bool) -> marco::core::Result<String> {
-        Err(marco::core::Error::Tokenizer("a random-weight model has no chat template".into()))
-    }
-}
-
 #[derive(Parser, Debug)]
 #[command(about = "Prefill/decode tokens per second: burn's plain ops vs marco's kernel seam")]
 struct Args {
@@ -119,7 +47,7 @@ struct Args {
     model: Option<PathBuf>,
     /// Benchmark a random-weight model of this shape instead of loading one.
     #[arg(long, value_enum)]
-    random: Option<RandomShape>,
+    random: Option<common::RandomShape>,
     /// Prompt length.
     #[arg(long, default_value_t = 128)]
     prompt_tokens: usize,
@@ -204,7 +132,7 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
                 let config = shape.config();
                 let vocab = config.vocab_size;
                 let network = Transformer::<B>::load(config, &RandomWeights::new(0), linear_path, &device)?;
-                BurnLm::new(network, Box::new(IdsOnly(vocab)))
+                BurnLm::new(network, Box::new(common::IdsOnly(vocab)))
             }
             (None, None) => bail!("no model"),
         };

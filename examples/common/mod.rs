@@ -185,3 +185,74 @@ pub fn truncate(text: &str, max: usize) -> String {
         cut
     }
 }
+
+/// Shapes of the random-weight models the benchmarks can build instead of loading a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RandomShape {
+    /// SmolLM2-135M (the default model's shape).
+    #[value(name = "smollm2-135m")]
+    Smollm2135m,
+    /// Qwen2-7B (Marco-o1's shape): ~30 GB of f32 weights.
+    #[value(name = "qwen2-7b")]
+    Qwen27b,
+}
+
+impl RandomShape {
+    pub fn config(self) -> marco::model::ModelConfig {
+        match self {
+            RandomShape::Smollm2135m => marco::model::ModelConfig {
+                architecture: marco::model::Architecture::Llama,
+                vocab_size: 49152,
+                hidden_size: 576,
+                intermediate_size: 1536,
+                num_layers: 30,
+                num_heads: 9,
+                num_kv_heads: 3,
+                head_dim: 64,
+                rms_norm_eps: 1e-5,
+                rope_theta: 100_000.0,
+                rope_freq_rounding: marco::model::RopeFreqRounding::None,
+                max_position_embeddings: 8192,
+                tie_word_embeddings: true,
+                qkv_bias: false,
+            },
+            RandomShape::Qwen27b => marco::model::ModelConfig {
+                architecture: marco::model::Architecture::Qwen2,
+                vocab_size: 152064,
+                hidden_size: 3584,
+                intermediate_size: 18944,
+                num_layers: 28,
+                num_heads: 28,
+                num_kv_heads: 4,
+                head_dim: 128,
+                rms_norm_eps: 1e-6,
+                rope_theta: 1_000_000.0,
+                rope_freq_rounding: marco::model::RopeFreqRounding::Bf16,
+                max_position_embeddings: 32768,
+                tie_word_embeddings: false,
+                qkv_bias: true,
+            },
+        }
+    }
+}
+
+/// The tokenizer of a random-weight model: the benchmark feeds ids and never encodes.
+pub struct IdsOnly(pub usize);
+
+impl marco::core::Tokenizer for IdsOnly {
+    fn encode(&self, _: &str, _: bool) -> marco::core::Result<Vec<marco::core::TokenId>> {
+        Err(marco::core::Error::Tokenizer("a random-weight model has no tokenizer".into()))
+    }
+    fn decode(&self, tokens: &[marco::core::TokenId], _: bool) -> marco::core::Result<String> {
+        Ok(format!("{tokens:?}"))
+    }
+    fn vocab_size(&self) -> usize {
+        self.0
+    }
+    fn stop_tokens(&self) -> &[marco::core::TokenId] {
+        &[]
+    }
+    fn apply_chat_template(&self, _: &[marco::core::ChatMessage], _: bool) -> marco::core::Result<String> {
+        Err(marco::core::Error::Tokenizer("a random-weight model has no chat template".into()))
+    }
+}
