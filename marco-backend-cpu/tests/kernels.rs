@@ -5,7 +5,7 @@
 
 use half::f16;
 use marco_backend_cpu::{
-    dequantize, matmul, matmul_with, ActivationMode, GgmlType, KernelError, MatmulOptions, PackedMatrix,
+    dequantize, matmul, matmul_many, matmul_with, ActivationMode, GgmlType, KernelError, MatmulOptions, PackedMatrix,
 };
 use proptest::prelude::*;
 
@@ -158,6 +158,102 @@ proptest! {
     fn prefill_sizes(ty in 0usize..3, blocks in 1usize..10, n_out in 60usize..200, rows in 17usize..70, seed: u64) {
         check(FUSED_32[ty], blocks, n_out, rows, seed)?;
     }
+}
+
+/// Weight kinds for [`matmul_many`]: every storage the kernels distinguish (f32, split Q8_0/
+/// Q4_0/Q4_1, k-quant blocks, and Q8_0 blocks from the crate's own encoder).
+const MANY_KINDS: [Option<GgmlType>; 7] = [
+    Some(GgmlType::F32),
+    Some(GgmlType::Q8_0),
+    Some(GgmlType::Q4_0),
+    Some(GgmlType::Q4_1),
+    Some(GgmlType::Q4_K),
+    Some(GgmlType::Q6_K),
+    None,
+];
+
+fn many_weight(kind: Option<GgmlType>, n_out: usize, n_in: usize, rng: &mut Rng) -> PackedMatrix {
+    match kind {
+        Some(ty) => PackedMatrix::from_ggml(ty, &random_tensor(ty, n_out * n_in, rng), n_out, n_in).unwrap(),
+        None => {
+            let w: Vec<f32> = (0..n_out * n_in).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            PackedMatrix::quantize_q8_0(&w, n_out, n_in).unwrap()
+        }
+    }
+}
+
+/// `matmul_many` gives bit for bit the results of one `matmul_with` per weight.
+fn check_many(kinds: &[usize], n_outs: &[usize], blocks: usize, rows: usize, seed: u64) -> Result<(), TestCaseError> {
+    let mut rng = Rng(seed | 1);
+    let n_in = blocks * 256;
+    let weights: Vec<PackedMatrix> =
+        kinds.iter().zip(n_outs).map(|(&k, &n_out)| many_weight(MANY_KINDS[k], n_out, n_in, &mut rng)).collect();
+    let x: Vec<f32> = (0..rows * n_in).map(|_| rng.uniform(-2.0, 2.0)).collect();
+    for mode in [ActivationMode::Q8, ActivationMode::F32] {
+        for parallel in [true, false] {
+            let options = MatmulOptions { activations: mode, parallel, ..MatmulOptions::default() };
+            let refs: Vec<&PackedMatrix> = weights.iter().collect();
+            let mut outs: Vec<Vec<f32>> = weights.iter().map(|w| vec![f32::NAN; rows * w.out_features()]).collect();
+            let mut out_refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+            matmul_many(&x, rows, &refs, &mut out_refs, options).unwrap();
+            for (w, got) in weights.iter().zip(&outs) {
+                let mut want = vec![f32::NAN; rows * w.out_features()];
+                matmul_with(&x, rows, w, &mut want, options).unwrap();
+                let (got_bits, want_bits): (Vec<u32>, Vec<u32>) =
+                    (got.iter().map(|v| v.to_bits()).collect(), want.iter().map(|v| v.to_bits()).collect());
+                prop_assert_eq!(
+                    got_bits,
+                    want_bits,
+                    "{} {:?} rows {} parallel {}",
+                    w.ggml_type(),
+                    mode,
+                    rows,
+                    parallel
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn matmul_many_matches_separate_products(
+        kinds in proptest::collection::vec(0usize..MANY_KINDS.len(), 1..4),
+        n_outs in proptest::collection::vec(1usize..300, 3),
+        blocks in 1usize..3,
+        rows in 1usize..=24,
+        seed: u64,
+    ) {
+        check_many(&kinds, &n_outs[..kinds.len()], blocks, rows, seed)?;
+    }
+}
+
+#[test]
+fn matmul_many_layer_shapes() {
+    // q/k/v and gate/up of SmolLM2-135M (Q4_1), plus a mixed set, at decode and prefill sizes.
+    for rows in [1, 3, 8, 16, 17, 40] {
+        check_many(&[3, 3, 3], &[576, 192, 192], 576 / 256 + 1, rows, rows as u64).unwrap();
+        check_many(&[3, 3], &[1536, 1536], 2, rows, 5).unwrap();
+        check_many(&[0, 1, 4, 6], &[70, 130, 64, 9], 1, rows, 9).unwrap();
+    }
+}
+
+#[test]
+fn matmul_many_rejects_bad_buffers() {
+    let a = PackedMatrix::from_f32(vec![1.0; 6], 2, 3).unwrap();
+    let b = PackedMatrix::from_f32(vec![1.0; 8], 2, 4).unwrap();
+    let (mut o1, mut o2) = (vec![0.0; 2], vec![0.0; 2]);
+    let options = MatmulOptions::default();
+    assert!(matmul_many(&[1.0; 3], 1, &[&a, &b], &mut [&mut o1, &mut o2], options).is_err());
+    assert!(matmul_many(&[1.0; 3], 1, &[&a, &a], &mut [&mut o1], options).is_err());
+    assert!(matmul_many(&[1.0; 3], 1, &[&a, &a], &mut [&mut o1, &mut o2[..1]], options).is_err());
+    assert!(matmul_many(&[1.0; 2], 1, &[&a, &a], &mut [&mut o1, &mut o2], options).is_err());
+    matmul_many(&[1.0, 2.0, 3.0], 1, &[&a, &a], &mut [&mut o1, &mut o2], options).unwrap();
+    assert_eq!((o1, o2), (vec![6.0, 6.0], vec![6.0, 6.0]));
+    matmul_many(&[], 1, &[], &mut [], options).unwrap();
 }
 
 #[test]

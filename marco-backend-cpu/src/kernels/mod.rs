@@ -79,24 +79,48 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
+    /// x86-64 AVX-512 (F, BW, VL) on top of [`Isa::Avx2`]: the split Q8_0/Q4_0/Q4_1 and f32
+    /// small-batch kernels use 512-bit vectors (two quant blocks per register).
+    Avx512,
+    /// [`Isa::Avx512`] plus AVX512-VNNI: `vpdpbusd` does the u8 × i8 dot products in one step.
+    Avx512Vnni,
 }
 
-/// The instruction set detected at run time (cached after the first call). Setting the
-/// environment variable `MARCO_KERNELS=scalar` forces the portable path.
+/// The instruction set detected at run time (cached after the first call). The environment
+/// variable `MARCO_KERNELS` caps it: `scalar` forces the portable path, `avx2` the AVX2 kernels,
+/// `avx512` the AVX-512 kernels without VNNI (each only where the CPU supports it).
 pub fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *ISA.get_or_init(|| {
-        if std::env::var("MARCO_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("scalar")) {
-            return Isa::Scalar;
+        let cap = std::env::var("MARCO_KERNELS").map(|v| v.trim().to_ascii_lowercase()).unwrap_or_default();
+        let detected = detect_isa();
+        match (cap.as_str(), detected) {
+            ("scalar", _) => Isa::Scalar,
+            ("avx2", Isa::Avx512 | Isa::Avx512Vnni) => Isa::Avx2,
+            ("avx512", Isa::Avx512Vnni) => Isa::Avx512,
+            _ => detected,
         }
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Scalar
     })
+}
+
+/// The best instruction set of this CPU.
+fn detect_isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+            {
+                if is_x86_feature_detected!("avx512vnni") {
+                    return Isa::Avx512Vnni;
+                }
+                return Isa::Avx512;
+            }
+            return Isa::Avx2;
+        }
+    }
+    Isa::Scalar
 }
 
 /// Activation rows quantized to 8-bit blocks of 32 (one f32 scale per block).
@@ -115,17 +139,36 @@ pub(crate) struct QuantizedActs {
 }
 
 impl QuantizedActs {
-    /// Quantizes `rows` rows of `cols` (a multiple of 32) values: per block `d = max|x| / 127`,
-    /// `q = round(x / d)` (ties away from zero), as ggml's `quantize_row_q8_0` but with an f32 scale.
-    pub fn quantize(x: &[f32], rows: usize, cols: usize) -> QuantizedActs {
+    /// [`QuantizedActs::quantize`] with the SIMD code of `isa` (bit-identical results).
+    pub fn quantize_with(isa: Isa, x: &[f32], rows: usize, cols: usize) -> QuantizedActs {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => {
+                let mut acts = Self::zeroed(rows, cols);
+                // SAFETY: `isa()` verified AVX2, FMA and F16C at run time (AVX-512 implies them).
+                unsafe { x86::quantize_acts(x, &mut acts) };
+                acts
+            }
+            _ => Self::quantize(x, rows, cols),
+        }
+    }
+
+    fn zeroed(rows: usize, cols: usize) -> QuantizedActs {
         let blocks = cols / QK;
-        let mut acts = QuantizedActs {
+        QuantizedActs {
             blocks,
             qs: vec![0; rows * cols],
             d: vec![0.0; rows * blocks],
             dsum: vec![0.0; rows * blocks],
             dsum16: vec![[0.0; 2]; rows * blocks],
-        };
+        }
+    }
+
+    /// Quantizes `rows` rows of `cols` (a multiple of 32) values: per block `d = max|x| / 127`,
+    /// `q = round(x / d)` (ties away from zero), as ggml's `quantize_row_q8_0` but with an f32 scale.
+    /// The portable reference of [`QuantizedActs::quantize_with`].
+    pub fn quantize(x: &[f32], rows: usize, cols: usize) -> QuantizedActs {
+        let mut acts = Self::zeroed(rows, cols);
         for (b, (xb, qb)) in x.chunks_exact(QK).zip(acts.qs.chunks_exact_mut(QK)).enumerate() {
             let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
@@ -184,74 +227,7 @@ pub fn matmul_with(
     out: &mut [f32],
     options: MatmulOptions,
 ) -> Result<(), KernelError> {
-    let (n_in, n_out) = (w.in_features(), w.out_features());
-    let x_len = rows.checked_mul(n_in).ok_or_else(|| KernelError::InvalidShape { reason: "rows overflow".into() })?;
-    let out_len =
-        rows.checked_mul(n_out).ok_or_else(|| KernelError::InvalidShape { reason: "rows overflow".into() })?;
-    if x.len() != x_len {
-        return Err(KernelError::LengthMismatch {
-            what: "matmul input",
-            expected: x_len,
-            actual: x.len(),
-            unit: "elements",
-        });
-    }
-    if out.len() != out_len {
-        return Err(KernelError::LengthMismatch {
-            what: "matmul output",
-            expected: out_len,
-            actual: out.len(),
-            unit: "elements",
-        });
-    }
-    if rows == 0 {
-        return Ok(());
-    }
-    let out_ptr = OutPtr { ptr: out.as_mut_ptr(), n_out };
-    let isa = isa();
-    let small_batch_max = match w.storage() {
-        Storage::F32(_) => options.small_batch_max_f32,
-        _ => options.small_batch_max,
-    };
-    if rows > small_batch_max {
-        let tasks = split_outputs(n_out, GEMM_TILE, GEMM_TILE, options.parallel);
-        run_tasks(&tasks, &|range| gemm_path(x, rows, w, range, out_ptr));
-        return Ok(());
-    }
-    match w.storage() {
-        Storage::F32(values) => {
-            let tasks = split_outputs(n_out, 8, 64, options.parallel);
-            run_tasks(&tasks, &|range| f32_rows(isa, values, n_in, x, rows, range, out_ptr));
-        }
-        Storage::Split(split) => {
-            let tasks = split_outputs(n_out, 8, 64, options.parallel);
-            match options.activations {
-                ActivationMode::Q8 => {
-                    let acts = QuantizedActs::quantize(x, rows, n_in);
-                    run_tasks(&tasks, &|range| split_rows(isa, split, &acts, rows, range, out_ptr));
-                }
-                ActivationMode::F32 => run_tasks(&tasks, &|range| {
-                    via_ggml_tiles(split, n_in, range, out_ptr, &|blocks, local, out| {
-                        float_decode_rows(isa, blocks, x, rows, local, out)
-                    })
-                }),
-            }
-        }
-        Storage::Blocks { ty, data, row_stride } => {
-            let blocks = BlockRows { ty: *ty, data, row_stride: *row_stride, n_in };
-            let tasks = split_outputs(n_out, 8, 64, options.parallel);
-            match options.activations {
-                ActivationMode::Q8 => {
-                    let acts = QuantizedActs::quantize(x, rows, n_in);
-                    run_tasks(&tasks, &|range| quantized_rows(isa, &blocks, &acts, rows, range, out_ptr));
-                }
-                ActivationMode::F32 => {
-                    run_tasks(&tasks, &|range| float_decode_rows(isa, &blocks, x, rows, range, out_ptr));
-                }
-            }
-        }
-    }
-    Ok(())
+    matmul_many(x, rows, &[w], &mut [out], options)
 }
 
 /// Several products sharing one input: `outs[i][rows, out_i] = x[rows, in] · W_iᵀ` (e.g. a
@@ -260,7 +236,8 @@ pub fn matmul_with(
 ///
 /// Equivalent to one [`matmul_with`] per weight (bit for bit: each output element is computed
 /// by the same kernel in the same order), but cheaper for small batches: the activations are
-/// prepared once and all products run as one job of the thread pool.
+/// quantized once for all weights, and the output ranges of all products are the tasks of one
+/// job of the thread pool (one dispatch instead of one per weight).
 pub fn matmul_many(
     x: &[f32],
     rows: usize,
@@ -273,21 +250,138 @@ pub fn matmul_many(
             reason: format!("{} weights but {} output buffers", weights.len(), outs.len()),
         });
     }
-    if let Some(first) = weights.first() {
-        if let Some(other) = weights.iter().find(|w| w.in_features() != first.in_features()) {
-            return Err(KernelError::InvalidShape {
-                reason: format!(
-                    "weights of one product share in_features: {} vs {}",
-                    first.in_features(),
-                    other.in_features()
-                ),
-            });
-        }
+    let Some(first) = weights.first() else {
+        return Ok(());
+    };
+    let n_in = first.in_features();
+    if let Some(other) = weights.iter().find(|w| w.in_features() != n_in) {
+        return Err(KernelError::InvalidShape {
+            reason: format!("weights of one product share in_features: {} vs {}", n_in, other.in_features()),
+        });
     }
-    for (w, out) in weights.iter().zip(outs.iter_mut()) {
-        matmul_with(x, rows, w, out, options)?;
+    check_elements("matmul input", rows, n_in, x.len())?;
+    for (w, out) in weights.iter().zip(outs.iter()) {
+        check_elements("matmul output", rows, w.out_features(), out.len())?;
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let isa = isa();
+    let plans: Vec<Plan<'_>> = weights.iter().map(|w| Plan::new(w, rows, options)).collect();
+    // One quantization of the activations serves every product that uses them.
+    let acts = plans.iter().any(Plan::needs_quantized_acts).then(|| QuantizedActs::quantize_with(isa, x, rows, n_in));
+    let out_ptrs: Vec<OutPtr> = weights
+        .iter()
+        .zip(outs.iter_mut())
+        .map(|(w, out)| OutPtr { ptr: out.as_mut_ptr(), n_out: w.out_features() })
+        .collect();
+    // The tasks of every product, split exactly as a lone product would be.
+    let mut tasks: Vec<(usize, Range<usize>)> = Vec::new();
+    for (i, (w, plan)) in weights.iter().zip(&plans).enumerate() {
+        let (align, min_len) = plan.task_granularity();
+        tasks.extend(split_outputs(w.out_features(), align, min_len, options.parallel).into_iter().map(|r| (i, r)));
+    }
+    let run_one = |t: usize| {
+        let (i, range) = tasks[t].clone();
+        plans[i].run(isa, x, rows, n_in, acts.as_ref(), range, out_ptrs[i]);
+    };
+    match tasks.len() {
+        0 => {}
+        1 => run_one(0),
+        n => pool::run(n, &run_one),
     }
     Ok(())
+}
+
+/// Checks that a `[rows, width]` buffer holds `len` elements.
+fn check_elements(what: &'static str, rows: usize, width: usize, len: usize) -> Result<(), KernelError> {
+    let expected =
+        rows.checked_mul(width).ok_or_else(|| KernelError::InvalidShape { reason: "rows overflow".into() })?;
+    if len != expected {
+        return Err(KernelError::LengthMismatch { what, expected, actual: len, unit: "elements" });
+    }
+    Ok(())
+}
+
+/// How one product of a [`matmul_many`] call is computed.
+enum Plan<'a> {
+    /// Large batch: dequantized tiles and `gemm`.
+    Gemm(&'a PackedMatrix),
+    /// Small batch, f32 weights.
+    F32(&'a [f32]),
+    /// Small batch, split Q8_0/Q4_0/Q4_1 weights, 8-bit activations.
+    SplitQ8(&'a SplitBlocks),
+    /// Small batch, split weights decoded to f32.
+    SplitF32(&'a SplitBlocks),
+    /// Small batch, k-quant blocks, 8-bit activations.
+    BlocksQ8(BlockRows<'a>),
+    /// Small batch, k-quant blocks decoded to f32.
+    BlocksF32(BlockRows<'a>),
+}
+
+impl<'a> Plan<'a> {
+    fn new(w: &'a PackedMatrix, rows: usize, options: MatmulOptions) -> Plan<'a> {
+        let n_in = w.in_features();
+        let small_batch_max = match w.storage() {
+            Storage::F32(_) => options.small_batch_max_f32,
+            _ => options.small_batch_max,
+        };
+        if rows > small_batch_max {
+            return Plan::Gemm(w);
+        }
+        let q8 = options.activations == ActivationMode::Q8;
+        match w.storage() {
+            Storage::F32(values) => Plan::F32(values),
+            Storage::Split(split) if q8 => Plan::SplitQ8(split),
+            Storage::Split(split) => Plan::SplitF32(split),
+            Storage::Blocks { ty, data, row_stride } => {
+                let blocks = BlockRows { ty: *ty, data, row_stride: *row_stride, n_in };
+                if q8 {
+                    Plan::BlocksQ8(blocks)
+                } else {
+                    Plan::BlocksF32(blocks)
+                }
+            }
+        }
+    }
+
+    fn needs_quantized_acts(&self) -> bool {
+        matches!(self, Plan::SplitQ8(_) | Plan::BlocksQ8(_))
+    }
+
+    /// `(align, min_len)` of [`split_outputs`] for this product.
+    fn task_granularity(&self) -> (usize, usize) {
+        match self {
+            Plan::Gemm(_) => (GEMM_TILE, GEMM_TILE),
+            _ => (8, 64),
+        }
+    }
+
+    /// Computes the output columns `range` (this task's own).
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        rows: usize,
+        n_in: usize,
+        acts: Option<&QuantizedActs>,
+        range: Range<usize>,
+        out: OutPtr,
+    ) {
+        match (self, acts) {
+            (Plan::Gemm(w), _) => gemm_path(x, rows, w, range, out),
+            (Plan::F32(values), _) => f32_rows(isa, values, n_in, x, rows, range, out),
+            (Plan::SplitQ8(split), Some(acts)) => split_rows(isa, split, acts, rows, range, out),
+            (Plan::SplitF32(split), _) => via_ggml_tiles(split, n_in, range, out, &|blocks, local, out| {
+                float_decode_rows(isa, blocks, x, rows, local, out)
+            }),
+            (Plan::BlocksQ8(blocks), Some(acts)) => quantized_rows(isa, blocks, acts, rows, range, out),
+            (Plan::BlocksF32(blocks), _) => float_decode_rows(isa, blocks, x, rows, range, out),
+            // `matmul_many` quantizes the activations whenever a plan needs them.
+            (Plan::SplitQ8(_) | Plan::BlocksQ8(_), None) => {}
+        }
+    }
 }
 
 /// A block-quantized weight as the kernels see it.
@@ -317,14 +411,6 @@ fn split_outputs(n_out: usize, align: usize, min_len: usize, parallel: bool) -> 
 /// Tasks per pool thread in a product.
 const TASKS_PER_THREAD: usize = 4;
 
-fn run_tasks(tasks: &[Range<usize>], f: &(dyn Fn(Range<usize>) + Sync)) {
-    match tasks {
-        [] => {}
-        [only] => f(only.clone()),
-        _ => pool::run(tasks.len(), &|t| f(tasks[t].clone())),
-    }
-}
-
 /// Runs `f` on GGUF-layout copies of the rows `outs` of a split matrix, `GEMM_TILE` rows at a
 /// time, for the paths that read blocks in file layout (portable kernels, f32 decode).
 fn via_ggml_tiles(
@@ -352,8 +438,8 @@ fn via_ggml_tiles(
 fn split_rows(isa: Isa, w: &SplitBlocks, acts: &QuantizedActs, rows: usize, outs: Range<usize>, out: OutPtr) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa()` verified AVX2, FMA and F16C at run time.
-        Isa::Avx2 => unsafe { x86::split_rows(w, acts, rows, outs, out) },
+        // SAFETY: `isa()` verified AVX2, FMA and F16C at run time (the AVX-512 levels imply them).
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::split_rows(w, acts, rows, outs, out) },
         _ => via_ggml_tiles(w, acts.blocks * QK, outs, out, &|blocks, local, out| {
             scalar::quantized_rows(blocks, acts, rows, local, out)
         }),
@@ -363,8 +449,8 @@ fn split_rows(isa: Isa, w: &SplitBlocks, acts: &QuantizedActs, rows: usize, outs
 fn f32_rows(isa: Isa, w: &[f32], n_in: usize, x: &[f32], rows: usize, outs: Range<usize>, out: OutPtr) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa()` verified AVX2, FMA and F16C at run time.
-        Isa::Avx2 => unsafe { x86::f32_rows(w, n_in, x, rows, outs, out) },
+        // SAFETY: `isa()` verified AVX2, FMA and F16C at run time (the AVX-512 levels imply them).
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::f32_rows(w, n_in, x, rows, outs, out) },
         _ => scalar::f32_rows(w, n_in, x, rows, outs, out),
     }
 }
@@ -372,8 +458,8 @@ fn f32_rows(isa: Isa, w: &[f32], n_in: usize, x: &[f32], rows: usize, outs: Rang
 fn quantized_rows(isa: Isa, w: &BlockRows<'_>, acts: &QuantizedActs, rows: usize, outs: Range<usize>, out: OutPtr) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa()` verified AVX2, FMA and F16C at run time.
-        Isa::Avx2 => unsafe { x86::quantized_rows(w, acts, rows, outs, out) },
+        // SAFETY: `isa()` verified AVX2, FMA and F16C at run time (the AVX-512 levels imply them).
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::quantized_rows(w, acts, rows, outs, out) },
         _ => scalar::quantized_rows(w, acts, rows, outs, out),
     }
 }
@@ -381,8 +467,8 @@ fn quantized_rows(isa: Isa, w: &BlockRows<'_>, acts: &QuantizedActs, rows: usize
 fn float_decode_rows(isa: Isa, w: &BlockRows<'_>, x: &[f32], rows: usize, outs: Range<usize>, out: OutPtr) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa()` verified AVX2, FMA and F16C at run time.
-        Isa::Avx2 => unsafe { x86::float_decode_rows(w, x, rows, outs, out) },
+        // SAFETY: `isa()` verified AVX2, FMA and F16C at run time (the AVX-512 levels imply them).
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::float_decode_rows(w, x, rows, outs, out) },
         _ => scalar::float_decode_rows(w, x, rows, outs, out),
     }
 }
@@ -452,17 +538,85 @@ fn gemm_path(x: &[f32], rows: usize, w: &PackedMatrix, outs: Range<usize>, out: 
 mod tests {
     use super::*;
 
-    /// The SIMD integer path computes the same integer sums as the portable one; only the f32
-    /// summation order differs.
-    #[test]
-    fn simd_matches_portable_integer_path() {
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move || {
+    /// A xorshift64 generator (deterministic test data).
+    fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+        move || {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
             state
-        };
+        }
+    }
+
+    /// Every instruction set level this CPU can run, the portable one first.
+    fn supported_isas() -> Vec<Isa> {
+        let all = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni];
+        let best = all.iter().position(|&i| i == detect_isa()).unwrap_or(0);
+        all[..=best].to_vec()
+    }
+
+    fn assert_same_acts(a: &QuantizedActs, b: &QuantizedActs, what: &str) {
+        assert_eq!(a.blocks, b.blocks, "{what}");
+        assert_eq!(a.qs, b.qs, "{what}: quants");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.d), bits(&b.d), "{what}: scales");
+        assert_eq!(bits(&a.dsum), bits(&b.dsum), "{what}: sums");
+        let flat = |v: &[[f32; 2]]| v.iter().flatten().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(flat(&a.dsum16), flat(&b.dsum16), "{what}: half sums");
+    }
+
+    #[test]
+    fn simd_quantize_is_bit_identical() {
+        let mut next = xorshift(0x2545_F491_4F6C_DD1D);
+        let mut blocks: Vec<[f32; 32]> = Vec::new();
+        for _ in 0..400 {
+            let scale = [1e-3f32, 0.5, 1.0, 37.0, 1e4][(next() % 5) as usize];
+            blocks.push(std::array::from_fn(|_| ((next() % 20_001) as f32 / 10_000.0 - 1.0) * scale));
+        }
+        // Exact ties: with max |x| = 127 the scale is 1 and the inverse 1, so k + 0.5 is a tie
+        // (and with max 63.5 the inverse is 2, so k/2 + 0.25 is one).
+        for amax in [127.0f32, 63.5, 254.0] {
+            for _ in 0..20 {
+                let step = 127.0 / amax;
+                blocks.push(std::array::from_fn(|j| {
+                    if j == 7 {
+                        if next().is_multiple_of(2) {
+                            amax
+                        } else {
+                            -amax
+                        }
+                    } else {
+                        let k = (next() % 254) as f32 - 127.0;
+                        (k + if next().is_multiple_of(2) { 0.5 } else { -0.5 }) / step
+                    }
+                }));
+            }
+        }
+        // Zeros, signed zeros, subnormal and tiny scales (inverse overflows), infinities, NaN.
+        blocks.push([0.0; 32]);
+        blocks.push(std::array::from_fn(|j| if j % 2 == 0 { -0.0 } else { 0.0 }));
+        blocks.push(std::array::from_fn(|j| j as f32 * 1e-44));
+        blocks.push(std::array::from_fn(|j| (j as f32 - 16.0) * 1e-39));
+        blocks.push(std::array::from_fn(|j| if j == 3 { f32::INFINITY } else { j as f32 }));
+        blocks.push(std::array::from_fn(|j| if j == 30 { f32::NEG_INFINITY } else { -(j as f32) }));
+        blocks.push(std::array::from_fn(|j| if j % 5 == 0 { f32::NAN } else { j as f32 - 9.5 }));
+        blocks.push([f32::NAN; 32]);
+        blocks.push(std::array::from_fn(|j| if j == 0 { f32::MAX } else { f32::MIN_POSITIVE * j as f32 }));
+        let x: Vec<f32> = blocks.iter().flatten().copied().collect();
+        for isa in supported_isas() {
+            for (rows, cols) in [(blocks.len(), QK), (blocks.len() / 4, 4 * QK)] {
+                let n = rows * cols;
+                let want = QuantizedActs::quantize(&x[..n], rows, cols);
+                assert_same_acts(&QuantizedActs::quantize_with(isa, &x[..n], rows, cols), &want, &format!("{isa:?}"));
+            }
+        }
+    }
+
+    /// The SIMD integer path computes the same integer sums as the portable one; only the f32
+    /// summation order differs.
+    #[test]
+    fn simd_matches_portable_integer_path() {
+        let mut next = xorshift(0x9E37_79B9_7F4A_7C15);
         for ty in PackedMatrix::KEPT_QUANTIZED {
             let (n_out, n_in, rows) = (13, if ty.block_size() == 32 { 608 } else { 512 }, 7);
             let size = crate::quant::row_bytes(ty, n_in).unwrap_or(0) * n_out;

@@ -620,3 +620,62 @@ pub(super) unsafe fn split_rows(w: &SplitBlocks, acts: &QuantizedActs, rows: usi
         _ => run_kind!(KIND_Q4_1),
     }
 }
+
+/// [`QuantizedActs::quantize`] with AVX2, bit-identical to it: the block maximum is exact, the
+/// scale and its inverse are the same scalar f32 operations, `x · inv` is the same f32 product,
+/// and rounding half away from zero is `trunc(t) + copysign(|t − trunc(t)| ≥ ½, t)` (the
+/// difference is exact). NaN products (NaN inputs, `∞ · 0`, `0 · ∞`) become 0 as the scalar
+/// `as i8` cast makes them; NaN inputs are ignored by the maximum as by `f32::max`.
+///
+/// # Safety
+/// The CPU must support AVX2. `acts` must come from `QuantizedActs::zeroed(rows, cols)` with
+/// `x.len() == rows * cols`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn quantize_acts(x: &[f32], acts: &mut QuantizedActs) {
+    let sign = _mm256_set1_ps(-0.0);
+    let half = _mm256_set1_ps(0.5);
+    let one = _mm256_set1_ps(1.0);
+    let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    let blocks = x.chunks_exact(QK).zip(acts.qs.chunks_exact_mut(QK));
+    let scales = acts.d.iter_mut().zip(acts.dsum.iter_mut()).zip(acts.dsum16.iter_mut());
+    for ((xb, qb), ((d_out, dsum_out), dsum16_out)) in blocks.zip(scales) {
+        // SAFETY: `xb` holds 32 values.
+        let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(xb.as_ptr().add(8 * i)) });
+        // NaN lanes of the first operand leave the running maximum unchanged (`vmaxps`
+        // returns its second operand when either is NaN), as `f32::max` ignores NaN.
+        let mut m = _mm256_setzero_ps();
+        for vi in v {
+            m = _mm256_max_ps(_mm256_andnot_ps(sign, vi), m);
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1)));
+        let d = amax / 127.0;
+        let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let q: [__m256i; 4] = std::array::from_fn(|i| {
+            let t = _mm256_mul_ps(v[i], inv);
+            let trunc = _mm256_round_ps(t, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(t, trunc));
+            let away = _mm256_and_ps(_mm256_cmp_ps(frac, half, _CMP_GE_OQ), _mm256_or_ps(_mm256_and_ps(t, sign), one));
+            let rounded = _mm256_and_ps(_mm256_add_ps(trunc, away), _mm256_cmp_ps(t, t, _CMP_ORD_Q));
+            _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(rounded, lo), hi))
+        });
+        let words = _mm256_packs_epi32(q[0], q[1]);
+        let words_hi = _mm256_packs_epi32(q[2], q[3]);
+        let bytes = _mm256_packs_epi16(words, words_hi);
+        // The packs work per 128-bit lane: restore the element order.
+        let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        // SAFETY: `qb` holds 32 bytes.
+        unsafe { _mm256_storeu_si256(qb.as_mut_ptr() as *mut __m256i, bytes) };
+        let sum_i32 = |a: __m256i, b: __m256i| {
+            let s = _mm256_add_epi32(a, b);
+            let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+            _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)))
+        };
+        let sums = [sum_i32(q[0], q[1]), sum_i32(q[2], q[3])];
+        *d_out = d;
+        *dsum16_out = [d * sums[0] as f32, d * sums[1] as f32];
+        *dsum_out = d * (sums[0] + sums[1]) as f32;
+    }
+}
