@@ -17,6 +17,8 @@
 //! scalar path (written so that the compiler vectorizes it with the baseline ISA, e.g. NEON on
 //! aarch64). Work is split by output features across the persistent pool of [`crate::pool`].
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -129,7 +131,7 @@ pub(crate) struct QuantizedActs {
     /// Blocks per row.
     pub blocks: usize,
     /// `rows * blocks * 32` quantized values.
-    pub qs: Vec<i8>,
+    pub qs: AlignedI8,
     /// Scale of each block (`rows * blocks`).
     pub d: Vec<f32>,
     /// `d * sum(q)` of each block.
@@ -157,7 +159,7 @@ impl QuantizedActs {
         let blocks = cols / QK;
         QuantizedActs {
             blocks,
-            qs: vec![0; rows * cols],
+            qs: AlignedI8::zeroed(rows * cols),
             d: vec![0.0; rows * blocks],
             dsum: vec![0.0; rows * blocks],
             dsum16: vec![[0.0; 2]; rows * blocks],
@@ -184,6 +186,41 @@ impl QuantizedActs {
             acts.dsum[b] = d * (sums[0] + sums[1]) as f32;
         }
         acts
+    }
+}
+
+/// A zeroed `[i8]` buffer that starts on a 64-byte boundary, so that the activation rows of
+/// the common widths (multiples of 64) are whole cache lines: a 64-byte vector load of two
+/// quant blocks then never straddles two lines.
+#[derive(Debug, Clone)]
+pub(crate) struct AlignedI8 {
+    lines: Vec<CacheLine>,
+    len: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+struct CacheLine([i8; 64]);
+
+impl AlignedI8 {
+    fn zeroed(len: usize) -> AlignedI8 {
+        AlignedI8 { lines: vec![CacheLine([0; 64]); len.div_ceil(64)], len }
+    }
+}
+
+impl std::ops::Deref for AlignedI8 {
+    type Target = [i8];
+    fn deref(&self) -> &[i8] {
+        // SAFETY: `lines` holds at least `len` initialized `i8`s, contiguous (`CacheLine` is a
+        // `repr(C)` array of 64 bytes with no padding).
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const i8, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedI8 {
+    fn deref_mut(&mut self) -> &mut [i8] {
+        // SAFETY: as in `deref`, and `&mut self` makes the borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut i8, self.len) }
     }
 }
 
@@ -438,8 +475,14 @@ fn via_ggml_tiles(
 fn split_rows(isa: Isa, w: &SplitBlocks, acts: &QuantizedActs, rows: usize, outs: Range<usize>, out: OutPtr) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa()` verified AVX2, FMA and F16C at run time (the AVX-512 levels imply them).
-        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::split_rows(w, acts, rows, outs, out) },
+        // SAFETY: `isa()` verified AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C at run time.
+        Isa::Avx512Vnni => unsafe { avx512::vnni::split_rows(w, acts, rows, outs, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` verified AVX-512 F/BW/VL, AVX2, FMA and F16C at run time.
+        Isa::Avx512 => unsafe { avx512::plain::split_rows(w, acts, rows, outs, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` verified AVX2, FMA and F16C at run time.
+        Isa::Avx2 => unsafe { x86::split_rows(w, acts, rows, outs, out) },
         _ => via_ggml_tiles(w, acts.blocks * QK, outs, out, &|blocks, local, out| {
             scalar::quantized_rows(blocks, acts, rows, local, out)
         }),
@@ -449,8 +492,11 @@ fn split_rows(isa: Isa, w: &SplitBlocks, acts: &QuantizedActs, rows: usize, outs
 fn f32_rows(isa: Isa, w: &[f32], n_in: usize, x: &[f32], rows: usize, outs: Range<usize>, out: OutPtr) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa()` verified AVX2, FMA and F16C at run time (the AVX-512 levels imply them).
-        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::f32_rows(w, n_in, x, rows, outs, out) },
+        // SAFETY: `isa()` verified AVX-512 F/BW/VL, AVX2, FMA and F16C at run time.
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe { avx512::f32_rows(w, n_in, x, rows, outs, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` verified AVX2, FMA and F16C at run time.
+        Isa::Avx2 => unsafe { x86::f32_rows(w, n_in, x, rows, outs, out) },
         _ => scalar::f32_rows(w, n_in, x, rows, outs, out),
     }
 }
@@ -557,7 +603,7 @@ mod tests {
 
     fn assert_same_acts(a: &QuantizedActs, b: &QuantizedActs, what: &str) {
         assert_eq!(a.blocks, b.blocks, "{what}");
-        assert_eq!(a.qs, b.qs, "{what}: quants");
+        assert_eq!(a.qs[..], b.qs[..], "{what}: quants");
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&a.d), bits(&b.d), "{what}: scales");
         assert_eq!(bits(&a.dsum), bits(&b.dsum), "{what}: sums");
@@ -612,48 +658,86 @@ mod tests {
         }
     }
 
-    /// The SIMD integer path computes the same integer sums as the portable one; only the f32
-    /// summation order differs.
+    /// Every SIMD level computes the same integer sums as the portable path; only the f32
+    /// summation order differs. Shapes cover partial groups of eight blocks, odd block counts
+    /// (a lone block in the AVX-512 pair loop), and every row remainder of the 4- and 8-row passes.
     #[test]
     fn simd_matches_portable_integer_path() {
         let mut next = xorshift(0x9E37_79B9_7F4A_7C15);
         for ty in PackedMatrix::KEPT_QUANTIZED {
-            let (n_out, n_in, rows) = (13, if ty.block_size() == 32 { 608 } else { 512 }, 7);
-            let size = crate::quant::row_bytes(ty, n_in).unwrap_or(0) * n_out;
-            let mut data: Vec<u8> = (0..size).map(|_| next() as u8).collect();
-            // Sane f16 scales: overwrite every block's scale fields with 0.01-ish values.
-            let fields: &[usize] = match ty {
-                GgmlType::Q6_K => &[208],
-                GgmlType::Q4_1 | GgmlType::Q4_K => &[0, 2],
-                _ => &[0],
-            };
-            for block in data.chunks_exact_mut(ty.type_size()) {
-                for &f in fields {
-                    block[f..f + 2].copy_from_slice(&half::f16::from_f32(0.01).to_bits().to_le_bytes());
+            let block_counts: &[usize] =
+                if ty.block_size() == 32 { &[1, 2, 3, 7, 8, 9, 16, 18, 19, 48] } else { &[1, 2] };
+            for &blocks in block_counts {
+                let (n_out, n_in) = (13, blocks * ty.block_size());
+                let size = crate::quant::row_bytes(ty, n_in).unwrap_or(0) * n_out;
+                let mut data: Vec<u8> = (0..size).map(|_| next() as u8).collect();
+                // Sane f16 scales: overwrite every block's scale fields with 0.01-ish values.
+                let fields: &[usize] = match ty {
+                    GgmlType::Q6_K => &[208],
+                    GgmlType::Q4_1 | GgmlType::Q4_K => &[0, 2],
+                    _ => &[0],
+                };
+                for block in data.chunks_exact_mut(ty.type_size()) {
+                    for &f in fields {
+                        let scale = 0.005 + (next() % 100) as f32 * 1e-4;
+                        block[f..f + 2].copy_from_slice(&half::f16::from_f32(scale).to_bits().to_le_bytes());
+                    }
+                }
+                let w = PackedMatrix::from_ggml(ty, &data, n_out, n_in).unwrap();
+                for rows in [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 16, 17] {
+                    let x: Vec<f32> = (0..rows * n_in).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
+                    let acts = QuantizedActs::quantize(&x, rows, n_in);
+                    let mut portable = vec![0.0f32; rows * n_out];
+                    let portable_out = OutPtr { ptr: portable.as_mut_ptr(), n_out };
+                    match w.storage() {
+                        Storage::Blocks { data, row_stride, .. } => {
+                            let blocks = BlockRows { ty, data, row_stride: *row_stride, n_in };
+                            scalar::quantized_rows(&blocks, &acts, rows, 0..n_out, portable_out);
+                        }
+                        Storage::Split(split) => split_rows(Isa::Scalar, split, &acts, rows, 0..n_out, portable_out),
+                        Storage::F32(_) => panic!("{ty} not kept quantized"),
+                    }
+                    for isa in supported_isas().into_iter().skip(1) {
+                        let mut simd = vec![f32::NAN; rows * n_out];
+                        let simd_out = OutPtr { ptr: simd.as_mut_ptr(), n_out };
+                        match w.storage() {
+                            Storage::Blocks { data, row_stride, .. } => {
+                                let blocks = BlockRows { ty, data, row_stride: *row_stride, n_in };
+                                quantized_rows(isa, &blocks, &acts, rows, 0..n_out, simd_out);
+                            }
+                            Storage::Split(split) => split_rows(isa, split, &acts, rows, 0..n_out, simd_out),
+                            Storage::F32(_) => panic!("{ty} not kept quantized"),
+                        }
+                        for (a, b) in simd.iter().zip(&portable) {
+                            // Q6_K and Q4_1 subtract large offset terms, so allow for f32 cancellation.
+                            assert!(
+                                (a - b).abs() <= 1e-3 * b.abs().max(1.0),
+                                "{ty} {isa:?} blocks {blocks} rows {rows}: simd {a} portable {b}"
+                            );
+                        }
+                    }
                 }
             }
-            let w = PackedMatrix::from_ggml(ty, &data, n_out, n_in).unwrap();
-            let x: Vec<f32> = (0..rows * n_in).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
-            let acts = QuantizedActs::quantize(&x, rows, n_in);
-            let mut simd = vec![0.0f32; rows * n_out];
-            let mut portable = vec![0.0f32; rows * n_out];
-            let (simd_out, portable_out) =
-                (OutPtr { ptr: simd.as_mut_ptr(), n_out }, OutPtr { ptr: portable.as_mut_ptr(), n_out });
-            match w.storage() {
-                Storage::Blocks { data, row_stride, .. } => {
-                    let blocks = BlockRows { ty, data, row_stride: *row_stride, n_in };
-                    quantized_rows(isa(), &blocks, &acts, rows, 0..n_out, simd_out);
-                    scalar::quantized_rows(&blocks, &acts, rows, 0..n_out, portable_out);
+        }
+    }
+
+    #[test]
+    fn simd_f32_rows_match_portable() {
+        let mut next = xorshift(0x51_7CC1_B727_220A);
+        for n_in in [1usize, 7, 15, 16, 17, 33, 64, 100, 576] {
+            let n_out = 11;
+            let w: Vec<f32> = (0..n_out * n_in).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
+            for rows in 1..=9 {
+                let x: Vec<f32> = (0..rows * n_in).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
+                let mut portable = vec![0.0f32; rows * n_out];
+                scalar::f32_rows(&w, n_in, &x, rows, 0..n_out, OutPtr { ptr: portable.as_mut_ptr(), n_out });
+                for isa in supported_isas().into_iter().skip(1) {
+                    let mut simd = vec![f32::NAN; rows * n_out];
+                    f32_rows(isa, &w, n_in, &x, rows, 0..n_out, OutPtr { ptr: simd.as_mut_ptr(), n_out });
+                    for (a, b) in simd.iter().zip(&portable) {
+                        assert!((a - b).abs() <= 1e-5 * n_in as f32, "{isa:?} n_in {n_in} rows {rows}: {a} vs {b}");
+                    }
                 }
-                Storage::Split(split) => {
-                    split_rows(isa(), split, &acts, rows, 0..n_out, simd_out);
-                    split_rows(Isa::Scalar, split, &acts, rows, 0..n_out, portable_out);
-                }
-                Storage::F32(_) => panic!("{ty} not kept quantized"),
-            }
-            for (a, b) in simd.iter().zip(&portable) {
-                // Q6_K and Q4_1 subtract large offset terms, so allow for f32 cancellation.
-                assert!((a - b).abs() <= 1e-3 * b.abs().max(1.0), "{ty}: simd {a} portable {b}");
             }
         }
     }

@@ -334,8 +334,12 @@ pub(super) unsafe fn quantized_rows(
     }
 }
 
+/// Writes `values[r]` to `out[r0 + r, o]`.
+///
+/// # Safety
+/// The caller owns column `o`, and rows `r0..r0 + R` exist.
 #[inline(always)]
-unsafe fn write_rows<const R: usize>(out: OutPtr, r0: usize, o: usize, values: &[f32; R]) {
+pub(super) unsafe fn write_rows<const R: usize>(out: OutPtr, r0: usize, o: usize, values: &[f32; R]) {
     for (r, &v) in values.iter().enumerate() {
         // SAFETY: the caller owns column `o` and rows `r0..r0 + R` exist.
         unsafe { out.write(r0 + r, o, v) };

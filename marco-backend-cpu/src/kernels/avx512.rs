@@ -1,0 +1,373 @@
+//! AVX-512 (F, BW, VL) kernels for the split Q8_0/Q4_0/Q4_1 layout and for f32 weights,
+//! selected at run time by [`super::isa`] ([`super::Isa::Avx512`], [`super::Isa::Avx512Vnni`]).
+//!
+//! The integer kernels follow the AVX2 ones ([`super::x86`]) with two quant blocks per 512-bit
+//! register: a pair of weight blocks is unpacked once into 64 unsigned bytes and multiplied
+//! with the 64 bytes of the same two blocks of each activation row, by `vpdpbusd` (AVX512-VNNI)
+//! or `vpmaddubsw` + `vpmaddwd`; the 16 lanes of i32 sums (eight per block) are converted to
+//! f32 and accumulated with the per-block product of the two scales, broadcast to its eight
+//! lanes by one `vpermps`. Blocks go in groups of eight, whose f16 scales (and mins) are
+//! converted with one `vcvtph2ps`; a row's last, partial group uses masked loads, which read
+//! nothing past the row. Offsets (Q4_0's `-8`, Q4_1's `m`) are applied through the activation
+//! block sums, eight blocks per FMA.
+//!
+//! Up to eight activation rows share each decoded weight pair (32 vector registers leave room
+//! for eight accumulators), so a batch of eight streams the weights once.
+//!
+//! Every kernel is compiled twice from one macro, with and without VNNI in its target
+//! features, so that the dot-product helper inlines into each.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::x86::write_rows;
+use super::{OutPtr, QuantizedActs};
+use crate::packed::SplitBlocks;
+use crate::quant::{GgmlType, QK};
+
+/// Split-layout kinds (const generic parameter of the dot kernels).
+const KIND_Q8_0: u8 = 0;
+const KIND_Q4_0: u8 = 1;
+const KIND_Q4_1: u8 = 2;
+
+/// Most activation rows per pass over a weight row.
+const MAX_ROWS: usize = 8;
+
+/// Sixteen i32 sums of four adjacent u8 × i8 products each (`vpmaddubsw` + `vpmaddwd`). The
+/// pairwise i16 sums cannot saturate: weights are at most 128 (`|q8|`) and activations at most
+/// 127 in magnitude, so a pair is at most `2 · 128 · 127`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+fn dot_u8_i8_plain(w: __m512i, a: __m512i) -> __m512i {
+    _mm512_madd_epi16(_mm512_maddubs_epi16(w, a), _mm512_set1_epi16(1))
+}
+
+/// Sixteen i32 sums of four adjacent u8 × i8 products each (`vpdpbusd`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn dot_u8_i8_vnni(w: __m512i, a: __m512i) -> __m512i {
+    _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a)
+}
+
+/// Raw pointers to one weight row of a split matrix.
+#[derive(Clone, Copy)]
+struct WeightRow {
+    d: *const u16,
+    /// The mins (Q4_1); the scales again otherwise (never used as mins).
+    m: *const u16,
+    qs: *const u8,
+}
+
+impl WeightRow {
+    /// # Safety
+    /// `o` must be a row of `w`, and `KIND` must match `w.ty`.
+    unsafe fn new<const KIND: u8>(w: &SplitBlocks, o: usize) -> WeightRow {
+        let nb = w.blocks;
+        let quant = if KIND == KIND_Q8_0 { 32 } else { 16 };
+        // SAFETY: row `o` has `nb` scales (and mins) and `nb * quant` quant bytes.
+        unsafe {
+            WeightRow {
+                d: w.d.as_ptr().add(o * nb),
+                m: if KIND == KIND_Q4_1 { w.m.as_ptr().add(o * nb) } else { w.d.as_ptr().add(o * nb) },
+                qs: w.qs.as_ptr().add(o * nb * quant),
+            }
+        }
+    }
+}
+
+/// Raw pointers to activation rows from `r0` of [`QuantizedActs`].
+#[derive(Clone, Copy)]
+struct ActRows {
+    qs: *const u8,
+    d: *const f32,
+    dsum: *const f32,
+    blocks: usize,
+}
+
+impl ActRows {
+    /// # Safety
+    /// Row `r0` must exist in `acts`.
+    unsafe fn new(acts: &QuantizedActs, r0: usize) -> ActRows {
+        let nb = acts.blocks;
+        // SAFETY: row `r0` exists.
+        unsafe {
+            ActRows {
+                qs: acts.qs.as_ptr().add(r0 * nb * QK) as *const u8,
+                d: acts.d.as_ptr().add(r0 * nb),
+                dsum: acts.dsum.as_ptr().add(r0 * nb),
+                blocks: nb,
+            }
+        }
+    }
+}
+
+/// Generates `split_dot` (one weight row against `R` activation rows) and `split_rows` (the
+/// entry point) for one target-feature set and dot-product helper.
+macro_rules! split_kernels {
+    ($module:ident, $features:literal, $dot:ident) => {
+        pub(super) mod $module {
+            use super::*;
+
+            /// Accumulates blocks `b0..b0 + n` (`n <= 8`; `FULL` means `n == 8`) of weight row
+            /// `row` against the activation rows `acts` into `acc`.
+            ///
+            /// # Safety
+            /// The CPU must have the target features; the blocks exist in the weight row and in
+            /// each of the `R` activation rows (partial groups are read with masked loads).
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn group<const R: usize, const KIND: u8, const FULL: bool>(
+                acc: &mut [__m512; R],
+                row: WeightRow,
+                acts: ActRows,
+                b0: usize,
+                n: usize,
+            ) {
+                let n = if FULL { 8 } else { n };
+                let quant = if KIND == KIND_Q8_0 { 32 } else { 16 };
+                let group_mask: __mmask8 = if FULL { 0xFF } else { (1u8 << n) - 1 };
+                // SAFETY: `n` scales (and mins) from block `b0` exist; masked lanes are not read.
+                let (dw, mw) = unsafe {
+                    if FULL {
+                        (
+                            _mm256_cvtph_ps(_mm_loadu_si128(row.d.add(b0) as *const __m128i)),
+                            _mm256_cvtph_ps(_mm_loadu_si128(row.m.add(b0) as *const __m128i)),
+                        )
+                    } else {
+                        (
+                            _mm256_cvtph_ps(_mm_maskz_loadu_epi16(group_mask, row.d.add(b0) as *const i16)),
+                            _mm256_cvtph_ps(_mm_maskz_loadu_epi16(group_mask, row.m.add(b0) as *const i16)),
+                        )
+                    }
+                };
+                let dw = _mm512_zextps256_ps512(dw);
+                let offset = match KIND {
+                    KIND_Q4_1 => _mm512_zextps256_ps512(mw),
+                    _ => _mm512_mul_ps(dw, _mm512_set1_ps(-8.0)),
+                };
+                let pairs = if FULL { 4 } else { n.div_ceil(2) };
+                let mut wv = [_mm512_setzero_si512(); 4];
+                let mut negative: [__mmask64; 4] = [0; 4];
+                for p in 0..pairs {
+                    let whole = FULL || 2 * p + 2 <= n;
+                    // SAFETY: block `b0 + 2p` (and `b0 + 2p + 1` when `whole`) exist.
+                    let qp = unsafe { row.qs.add((b0 + 2 * p) * quant) };
+                    if KIND == KIND_Q8_0 {
+                        // SAFETY: 64 bytes (two blocks) or, masked, 32 bytes (one) at `qp`.
+                        let wq = unsafe {
+                            if whole {
+                                _mm512_loadu_si512(qp as *const __m512i)
+                            } else {
+                                _mm512_maskz_loadu_epi8(0xFFFF_FFFF, qp as *const i8)
+                            }
+                        };
+                        // |w| as unsigned bytes; the activations take the weights' signs.
+                        negative[p] = _mm512_movepi8_mask(wq);
+                        wv[p] = _mm512_abs_epi8(wq);
+                    } else {
+                        // SAFETY: 32 bytes (two blocks) or, masked, 16 bytes (one) at `qp`.
+                        let packed = unsafe {
+                            if whole {
+                                _mm256_loadu_si256(qp as *const __m256i)
+                            } else {
+                                _mm256_maskz_loadu_epi8(0xFFFF, qp as *const i8)
+                            }
+                        };
+                        let z = _mm512_castsi256_si512(packed);
+                        let doubled = _mm512_shuffle_i64x2::<0b01_01_00_00>(z, z);
+                        // Per 64-bit lane: 128-bit lanes 0 and 2 keep the low nibbles, 1 and 3
+                        // the high ones.
+                        let shifts = _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4);
+                        wv[p] = _mm512_and_si512(_mm512_srlv_epi64(doubled, shifts), _mm512_set1_epi8(0x0F));
+                    }
+                }
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let row_block = r * acts.blocks + b0;
+                    // SAFETY: `n` scales and sums of activation row `r` from block `b0` exist.
+                    let (da, dsum) = unsafe {
+                        if FULL {
+                            (
+                                _mm512_zextps256_ps512(_mm256_loadu_ps(acts.d.add(row_block))),
+                                _mm512_zextps256_ps512(_mm256_loadu_ps(acts.dsum.add(row_block))),
+                            )
+                        } else {
+                            (
+                                _mm512_maskz_loadu_ps(group_mask as __mmask16, acts.d.add(row_block)),
+                                _mm512_maskz_loadu_ps(group_mask as __mmask16, acts.dsum.add(row_block)),
+                            )
+                        }
+                    };
+                    let scales = _mm512_mul_ps(dw, da);
+                    if KIND != KIND_Q8_0 {
+                        *acc_r = _mm512_fmadd_ps(offset, dsum, *acc_r);
+                    }
+                    for p in 0..pairs {
+                        let whole = FULL || 2 * p + 2 <= n;
+                        // SAFETY: 64 bytes (two blocks) or, masked, 32 (one) of activation row `r`.
+                        let a = unsafe {
+                            let ap = acts.qs.add((row_block + 2 * p) * QK);
+                            if whole {
+                                _mm512_loadu_si512(ap as *const __m512i)
+                            } else {
+                                _mm512_maskz_loadu_epi8(0xFFFF_FFFF, ap as *const i8)
+                            }
+                        };
+                        let a = if KIND == KIND_Q8_0 {
+                            _mm512_mask_sub_epi8(a, negative[p], _mm512_setzero_si512(), a)
+                        } else {
+                            a
+                        };
+                        let s = _mm512_cvtepi32_ps($dot(wv[p], a));
+                        // Lanes 0..8 take the scale of block `2p`, lanes 8..16 that of `2p + 1`.
+                        let (lo, hi) = (2 * p as i32, 2 * p as i32 + 1);
+                        let lanes = _mm512_setr_epi32(lo, lo, lo, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi, hi, hi, hi);
+                        *acc_r = _mm512_fmadd_ps(s, _mm512_permutexvar_ps(lanes, scales), *acc_r);
+                    }
+                }
+            }
+
+            /// Dot products of weight row `o` with the `R` activation rows from `r0`.
+            ///
+            /// # Safety
+            /// The CPU must have the target features; `o < n_out` of `w`; rows `r0..r0 + R`
+            /// exist in `acts`, whose rows have `w.blocks` blocks.
+            #[target_feature(enable = $features)]
+            unsafe fn split_dot<const R: usize, const KIND: u8>(
+                w: &SplitBlocks,
+                o: usize,
+                acts: &QuantizedActs,
+                r0: usize,
+            ) -> [f32; R] {
+                // SAFETY: as this function's contract.
+                let (row, acts) = unsafe { (WeightRow::new::<KIND>(w, o), ActRows::new(acts, r0)) };
+                let nb = w.blocks;
+                let mut acc = [_mm512_setzero_ps(); R];
+                let mut b0 = 0;
+                while b0 + 8 <= nb {
+                    // SAFETY: blocks `b0..b0 + 8` exist.
+                    unsafe { group::<R, KIND, true>(&mut acc, row, acts, b0, 8) };
+                    b0 += 8;
+                }
+                if b0 < nb {
+                    // SAFETY: blocks `b0..nb` exist.
+                    unsafe { group::<R, KIND, false>(&mut acc, row, acts, b0, nb - b0) };
+                }
+                std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]))
+            }
+
+            /// Computes `out[r, o]` for a split Q8_0/Q4_0/Q4_1 matrix.
+            ///
+            /// # Safety
+            /// The CPU must have the target features; `out` must be a `[rows, n_out]` buffer
+            /// whose columns `outs` belong to the caller; `acts` must hold `rows` rows of
+            /// `w.blocks` blocks.
+            #[target_feature(enable = $features)]
+            pub(in crate::kernels) unsafe fn split_rows(
+                w: &SplitBlocks,
+                acts: &QuantizedActs,
+                rows: usize,
+                outs: Range<usize>,
+                out: OutPtr,
+            ) {
+                macro_rules! run_kind {
+                    ($kind:expr) => {
+                        for o in outs {
+                            let mut r0 = 0;
+                            while r0 < rows {
+                                // SAFETY: rows `r0..r0 + R` exist; output `(r, o)` belongs to
+                                // this task.
+                                unsafe {
+                                    match rows - r0 {
+                                        1 => write_rows(out, r0, o, &split_dot::<1, { $kind }>(w, o, acts, r0)),
+                                        2 => write_rows(out, r0, o, &split_dot::<2, { $kind }>(w, o, acts, r0)),
+                                        3 => write_rows(out, r0, o, &split_dot::<3, { $kind }>(w, o, acts, r0)),
+                                        4 => write_rows(out, r0, o, &split_dot::<4, { $kind }>(w, o, acts, r0)),
+                                        5 => write_rows(out, r0, o, &split_dot::<5, { $kind }>(w, o, acts, r0)),
+                                        6 => write_rows(out, r0, o, &split_dot::<6, { $kind }>(w, o, acts, r0)),
+                                        7 => write_rows(out, r0, o, &split_dot::<7, { $kind }>(w, o, acts, r0)),
+                                        _ => write_rows(out, r0, o, &split_dot::<MAX_ROWS, { $kind }>(w, o, acts, r0)),
+                                    }
+                                }
+                                r0 += MAX_ROWS;
+                            }
+                        }
+                    };
+                }
+                match w.ty {
+                    GgmlType::Q8_0 => run_kind!(KIND_Q8_0),
+                    GgmlType::Q4_0 => run_kind!(KIND_Q4_0),
+                    _ => run_kind!(KIND_Q4_1),
+                }
+            }
+        }
+    };
+}
+
+split_kernels!(plain, "avx512f,avx512bw,avx512vl,avx2,fma,f16c", dot_u8_i8_plain);
+split_kernels!(vnni, "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c", dot_u8_i8_vnni);
+
+/// f32 dot products of one weight row with `R` activation rows, `U` accumulators each; the
+/// last `n_in % 16` values use masked loads.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn f32_dot<const R: usize, const U: usize>(
+    w_row: *const f32,
+    x: *const f32,
+    n_in: usize,
+    r0: usize,
+) -> [f32; R] {
+    let mut acc = [[_mm512_setzero_ps(); U]; R];
+    let mut k = 0;
+    // SAFETY (loads below): `w_row` has `n_in` values and `x` rows `r0..r0 + R` of `n_in`.
+    while k + 16 * U <= n_in {
+        for u in 0..U {
+            let wv = unsafe { _mm512_loadu_ps(w_row.add(k + 16 * u)) };
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let xv = unsafe { _mm512_loadu_ps(x.add((r0 + r) * n_in + k + 16 * u)) };
+                acc_r[u] = _mm512_fmadd_ps(wv, xv, acc_r[u]);
+            }
+        }
+        k += 16 * U;
+    }
+    while k < n_in {
+        let left = n_in - k;
+        let mask: __mmask16 = if left >= 16 { 0xFFFF } else { (1u16 << left) - 1 };
+        // SAFETY: the masked loads read only values `k..n_in`.
+        let wv = unsafe { _mm512_maskz_loadu_ps(mask, w_row.add(k)) };
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let xv = unsafe { _mm512_maskz_loadu_ps(mask, x.add((r0 + r) * n_in + k)) };
+            acc_r[0] = _mm512_fmadd_ps(wv, xv, acc_r[0]);
+        }
+        k += 16;
+    }
+    std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r][1..].iter().fold(acc[r][0], |v, &a| _mm512_add_ps(v, a))))
+}
+
+/// f32 weights: `out[r, o] = dot(w[o], x[r])`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL, AVX2, FMA and F16C; `w` is `[n_out, n_in]`, `x` is
+/// `[rows, n_in]`, and `out` a `[rows, n_out]` buffer whose columns `outs` belong to the caller.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(super) unsafe fn f32_rows(w: &[f32], n_in: usize, x: &[f32], rows: usize, outs: Range<usize>, out: OutPtr) {
+    let xp = x.as_ptr();
+    for o in outs {
+        let w_row = w[o * n_in..(o + 1) * n_in].as_ptr();
+        let mut r0 = 0;
+        while r0 < rows {
+            // SAFETY: rows `r0..r0 + R` exist; output `(r, o)` belongs to this task.
+            unsafe {
+                match rows - r0 {
+                    1 => write_rows(out, r0, o, &f32_dot::<1, 4>(w_row, xp, n_in, r0)),
+                    2 => write_rows(out, r0, o, &f32_dot::<2, 4>(w_row, xp, n_in, r0)),
+                    3 => write_rows(out, r0, o, &f32_dot::<3, 2>(w_row, xp, n_in, r0)),
+                    4 => write_rows(out, r0, o, &f32_dot::<4, 2>(w_row, xp, n_in, r0)),
+                    5 => write_rows(out, r0, o, &f32_dot::<5, 1>(w_row, xp, n_in, r0)),
+                    6 => write_rows(out, r0, o, &f32_dot::<6, 1>(w_row, xp, n_in, r0)),
+                    7 => write_rows(out, r0, o, &f32_dot::<7, 1>(w_row, xp, n_in, r0)),
+                    _ => write_rows(out, r0, o, &f32_dot::<MAX_ROWS, 1>(w_row, xp, n_in, r0)),
+                }
+            }
+            r0 += MAX_ROWS;
+        }
+    }
+}
