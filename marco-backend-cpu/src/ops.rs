@@ -1,2 +1,464 @@
 //! Host implementations of the non-linear parts of a decoder layer (RMSNorm, rotary
 //! embeddings, attention over a chain of KV segments, SwiGLU) on row-major f32 slices.
+//!
+//! At decode, the linear layers are a few milliseconds of streaming weights; what remains of a
+//! step is a few hundred tiny operations (a 576-wide RMSNorm, one query against a few hundred
+//! keys). Run as generic tensor ops, each of those allocates, iterates through strided views
+//! and, for attention, copies the cached keys into a fresh contiguous buffer every layer;
+//! together that cost as much as the weights. These functions do the same arithmetic in one
+//! pass over the caller's buffers, reading the KV cache where it lies.
+//!
+//! Every function checks its buffer lengths first and returns [`KernelError`] on a mismatch;
+//! none panics on bad input. Results do not depend on how rows are batched or how the cache is
+//! cut into segments (each output element is computed by the same code in the same order), so a
+//! forked or batched sequence gets bit-for-bit the outputs of the same sequence run alone.
+
+use crate::{pool, KernelError};
+
+fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<(), KernelError> {
+    if expected != actual {
+        return Err(KernelError::LengthMismatch { what, expected, actual, unit: "elements" });
+    }
+    Ok(())
+}
+
+fn product(dims: &[usize]) -> Result<usize, KernelError> {
+    dims.iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| KernelError::InvalidShape { reason: format!("size overflow: {dims:?}") })
+}
+
+/// Dot product with eight independent accumulators (so that it vectorizes without fast-math).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (a8, a_tail) = a.split_at(a.len() / 8 * 8);
+    let (b8, b_tail) = b.split_at(a8.len().min(b.len()));
+    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+        for i in 0..8 {
+            // Not `mul_add`: without FMA in the build's baseline it is a slow libm call.
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in a_tail.iter().zip(b_tail) {
+        sum += x * y;
+    }
+    sum
+}
+
+/// `out[r] = x[r] / rms(x[r]) * weight` for each row of width `weight.len()`, where
+/// `rms(v) = sqrt(mean(v²) + eps)` (the mean accumulated in f64, as llama.cpp does).
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<(), KernelError> {
+    let width = weight.len();
+    if width == 0 || !x.len().is_multiple_of(width) {
+        return Err(KernelError::InvalidShape {
+            reason: format!("rms_norm: {} values are not rows of width {width}", x.len()),
+        });
+    }
+    check_len("rms_norm output", x.len(), out.len())?;
+    for (row, out_row) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+        let sum_sq: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let inv_rms = (1.0 / (sum_sq / width as f64 + eps as f64).sqrt()) as f32;
+        for ((o, &v), &w) in out_row.iter_mut().zip(row).zip(weight) {
+            *o = v * inv_rms * w;
+        }
+    }
+    Ok(())
+}
+
+/// Rotates `x` (`[rows, heads, head_dim]`, in place) by the rotary embedding in the Hugging
+/// Face half-split layout and multiplies it by `scale`: with `h = head_dim / 2`,
+/// `x'[i] = x[i]·cos[i] − x[i+h]·sin[i]` and `x'[i+h] = x[i+h]·cos[i+h] + x[i]·sin[i+h]`.
+/// `cos` and `sin` hold one `head_dim` row per row of `x` (the angles of its position).
+pub fn rope(
+    x: &mut [f32],
+    heads: usize,
+    head_dim: usize,
+    cos: &[f32],
+    sin: &[f32],
+    scale: f32,
+) -> Result<(), KernelError> {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) || heads == 0 {
+        return Err(KernelError::InvalidShape { reason: format!("rope: {heads} heads of width {head_dim}") });
+    }
+    let row_width = product(&[heads, head_dim])?;
+    if !x.len().is_multiple_of(row_width) {
+        return Err(KernelError::InvalidShape {
+            reason: format!("rope: {} values are not rows of {heads} × {head_dim}", x.len()),
+        });
+    }
+    let rows = x.len() / row_width;
+    check_len("rope cos table", rows * head_dim, cos.len())?;
+    check_len("rope sin table", rows * head_dim, sin.len())?;
+    let half = head_dim / 2;
+    for (r, row) in x.chunks_exact_mut(row_width).enumerate() {
+        let (c, s) = (&cos[r * head_dim..(r + 1) * head_dim], &sin[r * head_dim..(r + 1) * head_dim]);
+        for head in row.chunks_exact_mut(head_dim) {
+            let (lo, hi) = head.split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (lo[i], hi[i]);
+                lo[i] = (a * c[i] - b * s[i]) * scale;
+                hi[i] = (b * c[i + half] + a * s[i + half]) * scale;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `gate[i] = silu(gate[i]) · up[i]` in place (`silu(g) = g / (1 + e^{−g})`).
+pub fn swiglu(gate: &mut [f32], up: &[f32]) -> Result<(), KernelError> {
+    check_len("swiglu up", gate.len(), up.len())?;
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+    Ok(())
+}
+
+/// One run of consecutive cached positions of one layer: keys and values in a buffer laid out
+/// `[kv_heads, capacity, head_dim]`, of which the first `len` positions are used.
+#[derive(Debug, Clone, Copy)]
+pub struct KvRun<'a> {
+    /// Keys (after the rotary embedding).
+    pub k: &'a [f32],
+    /// Values.
+    pub v: &'a [f32],
+    /// Positions the buffer has room for.
+    pub capacity: usize,
+    /// Positions in use (`<= capacity`).
+    pub len: usize,
+}
+
+/// The shape of an attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (divides `heads`; grouped-query attention).
+    pub kv_heads: usize,
+    /// Width of a head.
+    pub head_dim: usize,
+}
+
+/// Work (query rows × keys × heads) below which attention runs on the calling thread only.
+const PARALLEL_ATTENTION_MIN: usize = 1 << 14;
+
+/// Causal grouped-query attention of `n` new query rows against a sequence's cached keys and
+/// values, given as consecutive `runs` in position order whose lengths add up to `past + n`
+/// (the new rows' own keys are the last `n` positions). Query row `j` attends to positions
+/// `0..=past + j`; query head `h` reads key/value head `h / (heads / kv_heads)`.
+///
+/// `q` is `[n, heads, head_dim]` (already rotated and scaled by `1/sqrt(head_dim)`), `out` is
+/// `[n, heads * head_dim]`. Scores, softmax and the weighted sum of values are computed in f32,
+/// key by key in position order, so the result does not depend on how the positions are cut
+/// into runs.
+pub fn attention(
+    q: &[f32],
+    n: usize,
+    shape: AttentionShape,
+    runs: &[KvRun<'_>],
+    past: usize,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    let AttentionShape { heads, kv_heads, head_dim } = shape;
+    if heads == 0 || kv_heads == 0 || head_dim == 0 || !heads.is_multiple_of(kv_heads) {
+        return Err(KernelError::InvalidShape {
+            reason: format!("attention: {heads} query heads, {kv_heads} kv heads, width {head_dim}"),
+        });
+    }
+    let row_width = product(&[heads, head_dim])?;
+    check_len("attention queries", product(&[n, row_width])?, q.len())?;
+    check_len("attention output", product(&[n, row_width])?, out.len())?;
+    let mut keys = 0usize;
+    for run in runs {
+        if run.len > run.capacity {
+            return Err(KernelError::InvalidShape {
+                reason: format!("attention: a run uses {} of {} positions", run.len, run.capacity),
+            });
+        }
+        let size = product(&[kv_heads, run.capacity, head_dim])?;
+        check_len("attention keys", size, run.k.len())?;
+        check_len("attention values", size, run.v.len())?;
+        keys += run.len;
+    }
+    check_len("attention positions (past + new)", past + n, keys)?;
+    if n == 0 {
+        return Ok(());
+    }
+
+    let job = HeadJob { q, n, shape, runs, past, keys, out: SendPtr(out.as_mut_ptr()) };
+    let fma = fma_available();
+    let head_task = |h: usize| {
+        if fma {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `fma_available` checked AVX2 and FMA at run time.
+            unsafe {
+                attend_head_fma(&job, h)
+            }
+        } else {
+            attend_head(&job, h)
+        }
+    };
+    if n.saturating_mul(keys).saturating_mul(heads) >= PARALLEL_ATTENTION_MIN {
+        pool::run(heads, &head_task);
+    } else {
+        (0..heads).for_each(head_task);
+    }
+    Ok(())
+}
+
+/// Whether the FMA build of the attention inner loops can run (x86-64 with AVX2 and FMA, and
+/// the kernels not forced to the portable path).
+fn fma_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        !matches!(crate::kernels::isa(), crate::Isa::Scalar)
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Everything one attention head's task reads (lengths already checked by [`attention`]).
+struct HeadJob<'a> {
+    q: &'a [f32],
+    n: usize,
+    shape: AttentionShape,
+    runs: &'a [KvRun<'a>],
+    past: usize,
+    keys: usize,
+    out: SendPtr,
+}
+
+/// [`attend_head`] compiled with AVX2 and FMA enabled (the same code, vectorized 8-wide).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_head_fma(job: &HeadJob<'_>, h: usize) {
+    attend_head(job, h)
+}
+
+/// Query head `h` of every new row: scores, softmax and the weighted sum of values.
+#[inline(always)]
+fn attend_head(job: &HeadJob<'_>, h: usize) {
+    let AttentionShape { heads, kv_heads, head_dim } = job.shape;
+    let row_width = heads * head_dim;
+    let kv_head = h / (heads / kv_heads);
+    let mut scores = vec![0.0f32; job.keys];
+    let mut acc = vec![0.0f32; head_dim];
+    for j in 0..job.n {
+        let visible = job.past + j + 1;
+        let query = &job.q[j * row_width + h * head_dim..j * row_width + (h + 1) * head_dim];
+        let mut max = f32::NEG_INFINITY;
+        let mut position = 0;
+        for run in job.runs {
+            let base = kv_head * run.capacity * head_dim;
+            for p in 0..run.len.min(visible.saturating_sub(position)) {
+                let key = &run.k[base + p * head_dim..base + (p + 1) * head_dim];
+                let s = dot(query, key);
+                scores[position + p] = s;
+                max = max.max(s);
+            }
+            position += run.len;
+        }
+        let mut total = 0.0f32;
+        for s in &mut scores[..visible] {
+            *s = (*s - max).exp();
+            total += *s;
+        }
+        acc.iter_mut().for_each(|a| *a = 0.0);
+        let mut position = 0;
+        for run in job.runs {
+            let base = kv_head * run.capacity * head_dim;
+            for p in 0..run.len.min(visible.saturating_sub(position)) {
+                let weight = scores[position + p];
+                let value = &run.v[base + p * head_dim..base + (p + 1) * head_dim];
+                for (a, &v) in acc.iter_mut().zip(value) {
+                    *a += weight * v;
+                }
+            }
+            position += run.len;
+        }
+        let inv_total = 1.0 / total;
+        for (d, &a) in acc.iter().enumerate() {
+            // SAFETY: `j * row_width + h * head_dim + d < n * row_width = out.len()` (checked
+            // by `attention`), and column block `h` of every row is written by this task only.
+            unsafe { *job.out.get().add(j * row_width + h * head_dim + d) = a * inv_total };
+        }
+    }
+}
+
+/// A raw output pointer shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+// SAFETY: the attention tasks write disjoint elements of a buffer that outlives the pool job.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A plain reference: one contiguous key/value buffer per kv head, f64 arithmetic.
+    fn reference(q: &[f32], n: usize, shape: AttentionShape, k: &[f32], v: &[f32], past: usize) -> Vec<f32> {
+        let AttentionShape { heads, kv_heads, head_dim } = shape;
+        let keys = past + n;
+        let mut out = vec![0.0f32; n * heads * head_dim];
+        for j in 0..n {
+            for h in 0..heads {
+                let g = h / (heads / kv_heads);
+                let qv = &q[(j * heads + h) * head_dim..(j * heads + h + 1) * head_dim];
+                let scores: Vec<f64> = (0..=past + j)
+                    .map(|p| {
+                        let kv = &k[(g * keys + p) * head_dim..(g * keys + p + 1) * head_dim];
+                        qv.iter().zip(kv).map(|(a, b)| *a as f64 * *b as f64).sum()
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                for d in 0..head_dim {
+                    let value: f64 =
+                        weights.iter().enumerate().map(|(p, w)| w * v[(g * keys + p) * head_dim + d] as f64).sum();
+                    out[(j * heads + h) * head_dim + d] = (value / total) as f32;
+                }
+            }
+        }
+        out
+    }
+
+    fn noise(seed: u64, len: usize) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Cuts `[kv_heads, keys, dim]` into runs of the given lengths, each with spare capacity.
+    fn runs_of(
+        full: &[f32],
+        kv_heads: usize,
+        keys: usize,
+        dim: usize,
+        cuts: &[usize],
+        spare: usize,
+    ) -> Vec<(Vec<f32>, usize, usize)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        for &len in cuts {
+            let capacity = len + spare;
+            let mut buffer = vec![f32::NAN; kv_heads * capacity * dim];
+            for g in 0..kv_heads {
+                for p in 0..len {
+                    let src = &full[(g * keys + start + p) * dim..(g * keys + start + p + 1) * dim];
+                    buffer[(g * capacity + p) * dim..(g * capacity + p + 1) * dim].copy_from_slice(src);
+                }
+            }
+            out.push((buffer, capacity, len));
+            start += len;
+        }
+        out
+    }
+
+    #[test]
+    fn attention_matches_reference_and_ignores_segmentation() {
+        let shape = AttentionShape { heads: 6, kv_heads: 2, head_dim: 12 };
+        for (past, n) in [(0usize, 1usize), (0, 5), (7, 1), (9, 4), (300, 1), (40, 30)] {
+            let keys = past + n;
+            let q = noise(1 + past as u64, n * 6 * 12);
+            let k = noise(2 + n as u64, 2 * keys * 12);
+            let v = noise(3, 2 * keys * 12);
+            let expected = reference(&q, n, shape, &k, &v, past);
+            let mut first: Option<Vec<f32>> = None;
+            let cut_sets: Vec<Vec<usize>> = vec![vec![keys], vec![1, keys - 1], vec![keys / 2, keys - keys / 2]];
+            for cuts in cut_sets.iter().filter(|c| c.iter().all(|&l| l > 0)) {
+                let owned = runs_of(&k, 2, keys, 12, cuts, 3);
+                let owned_v = runs_of(&v, 2, keys, 12, cuts, 3);
+                let runs: Vec<KvRun<'_>> = owned
+                    .iter()
+                    .zip(&owned_v)
+                    .map(|((kb, capacity, len), (vb, _, _))| KvRun { k: kb, v: vb, capacity: *capacity, len: *len })
+                    .collect();
+                let mut out = vec![0.0f32; n * 6 * 12];
+                attention(&q, n, shape, &runs, past, &mut out).unwrap();
+                for (a, b) in out.iter().zip(&expected) {
+                    assert!((a - b).abs() < 1e-5, "past {past} n {n} cuts {cuts:?}: {a} vs {b}");
+                }
+                match &first {
+                    None => first = Some(out),
+                    Some(f) => assert_eq!(f, &out, "segmentation changed the result bits"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_rejects_bad_lengths() {
+        let shape = AttentionShape { heads: 2, kv_heads: 1, head_dim: 4 };
+        let k = vec![0.0f32; 4 * 4];
+        let run = KvRun { k: &k, v: &k, capacity: 4, len: 3 };
+        let q = vec![0.0f32; 8];
+        let mut out = vec![0.0f32; 8];
+        // 3 cached positions but past + n = 5.
+        assert!(attention(&q, 1, shape, &[run], 4, &mut out).is_err());
+        assert!(attention(&q, 1, AttentionShape { heads: 3, ..shape }, &[run], 2, &mut out).is_err());
+        let bad_run = KvRun { len: 5, ..run };
+        assert!(attention(&q, 1, shape, &[bad_run], 4, &mut out).is_err());
+        assert!(attention(&q, 1, shape, &[run], 2, &mut out).is_ok());
+    }
+
+    #[test]
+    fn rms_norm_rope_swiglu_match_formulas() {
+        let x = noise(7, 2 * 8);
+        let w = noise(8, 8);
+        let mut out = vec![0.0f32; 16];
+        rms_norm(&x, &w, 1e-5, &mut out).unwrap();
+        for r in 0..2 {
+            let row = &x[r * 8..(r + 1) * 8];
+            let rms = (row.iter().map(|v| v * v).sum::<f32>() / 8.0 + 1e-5).sqrt();
+            for i in 0..8 {
+                assert!((out[r * 8 + i] - row[i] / rms * w[i]).abs() < 1e-5);
+            }
+        }
+        assert!(rms_norm(&x[..15], &w, 1e-5, &mut out[..15]).is_err());
+
+        // One row, two heads of width 4; angle table for one position.
+        let mut q = noise(9, 8);
+        let original = q.clone();
+        let cos = [0.5f32, 0.25, 0.5, 0.25];
+        let sin = [0.75f32, -0.5, 0.75, -0.5];
+        rope(&mut q, 2, 4, &cos, &sin, 2.0).unwrap();
+        for h in 0..2 {
+            let o = &original[h * 4..h * 4 + 4];
+            for i in 0..2 {
+                let lo = (o[i] * cos[i] - o[i + 2] * sin[i]) * 2.0;
+                let hi = (o[i + 2] * cos[i + 2] + o[i] * sin[i + 2]) * 2.0;
+                assert!((q[h * 4 + i] - lo).abs() < 1e-6 && (q[h * 4 + i + 2] - hi).abs() < 1e-6);
+            }
+        }
+        assert!(rope(&mut q, 2, 4, &cos[..2], &sin, 1.0).is_err());
+
+        let mut gate = vec![-2.0f32, 0.0, 3.0];
+        swiglu(&mut gate, &[1.0, 5.0, 2.0]).unwrap();
+        let silu = |g: f32| g / (1.0 + (-g).exp());
+        assert_eq!(gate, vec![silu(-2.0), 0.0, silu(3.0) * 2.0]);
+        assert!(swiglu(&mut gate, &[1.0]).is_err());
+    }
+}

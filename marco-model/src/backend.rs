@@ -20,7 +20,9 @@ use std::fmt::Debug;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
+use crate::cache::KvRun;
 use crate::error::Result;
+use crate::layer_ops;
 
 /// Probes the CUDA driver without panicking (cudarc panics when `libcuda.so` is missing): call
 /// before running on [`burn_cuda::Cuda`].
@@ -56,7 +58,23 @@ pub enum LinearPath {
     Burn,
 }
 
+/// The head layout of an attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (divides `heads`).
+    pub kv_heads: usize,
+    /// Width of a head.
+    pub head_dim: usize,
+}
+
 /// A burn backend with marco's kernel seam.
+///
+/// Besides the linear layers, the seam has defaulted hooks for the rest of a decoder layer
+/// (RMSNorm, rotary embedding, SwiGLU, attention over the KV cache's runs): the defaults are
+/// burn's plain tensor ops; a backend overrides them where a fused implementation is faster.
+/// The network calls the hooks on the kernel paths and burn's ops on [`LinearPath::Burn`].
 pub trait KernelBackend: Backend {
     /// A linear layer's weight in the layout this backend's kernel reads.
     type LinearWeight: Clone + Debug + Send + Sync + 'static;
@@ -79,6 +97,38 @@ pub trait KernelBackend: Backend {
 
     /// `x · Wᵀ`: `x` is `[rows, in_features]`, the result `[rows, out_features]`.
     fn kernel_linear(x: Tensor<Self, 2>, weight: &Self::LinearWeight) -> Tensor<Self, 2>;
+
+    /// `x · W_iᵀ` for several weights sharing the input `x` (a layer's q/k/v or gate/up
+    /// projections). The default runs [`KernelBackend::kernel_linear`] once per weight.
+    fn kernel_linear_many(x: Tensor<Self, 2>, weights: &[&Self::LinearWeight]) -> Vec<Tensor<Self, 2>> {
+        weights.iter().map(|w| Self::kernel_linear(x.clone(), w)).collect()
+    }
+
+    /// Root-mean-square normalisation of the rows of `x` (`[rows, width]`), scaled by
+    /// `weight` (`[1, width]`).
+    fn rms_norm(x: Tensor<Self, 2>, weight: &Tensor<Self, 2>, eps: f32) -> Tensor<Self, 2> {
+        layer_ops::rms_norm(x, weight, eps)
+    }
+
+    /// The half-split rotary embedding of `x` (`[rows, heads, head_dim]`) with each row's
+    /// `cos`/`sin` (`[rows, 1, head_dim]`), multiplied by `scale`.
+    fn rope(x: Tensor<Self, 3>, cos: &Tensor<Self, 3>, sin: &Tensor<Self, 3>, scale: f32) -> Tensor<Self, 3> {
+        layer_ops::rope(x, cos, sin, scale)
+    }
+
+    /// `silu(gate) · up`, elementwise.
+    fn swiglu(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        layer_ops::swiglu(gate, up)
+    }
+
+    /// Causal grouped-query attention of one sequence's `n` new queries (`q`: `[n, heads,
+    /// head_dim]`, rotated and scaled by `1/sqrt(head_dim)`) against its cached keys and values
+    /// (`runs` in position order, lengths adding up to `past + n`, the new positions last).
+    /// Returns `[n, heads * head_dim]`. Must not depend on how the positions are cut into
+    /// runs, so that forked sequences compute what they would alone.
+    fn attention(q: Tensor<Self, 3>, runs: &[KvRun<Self>], past: usize, shape: AttentionShape) -> Tensor<Self, 2> {
+        layer_ops::attention(q, runs, past, shape)
+    }
 
     /// Bytes the weight occupies.
     fn linear_weight_bytes(weight: &Self::LinearWeight) -> usize;
@@ -131,12 +181,38 @@ mod cpu {
     use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
     use burn_ndarray::{NdArray, NdArrayDevice, NdArrayTensor};
 
+    use std::borrow::Cow;
     use std::sync::Arc;
 
+    use marco_backend_cpu::ops::{self, KvRun as HostRun};
     use marco_backend_cpu::{ActivationMode, GgmlType, MatmulOptions, PackedMatrix};
 
-    use super::{HostWeight, KernelBackend};
+    use super::{AttentionShape, HostWeight, KernelBackend};
+    use crate::cache::KvRun;
     use crate::error::{ModelError, Result};
+    use crate::layer_ops;
+
+    /// The f32 primitive of a tensor (a shared handle, no copy).
+    fn primitive<const D: usize>(tensor: &Tensor<NdArray, D>) -> Option<NdArrayTensor> {
+        match tensor.clone().into_primitive() {
+            TensorPrimitive::Float(p @ NdArrayTensor::F32(_)) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// A tensor owning `values` (row-major, `shape`), built without copying.
+    fn from_host<const D: usize>(values: Vec<f32>, shape: [usize; D], device: &NdArrayDevice) -> Tensor<NdArray, D> {
+        match marco_backend_cpu::ndarray_from_f32(values, &shape) {
+            Ok(p) => Tensor::from_primitive(TensorPrimitive::Float(p)),
+            // Unreachable for matching lengths; an empty tensor would hide a bug, NaNs surface it.
+            Err(_) => Tensor::full(shape, f32::NAN, device),
+        }
+    }
+
+    /// The values of an f32 primitive (borrowed when contiguous).
+    fn values(p: &NdArrayTensor) -> Option<Cow<'_, [f32]>> {
+        marco_backend_cpu::ndarray_f32_values(p).ok().map(|(_, v)| v)
+    }
 
     /// Runs `f` on the row-major f32 contents of an NdArray tensor without copying when the
     /// tensor is contiguous (a copy is made otherwise).
@@ -219,6 +295,109 @@ mod cpu {
 
         fn linear_weight_bytes(weight: &Self::LinearWeight) -> usize {
             weight.matrix.weight_bytes()
+        }
+
+        fn kernel_linear_many(x: Tensor<Self, 2>, weights: &[&Self::LinearWeight]) -> Vec<Tensor<Self, 2>> {
+            let options = weights.first().map(|w| w.options);
+            let same_options = weights.iter().all(|w| Some(w.options) == options);
+            let (Some(options), true) = (options, same_options) else {
+                return weights.iter().map(|w| Self::kernel_linear(x.clone(), w)).collect();
+            };
+            let [rows, _] = x.dims();
+            let device = x.device();
+            let mut outs: Vec<Vec<f32>> =
+                weights.iter().map(|w| vec![0.0f32; rows * w.matrix.out_features()]).collect();
+            let matrices: Vec<&PackedMatrix> = weights.iter().map(|w| &w.matrix).collect();
+            let ok = with_host_f32(&x, |input| {
+                let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+                marco_backend_cpu::matmul_many(input, rows, &matrices, &mut slices, options).is_ok()
+            });
+            weights
+                .iter()
+                .zip(outs)
+                .map(|(w, mut out)| {
+                    if !ok {
+                        out.iter_mut().for_each(|v| *v = f32::NAN);
+                    }
+                    from_host(out, [rows, w.matrix.out_features()], &device)
+                })
+                .collect()
+        }
+
+        fn rms_norm(x: Tensor<Self, 2>, weight: &Tensor<Self, 2>, eps: f32) -> Tensor<Self, 2> {
+            let dims = x.dims();
+            let (Some(xp), Some(wp)) = (primitive(&x), primitive(weight)) else {
+                return layer_ops::rms_norm(x, weight, eps);
+            };
+            let (Some(xs), Some(ws)) = (values(&xp), values(&wp)) else {
+                return layer_ops::rms_norm(x, weight, eps);
+            };
+            let mut out = vec![0.0f32; xs.len()];
+            match ops::rms_norm(&xs, &ws, eps, &mut out) {
+                Ok(()) => from_host(out, dims, &x.device()),
+                Err(_) => layer_ops::rms_norm(x, weight, eps),
+            }
+        }
+
+        fn rope(x: Tensor<Self, 3>, cos: &Tensor<Self, 3>, sin: &Tensor<Self, 3>, scale: f32) -> Tensor<Self, 3> {
+            let dims @ [_, heads, head_dim] = x.dims();
+            let (Some(xp), Some(cp), Some(sp)) = (primitive(&x), primitive(cos), primitive(sin)) else {
+                return layer_ops::rope(x, cos, sin, scale);
+            };
+            let (Some(xs), Some(cs), Some(ss)) = (values(&xp), values(&cp), values(&sp)) else {
+                return layer_ops::rope(x, cos, sin, scale);
+            };
+            let mut out = xs.into_owned();
+            match ops::rope(&mut out, heads, head_dim, &cs, &ss, scale) {
+                Ok(()) => from_host(out, dims, &x.device()),
+                Err(_) => layer_ops::rope(x, cos, sin, scale),
+            }
+        }
+
+        fn swiglu(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
+            let dims = gate.dims();
+            let (Some(gp), Some(up_p)) = (primitive(&gate), primitive(&up)) else {
+                return layer_ops::swiglu(gate, up);
+            };
+            let (Some(gs), Some(us)) = (values(&gp), values(&up_p)) else {
+                return layer_ops::swiglu(gate, up);
+            };
+            let mut out = gs.into_owned();
+            match ops::swiglu(&mut out, &us) {
+                Ok(()) => from_host(out, dims, &gate.device()),
+                Err(_) => layer_ops::swiglu(gate, up),
+            }
+        }
+
+        fn attention(q: Tensor<Self, 3>, runs: &[KvRun<Self>], past: usize, shape: AttentionShape) -> Tensor<Self, 2> {
+            let n = q.dims()[0];
+            let fallback = || layer_ops::attention(q.clone(), runs, past, shape);
+            let Some(qp) = primitive(&q) else { return fallback() };
+            let mut prims = Vec::with_capacity(runs.len());
+            for run in runs {
+                match (primitive(&run.k), primitive(&run.v)) {
+                    (Some(k), Some(v)) => prims.push((k, v, run.k.dims()[1], run.len)),
+                    _ => return fallback(),
+                }
+            }
+            let mut host = Vec::with_capacity(prims.len());
+            for (k, v, capacity, len) in &prims {
+                match (values(k), values(v)) {
+                    (Some(k), Some(v)) => host.push((k, v, *capacity, *len)),
+                    _ => return fallback(),
+                }
+            }
+            let host_runs: Vec<HostRun<'_>> =
+                host.iter().map(|(k, v, capacity, len)| HostRun { k, v, capacity: *capacity, len: *len }).collect();
+            let Some(qs) = values(&qp) else { return fallback() };
+            let width = shape.heads * shape.head_dim;
+            let mut out = vec![0.0f32; n * width];
+            let host_shape =
+                ops::AttentionShape { heads: shape.heads, kv_heads: shape.kv_heads, head_dim: shape.head_dim };
+            match ops::attention(&qs, n, host_shape, &host_runs, past, &mut out) {
+                Ok(()) => from_host(out, [n, width], &q.device()),
+                Err(_) => fallback(),
+            }
         }
 
         fn log_sum_exp(logits: Tensor<Self, 2>) -> Tensor<Self, 2> {

@@ -11,7 +11,7 @@
 //! holding it is released (its `Arc` drops), so a search that releases pruned subtrees keeps
 //! its memory bounded by the tokens of the states it still holds.
 //!
-//! Attention reads the chain segment by segment ([`KvCache::segments`]); a sequence that was
+//! Attention reads the chain segment by segment ([`KvCache::runs`], the buffers in place); a sequence that was
 //! never forked has one segment, so plain decoding pays nothing for the sharing. The tail is a
 //! buffer with spare capacity, written in place with `slice_assign` (in place on NdArray and
 //! CubeCL when the buffer is uniquely owned). It grows by an eighth (at least
@@ -33,7 +33,7 @@
 //! bounded by the tail's growth rule rather than by a block size.
 //!
 //! This is the seam for a paged cache: the network only needs [`KvCache::reserve`],
-//! [`KvCache::write`], [`KvCache::segments`] and [`KvCache::commit`].
+//! [`KvCache::write`], [`KvCache::runs`] and [`KvCache::commit`].
 
 use std::sync::Arc;
 
@@ -47,6 +47,30 @@ pub struct LayerKv<B: Backend> {
     pub k: Tensor<B, 3>,
     /// Values.
     pub v: Tensor<B, 3>,
+}
+
+/// One buffer of a layer's cached keys and values, `[kv_heads, capacity, head_dim]`, of which
+/// the first `len` positions are in use (a frozen segment is full; a tail has spare room).
+#[derive(Debug, Clone)]
+pub struct KvRun<B: Backend> {
+    /// Keys (after the rotary embedding).
+    pub k: Tensor<B, 3>,
+    /// Values.
+    pub v: Tensor<B, 3>,
+    /// Positions in use.
+    pub len: usize,
+}
+
+impl<B: Backend> KvRun<B> {
+    /// The used positions only, `[kv_heads, len, head_dim]` (a copy on backends whose slices copy).
+    pub fn used(&self) -> LayerKv<B> {
+        let [kv_heads, capacity, head_dim] = self.k.dims();
+        if capacity == self.len {
+            return LayerKv { k: self.k.clone(), v: self.v.clone() };
+        }
+        let range = [0..kv_heads, 0..self.len, 0..head_dim];
+        LayerKv { k: self.k.clone().slice(range.clone()), v: self.v.clone().slice(range) }
+    }
 }
 
 /// A frozen run of positions, shared by every sequence that forked from it.
@@ -176,17 +200,20 @@ impl<B: Backend> KvCache<B> {
         }
     }
 
-    /// The segments of `layer` in position order, the tail including `pending` written but
-    /// uncommitted positions.
-    pub fn segments(&self, layer: usize, pending: usize) -> Vec<LayerKv<B>> {
-        let KvShape { kv_heads, head_dim, .. } = self.shape;
-        let mut out: Vec<LayerKv<B>> =
-            self.frozen.iter().filter_map(|segment| segment.layers.get(layer).cloned()).collect();
+    /// The runs of `layer` in position order (each frozen segment, then the tail including
+    /// `pending` written but uncommitted positions), as whole buffers: nothing is copied.
+    pub fn runs(&self, layer: usize, pending: usize) -> Vec<KvRun<B>> {
+        let mut out: Vec<KvRun<B>> = self
+            .frozen
+            .iter()
+            .filter_map(|segment| {
+                segment.layers.get(layer).map(|kv| KvRun { k: kv.k.clone(), v: kv.v.clone(), len: segment.len })
+            })
+            .collect();
         let tail_len = self.tail_len + pending;
         if tail_len > 0 {
             if let Some(tail) = self.tail.get(layer) {
-                let range = [0..kv_heads, 0..tail_len, 0..head_dim];
-                out.push(LayerKv { k: tail.k.clone().slice(range.clone()), v: tail.v.clone().slice(range) });
+                out.push(KvRun { k: tail.k.clone(), v: tail.v.clone(), len: tail_len });
             }
         }
         out

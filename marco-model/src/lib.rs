@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod fetch;
 pub mod gguf;
+mod layer_ops;
 pub mod lm;
 pub mod loader;
 pub mod model;

@@ -11,13 +11,13 @@
 //! Rotary embeddings use the Hugging Face half-split layout (`rotate_half`); loaders of GGUF
 //! files un-permute llama.cpp's interleaved q/k rows into it.
 
-use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::backend::{HostWeight, KernelBackend, LinearPath};
+use crate::backend::{AttentionShape, HostWeight, KernelBackend, LinearPath};
 use crate::cache::{KvCache, KvShape, LayerKv};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::layer_ops;
 use crate::loader::{HostLinear, WeightSource};
 use marco_core::TokenId;
 
@@ -90,10 +90,37 @@ impl<B: KernelBackend> Linear<B> {
             LinearWeightKind::Burn(w) => x.matmul(w.clone()),
             LinearWeightKind::Kernel(w) => B::kernel_linear(x, w),
         };
+        self.add_bias(y)
+    }
+
+    fn add_bias(&self, y: Tensor<B, 2>) -> Tensor<B, 2> {
         match &self.bias {
             Some(b) => y + b.clone(),
             None => y,
         }
+    }
+
+    /// [`Linear::forward`] of several layers sharing the input `x`: on the kernel path one
+    /// fused product (activations prepared once, one thread-pool job).
+    fn forward_many<const N: usize>(layers: [&Self; N], x: Tensor<B, 2>) -> [Tensor<B, 2>; N] {
+        let kernel_weights: Vec<&B::LinearWeight> = layers
+            .iter()
+            .filter_map(|l| match &l.weight {
+                LinearWeightKind::Kernel(w) => Some(w),
+                LinearWeightKind::Burn(_) => None,
+            })
+            .collect();
+        if kernel_weights.len() == N {
+            let outputs: Vec<Tensor<B, 2>> = B::kernel_linear_many(x.clone(), &kernel_weights)
+                .into_iter()
+                .zip(layers)
+                .map(|(y, layer)| layer.add_bias(y))
+                .collect();
+            if let Ok(outputs) = <[Tensor<B, 2>; N]>::try_from(outputs) {
+                return outputs;
+            }
+        }
+        layers.map(|l| l.forward(x.clone()))
     }
 
     /// Bytes of the weight and bias.
@@ -104,12 +131,6 @@ impl<B: KernelBackend> Linear<B> {
         };
         w + self.bias.as_ref().map_or(0, |b| b.shape().num_elements() * 4)
     }
-}
-
-/// Root-mean-square normalisation of the rows of `x` (`[rows, width]`), scaled by `weight`.
-fn rms_norm<B: KernelBackend>(x: Tensor<B, 2>, weight: &Tensor<B, 2>, eps: f32) -> Tensor<B, 2> {
-    let inv_rms = x.clone().square().mean_dim(1).add_scalar(eps).sqrt().recip();
-    x * inv_rms * weight.clone()
 }
 
 /// One decoder layer.
@@ -159,16 +180,6 @@ impl<B: KernelBackend> Rope<B> {
             cos: Tensor::from_data(TensorData::new(cos, [positions, dim]), device),
             sin: Tensor::from_data(TensorData::new(sin, [positions, dim]), device),
         }
-    }
-
-    /// Rotates `x` (`[rows, heads, head_dim]`) by the angles of `positions` (`[rows]`).
-    fn apply(&self, x: Tensor<B, 3>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Tensor<B, 3> {
-        let [rows, heads, dim] = x.dims();
-        let half = dim / 2;
-        let x1 = x.clone().slice([0..rows, 0..heads, 0..half]);
-        let x2 = x.clone().slice([0..rows, 0..heads, half..dim]);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 2);
-        x * cos.clone() + rotated * sin.clone()
     }
 
     /// The `[rows, 1, head_dim]` cos and sin rows of `positions`.
@@ -334,11 +345,15 @@ impl<B: KernelBackend> Transformer<B> {
 
         let mut x = self.embed.clone().select(0, ids);
         for (index, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(x.clone(), &layer.input_norm, c.rms_norm_eps);
+            let h = self.rms_norm(x.clone(), &layer.input_norm);
             let attention = self.attention(index, layer, h, &cos, &sin, items);
             x = x + layer.o_proj.forward(attention);
-            let h = rms_norm(x.clone(), &layer.post_attention_norm, c.rms_norm_eps);
-            let gated = silu(layer.gate_proj.forward(h.clone())) * layer.up_proj.forward(h);
+            let h = self.rms_norm(x.clone(), &layer.post_attention_norm);
+            let [gate, up] = Linear::forward_many([&layer.gate_proj, &layer.up_proj], h);
+            let gated = match self.path {
+                LinearPath::Burn => layer_ops::swiglu(gate, up),
+                LinearPath::Kernel | LinearPath::KernelExact => B::swiglu(gate, up),
+            };
             x = x + layer.down_proj.forward(gated);
         }
         for item in items.iter_mut() {
@@ -362,8 +377,25 @@ impl<B: KernelBackend> Transformer<B> {
                 }
             }
         };
-        let x = rms_norm(x, &self.norm, c.rms_norm_eps);
+        let x = self.rms_norm(x, &self.norm);
         Ok(self.lm_head.forward(x))
+    }
+
+    /// RMSNorm through the backend's hook on the kernel paths, burn's ops on the plain path.
+    fn rms_norm(&self, x: Tensor<B, 2>, weight: &Tensor<B, 2>) -> Tensor<B, 2> {
+        let eps = self.config.rms_norm_eps;
+        match self.path {
+            LinearPath::Burn => layer_ops::rms_norm(x, weight, eps),
+            LinearPath::Kernel | LinearPath::KernelExact => B::rms_norm(x, weight, eps),
+        }
+    }
+
+    /// The rotary embedding (times `scale`), through the backend's hook on the kernel paths.
+    fn rope(&self, x: Tensor<B, 3>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>, scale: f32) -> Tensor<B, 3> {
+        match self.path {
+            LinearPath::Burn => layer_ops::rope(x, cos, sin, scale),
+            LinearPath::Kernel | LinearPath::KernelExact => B::rope(x, cos, sin, scale),
+        }
     }
 
     /// Self-attention of `layer` for every item; writes the items' new keys and values to
@@ -379,14 +411,13 @@ impl<B: KernelBackend> Transformer<B> {
     ) -> Tensor<B, 2> {
         let c = &self.config;
         let (heads, kv_heads, dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let group = heads / kv_heads;
         let total = h.dims()[0];
         let scale = 1.0 / (dim as f32).sqrt();
-        let q = layer.q_proj.forward(h.clone()).reshape([total, heads, dim]);
-        let k = layer.k_proj.forward(h.clone()).reshape([total, kv_heads, dim]);
-        let v = layer.v_proj.forward(h).reshape([total, kv_heads, dim]);
-        let q = self.rope.apply(q, cos, sin).mul_scalar(scale);
-        let k = self.rope.apply(k, cos, sin);
+        let [q, k, v] = Linear::forward_many([&layer.q_proj, &layer.k_proj, &layer.v_proj], h);
+        let q = self.rope(q.reshape([total, heads, dim]), cos, sin, scale);
+        let k = self.rope(k.reshape([total, kv_heads, dim]), cos, sin, 1.0);
+        let v = v.reshape([total, kv_heads, dim]);
+        let shape = AttentionShape { heads, kv_heads, head_dim: dim };
 
         let mut outputs = Vec::with_capacity(items.len());
         let mut row = 0;
@@ -395,7 +426,7 @@ impl<B: KernelBackend> Transformer<B> {
             let rows = row..row + n;
             row += n;
             let past = item.cache.len();
-            let single = items_len_is_total(n, total);
+            let single = n == total;
             let slice3 = |t: &Tensor<B, 3>, width: usize| {
                 if single {
                     t.clone()
@@ -407,46 +438,13 @@ impl<B: KernelBackend> Transformer<B> {
             let k_new = slice3(&k, kv_heads).swap_dims(0, 1);
             let v_new = slice3(&v, kv_heads).swap_dims(0, 1);
             item.cache.write(index, LayerKv { k: k_new, v: v_new });
-            // [n, heads, dim] -> [kv_heads, group * n, dim], row r = g * n + j.
             let q_seq = slice3(&q, heads);
-            let q_seq = if n == 1 {
-                q_seq.reshape([kv_heads, group, dim])
-            } else {
-                q_seq.reshape([n, kv_heads, group, dim]).permute([1, 2, 0, 3]).reshape([kv_heads, group * n, dim])
-            };
-            // The shared segments are joined into one run of keys and values, so the products
-            // below have the shapes (and the summation order) of an unforked sequence: a forked
-            // state then gives bit-for-bit the logits of the same sequence run alone, which
-            // matters on quantised models, whose 8-bit activation rounding turns any float
-            // reassociation into visible logit differences. The join copies this sequence's
-            // KV once per layer and step: cheaper than the weights, which every row reads.
-            let mut segments = item.cache.segments(index, n);
-            let (keys_all, values_all) = if segments.len() == 1 {
-                let only = segments.remove(0);
-                (only.k, only.v)
-            } else {
-                let (ks, vs): (Vec<_>, Vec<_>) = segments.into_iter().map(|s| (s.k, s.v)).unzip();
-                (Tensor::cat(ks, 1), Tensor::cat(vs, 1))
-            };
-            let mut scores = q_seq.matmul(keys_all.swap_dims(1, 2));
-            let keys = past + n;
-            if n > 1 {
-                // Causal mask over the new positions: row j sees keys 0..=past + j.
-                let mut mask = vec![0.0f32; n * keys];
-                for j in 0..n {
-                    for key in past + j + 1..keys {
-                        mask[j * keys + key] = f32::NEG_INFINITY;
-                    }
+            let runs = item.cache.runs(index, n);
+            let out = match self.path {
+                LinearPath::Burn => layer_ops::attention(q_seq, &runs, past, shape),
+                LinearPath::Kernel | LinearPath::KernelExact => {
+                    <B as KernelBackend>::attention(q_seq, &runs, past, shape)
                 }
-                let mask = Tensor::<B, 4>::from_data(TensorData::new(mask, [1, 1, n, keys]), &self.device);
-                scores = (scores.reshape([kv_heads, group, n, keys]) + mask).reshape([kv_heads, group * n, keys]);
-            }
-            let out = softmax(scores, 2).matmul(values_all);
-            // [kv_heads, group * n, dim] -> [n, heads * dim]
-            let out = if n == 1 {
-                out.reshape([1, heads * dim])
-            } else {
-                out.reshape([kv_heads, group, n, dim]).permute([2, 0, 1, 3]).reshape([n, heads * dim])
             };
             outputs.push(out);
         }
@@ -456,9 +454,4 @@ impl<B: KernelBackend> Transformer<B> {
             Tensor::cat(outputs, 0)
         }
     }
-}
-
-/// Whether one item covers every row (then no row slicing is needed).
-fn items_len_is_total(n: usize, total: usize) -> bool {
-    n == total
 }

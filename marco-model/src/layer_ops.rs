@@ -1,0 +1,93 @@
+//! The decoder layer's non-linear operations in burn's plain tensor ops: the reference
+//! implementation every backend gets by default (see the hooks of [`KernelBackend`]).
+
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Tensor, TensorData};
+
+use crate::backend::{AttentionShape, KernelBackend};
+use crate::cache::KvRun;
+
+/// Root-mean-square normalisation of the rows of `x` (`[rows, width]`), scaled by `weight`.
+pub(crate) fn rms_norm<B: KernelBackend>(x: Tensor<B, 2>, weight: &Tensor<B, 2>, eps: f32) -> Tensor<B, 2> {
+    let inv_rms = x.clone().square().mean_dim(1).add_scalar(eps).sqrt().recip();
+    x * inv_rms * weight.clone()
+}
+
+/// Rotates `x` (`[rows, heads, head_dim]`) by the half-split rotary embedding with the
+/// per-row `cos`/`sin` (`[rows, 1, head_dim]`), then multiplies by `scale`.
+pub(crate) fn rope<B: KernelBackend>(
+    x: Tensor<B, 3>,
+    cos: &Tensor<B, 3>,
+    sin: &Tensor<B, 3>,
+    scale: f32,
+) -> Tensor<B, 3> {
+    let [rows, heads, dim] = x.dims();
+    let half = dim / 2;
+    let x1 = x.clone().slice([0..rows, 0..heads, 0..half]);
+    let x2 = x.clone().slice([0..rows, 0..heads, half..dim]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 2);
+    let out = x * cos.clone() + rotated * sin.clone();
+    if scale == 1.0 {
+        out
+    } else {
+        out.mul_scalar(scale)
+    }
+}
+
+/// `silu(gate) · up`.
+pub(crate) fn swiglu<B: KernelBackend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2> {
+    silu(gate) * up
+}
+
+/// Causal grouped-query attention of `q` (`[n, heads, head_dim]`, rotated and scaled) against
+/// `runs` (whose lengths add up to `past + n`); returns `[n, heads * head_dim]`.
+pub(crate) fn attention<B: KernelBackend>(
+    q: Tensor<B, 3>,
+    runs: &[KvRun<B>],
+    past: usize,
+    shape: AttentionShape,
+) -> Tensor<B, 2> {
+    let AttentionShape { heads, kv_heads, head_dim: dim } = shape;
+    let group = heads / kv_heads;
+    let n = q.dims()[0];
+    let device = q.device();
+    // [n, heads, dim] -> [kv_heads, group * n, dim], row r = g * n + j.
+    let q = if n == 1 {
+        q.reshape([kv_heads, group, dim])
+    } else {
+        q.reshape([n, kv_heads, group, dim]).permute([1, 2, 0, 3]).reshape([kv_heads, group * n, dim])
+    };
+    // The runs are joined into one run of keys and values, so the products below have the
+    // shapes (and the summation order) of an unforked sequence: a forked state then gives
+    // bit-for-bit the logits of the same sequence run alone.
+    let (keys_all, values_all) = match runs {
+        [only] => {
+            let kv = only.used();
+            (kv.k, kv.v)
+        }
+        _ => {
+            let (ks, vs): (Vec<_>, Vec<_>) = runs.iter().map(|r| r.used()).map(|kv| (kv.k, kv.v)).unzip();
+            (Tensor::cat(ks, 1), Tensor::cat(vs, 1))
+        }
+    };
+    let mut scores = q.matmul(keys_all.swap_dims(1, 2));
+    let keys = past + n;
+    if n > 1 {
+        // Causal mask over the new positions: row j sees keys 0..=past + j.
+        let mut mask = vec![0.0f32; n * keys];
+        for j in 0..n {
+            for key in past + j + 1..keys {
+                mask[j * keys + key] = f32::NEG_INFINITY;
+            }
+        }
+        let mask = Tensor::<B, 4>::from_data(TensorData::new(mask, [1, 1, n, keys]), &device);
+        scores = (scores.reshape([kv_heads, group, n, keys]) + mask).reshape([kv_heads, group * n, keys]);
+    }
+    let out = softmax(scores, 2).matmul(values_all);
+    // [kv_heads, group * n, dim] -> [n, heads * dim]
+    if n == 1 {
+        out.reshape([1, heads * dim])
+    } else {
+        out.reshape([kv_heads, group, n, dim]).permute([2, 0, 1, 3]).reshape([n, heads * dim])
+    }
+}
