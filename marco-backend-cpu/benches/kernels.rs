@@ -1,14 +1,16 @@
 //! Kernel benchmarks on SmolLM2-135M shapes: the lm-head GEMV `[1,576]×[576,49152]`, the MLP
 //! up/gate `[1,576]×[576,1536]` and down `[1,1536]×[1536,576]` (k-quants need 256 | in),
-//! small batches 8 and 16, and a 128-row prefill. Throughput is weight bytes per second, so
-//! the decode figures compare directly with the machine's memory bandwidth.
+//! small batches 8 and 16, a layer's q/k/v as one `matmul_many` against three products, and a
+//! 128-row prefill. Throughput is weight bytes per second, so the decode figures compare
+//! directly with the machine's memory bandwidth. `MARCO_KERNELS=avx2` (or `avx512`, `scalar`)
+//! measures a lower instruction set.
 //!
 //! `cargo bench -p marco-backend-cpu --bench kernels` (filter with a trailing name pattern).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use marco_backend_cpu::{matmul_with, top_k, ActivationMode, GgmlType, MatmulOptions, PackedMatrix};
+use marco_backend_cpu::{matmul_many, matmul_with, top_k, ActivationMode, GgmlType, MatmulOptions, PackedMatrix};
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -76,7 +78,37 @@ fn bench_case(
     group.finish();
 }
 
+/// A layer's q/k/v projections (Q4_1, `[576→576]`, `[576→192]` twice) as one `matmul_many`
+/// against three `matmul_with` calls, at decode batch sizes.
+fn bench_qkv(c: &mut Criterion, rows: usize) {
+    let weights =
+        [weight(GgmlType::Q4_1, 576, 576), weight(GgmlType::Q4_1, 192, 576), weight(GgmlType::Q4_1, 192, 576)];
+    let x = values(rows * 576, 11);
+    let mut outs: Vec<Vec<f32>> = weights.iter().map(|w| vec![0.0f32; rows * w.out_features()]).collect();
+    let options = MatmulOptions::default();
+    let mut group = c.benchmark_group("qkv_576_q4_1");
+    group.throughput(Throughput::Bytes(weights.iter().map(|w| w.weight_bytes() as u64).sum()));
+    group.bench_function(BenchmarkId::from_parameter(format!("matmul_many-rows{rows}")), |b| {
+        let refs: Vec<&PackedMatrix> = weights.iter().collect();
+        b.iter(|| {
+            let mut out_refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+            matmul_many(black_box(&x), rows, &refs, &mut out_refs, options).unwrap()
+        })
+    });
+    group.bench_function(BenchmarkId::from_parameter(format!("separate-rows{rows}")), |b| {
+        b.iter(|| {
+            for (w, out) in weights.iter().zip(outs.iter_mut()) {
+                matmul_with(black_box(&x), rows, w, out, options).unwrap();
+            }
+        })
+    });
+    group.finish();
+}
+
 fn kernels(c: &mut Criterion) {
+    for rows in [1, 8] {
+        bench_qkv(c, rows);
+    }
     let q8 = MatmulOptions::default();
     let f32_acts = MatmulOptions { activations: ActivationMode::F32, ..q8 };
     let legacy = [GgmlType::F32, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1];
@@ -99,6 +131,10 @@ fn kernels(c: &mut Criterion) {
         for ty in [GgmlType::F32, GgmlType::Q8_0, GgmlType::Q4_1] {
             bench_case(c, "mlp_up_576x1536_batch", ty, rows, 1536, 576, q8);
         }
+        bench_case(c, "mlp_down_1536x576_batch", GgmlType::Q4_1, rows, 576, 1536, q8);
+    }
+    for rows in [8, 16] {
+        bench_case(c, "lm_head_576x49152_batch", GgmlType::Q8_0, rows, 49152, 576, q8);
     }
     // Prefill: the default GEMM path vs forcing the small-batch integer kernels.
     let int_path = MatmulOptions { small_batch_max: usize::MAX, small_batch_max_f32: usize::MAX, ..q8 };

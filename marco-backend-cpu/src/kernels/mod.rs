@@ -13,9 +13,14 @@
 //! * **Large batch** (prefill): compute-bound, so blocks of weight rows are dequantized to f32
 //!   and multiplied with the `gemm` crate's blocked GEMM.
 //!
-//! The SIMD code is chosen at run time ([`isa`]): AVX2+FMA+F16C on x86-64, otherwise a portable
-//! scalar path (written so that the compiler vectorizes it with the baseline ISA, e.g. NEON on
-//! aarch64). Work is split by output features across the persistent pool of [`crate::pool`].
+//! The SIMD code is chosen at run time ([`isa`]): on x86-64, AVX-512 (F/BW/VL, with VNNI's
+//! `vpdpbusd` where present) for the split Q8_0/Q4_0/Q4_1 and f32 small-batch kernels (two
+//! quant blocks per register, up to eight activation rows per pass over a weight row), AVX2 +
+//! FMA + F16C for the rest and on older CPUs; otherwise a portable scalar path (written so that
+//! the compiler vectorizes it with the baseline ISA, e.g. NEON on aarch64). The activations are
+//! quantized with SIMD too, bit-identical to the portable quantizer. Work is split by output
+//! features across the persistent pool of [`crate::pool`]; [`matmul_many`] runs several
+//! products that share an input as one pool job.
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -491,12 +496,14 @@ fn split_rows(isa: Isa, w: &SplitBlocks, acts: &QuantizedActs, rows: usize, outs
 
 fn f32_rows(isa: Isa, w: &[f32], n_in: usize, x: &[f32], rows: usize, outs: Range<usize>, out: OutPtr) {
     match isa {
+        // One or two rows are bound by memory, where the 512-bit loads (which straddle cache
+        // lines unless the weights happen to be 64-byte aligned) measured slower than AVX2.
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` verified AVX-512 F/BW/VL, AVX2, FMA and F16C at run time.
-        Isa::Avx512 | Isa::Avx512Vnni => unsafe { avx512::f32_rows(w, n_in, x, rows, outs, out) },
+        Isa::Avx512 | Isa::Avx512Vnni if rows > 2 => unsafe { avx512::f32_rows(w, n_in, x, rows, outs, out) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa()` verified AVX2, FMA and F16C at run time.
-        Isa::Avx2 => unsafe { x86::f32_rows(w, n_in, x, rows, outs, out) },
+        // SAFETY: `isa()` verified AVX2, FMA and F16C at run time (the AVX-512 levels imply them).
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::f32_rows(w, n_in, x, rows, outs, out) },
         _ => scalar::f32_rows(w, n_in, x, rows, outs, out),
     }
 }
