@@ -13,6 +13,8 @@
 //! cut into segments (each output element is computed by the same code in the same order), so a
 //! forked or batched sequence gets bit-for-bit the outputs of the same sequence run alone.
 
+use std::ops::Range;
+
 use crate::{pool, KernelError};
 
 fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<(), KernelError> {
@@ -160,6 +162,32 @@ pub fn attention(
     past: usize,
     out: &mut [f32],
 ) -> Result<(), KernelError> {
+    attention_batch(q, n, shape, &[AttentionSeq { rows: 0..n, runs, past }], out)
+}
+
+/// One sequence of [`attention_batch`]: its query rows and its cache.
+#[derive(Debug, Clone)]
+pub struct AttentionSeq<'a> {
+    /// The sequence's rows of `q` and `out` (its new tokens).
+    pub rows: Range<usize>,
+    /// Its cached keys and values in position order, the new rows' own last.
+    pub runs: &'a [KvRun<'a>],
+    /// Positions cached before the new rows.
+    pub past: usize,
+}
+
+/// [`attention`] for several sequences in one call (a batched decode step): `q` and `out` hold
+/// `rows` rows, and each sequence owns the disjoint range [`AttentionSeq::rows`] of them
+/// (ranges in ascending order). All (sequence, head) pairs run as one job of the thread pool, so
+/// a batch of short sequences keeps every thread busy. Each sequence's result is bit-for-bit
+/// what [`attention`] computes for it alone.
+pub fn attention_batch(
+    q: &[f32],
+    rows: usize,
+    shape: AttentionShape,
+    seqs: &[AttentionSeq<'_>],
+    out: &mut [f32],
+) -> Result<(), KernelError> {
     let AttentionShape { heads, kv_heads, head_dim } = shape;
     if heads == 0 || kv_heads == 0 || head_dim == 0 || !heads.is_multiple_of(kv_heads) {
         return Err(KernelError::InvalidShape {
@@ -167,42 +195,56 @@ pub fn attention(
         });
     }
     let row_width = product(&[heads, head_dim])?;
-    check_len("attention queries", product(&[n, row_width])?, q.len())?;
-    check_len("attention output", product(&[n, row_width])?, out.len())?;
-    let mut keys = 0usize;
-    for run in runs {
-        if run.len > run.capacity {
+    check_len("attention queries", product(&[rows, row_width])?, q.len())?;
+    check_len("attention output", product(&[rows, row_width])?, out.len())?;
+    let mut keys_of = Vec::with_capacity(seqs.len());
+    let mut next_free_row = 0;
+    let mut work = 0usize;
+    for seq in seqs {
+        // Disjoint ascending ranges: the tasks below write their rows through a shared pointer.
+        if seq.rows.start < next_free_row || seq.rows.end < seq.rows.start || seq.rows.end > rows {
             return Err(KernelError::InvalidShape {
-                reason: format!("attention: a run uses {} of {} positions", run.len, run.capacity),
+                reason: format!("attention: sequence rows {:?} overlap or exceed {rows} rows", seq.rows),
             });
         }
-        let size = product(&[kv_heads, run.capacity, head_dim])?;
-        check_len("attention keys", size, run.k.len())?;
-        check_len("attention values", size, run.v.len())?;
-        keys += run.len;
-    }
-    check_len("attention positions (past + new)", past + n, keys)?;
-    if n == 0 {
-        return Ok(());
+        next_free_row = seq.rows.end;
+        let mut keys = 0usize;
+        for run in seq.runs {
+            if run.len > run.capacity {
+                return Err(KernelError::InvalidShape {
+                    reason: format!("attention: a run uses {} of {} positions", run.len, run.capacity),
+                });
+            }
+            let size = product(&[kv_heads, run.capacity, head_dim])?;
+            check_len("attention keys", size, run.k.len())?;
+            check_len("attention values", size, run.v.len())?;
+            keys += run.len;
+        }
+        let n = seq.rows.len();
+        check_len("attention positions (past + new)", seq.past + n, keys)?;
+        keys_of.push(keys);
+        work = work.saturating_add(n.saturating_mul(keys).saturating_mul(heads));
     }
 
-    let job = HeadJob { q, n, shape, runs, past, keys, out: SendPtr(out.as_mut_ptr()) };
+    let job = HeadJob { q, shape, seqs, keys_of: &keys_of, out: SendPtr(out.as_mut_ptr()) };
     let fma = fma_available();
-    let head_task = |h: usize| {
+    let task = |t: usize| {
+        let (seq, head) = (t / heads, t % heads);
         if fma {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `fma_available` checked AVX2 and FMA at run time.
             unsafe {
-                attend_head_fma(&job, h)
+                attend_head_fma(&job, seq, head)
             }
         } else {
-            attend_head(&job, h)
+            attend_head(&job, seq, head)
         }
     };
-    if n.saturating_mul(keys).saturating_mul(heads) >= PARALLEL_ATTENTION_MIN {
-        pool::run(heads, &head_task);
+    let tasks = seqs.len() * heads;
+    if work >= PARALLEL_ATTENTION_MIN {
+        pool::run(tasks, &task);
     } else {
-        (0..heads).for_each(head_task);
+        (0..tasks).for_each(task);
     }
     Ok(())
 }
@@ -222,14 +264,13 @@ fn fma_available() -> bool {
     }
 }
 
-/// Everything one attention head's task reads (lengths already checked by [`attention`]).
+/// Everything the attention tasks read (lengths already checked by [`attention_batch`]).
 struct HeadJob<'a> {
     q: &'a [f32],
-    n: usize,
     shape: AttentionShape,
-    runs: &'a [KvRun<'a>],
-    past: usize,
-    keys: usize,
+    seqs: &'a [AttentionSeq<'a>],
+    /// Cached positions (past + new) of each sequence.
+    keys_of: &'a [usize],
     out: SendPtr,
 }
 
@@ -239,24 +280,26 @@ struct HeadJob<'a> {
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_head_fma(job: &HeadJob<'_>, h: usize) {
-    attend_head(job, h)
+unsafe fn attend_head_fma(job: &HeadJob<'_>, seq: usize, h: usize) {
+    attend_head(job, seq, h)
 }
 
-/// Query head `h` of every new row: scores, softmax and the weighted sum of values.
+/// Query head `h` of every new row of sequence `seq`: scores, softmax and the weighted sum of
+/// values.
 #[inline(always)]
-fn attend_head(job: &HeadJob<'_>, h: usize) {
+fn attend_head(job: &HeadJob<'_>, seq: usize, h: usize) {
     let AttentionShape { heads, kv_heads, head_dim } = job.shape;
+    let AttentionSeq { rows, runs, past } = &job.seqs[seq];
     let row_width = heads * head_dim;
     let kv_head = h / (heads / kv_heads);
-    let mut scores = vec![0.0f32; job.keys];
+    let mut scores = vec![0.0f32; job.keys_of[seq]];
     let mut acc = vec![0.0f32; head_dim];
-    for j in 0..job.n {
-        let visible = job.past + j + 1;
-        let query = &job.q[j * row_width + h * head_dim..j * row_width + (h + 1) * head_dim];
+    for (j, row) in rows.clone().enumerate() {
+        let visible = past + j + 1;
+        let query = &job.q[row * row_width + h * head_dim..row * row_width + (h + 1) * head_dim];
         let mut max = f32::NEG_INFINITY;
         let mut position = 0;
-        for run in job.runs {
+        for run in runs.iter() {
             let base = kv_head * run.capacity * head_dim;
             for p in 0..run.len.min(visible.saturating_sub(position)) {
                 let key = &run.k[base + p * head_dim..base + (p + 1) * head_dim];
@@ -273,7 +316,7 @@ fn attend_head(job: &HeadJob<'_>, h: usize) {
         }
         acc.iter_mut().for_each(|a| *a = 0.0);
         let mut position = 0;
-        for run in job.runs {
+        for run in runs.iter() {
             let base = kv_head * run.capacity * head_dim;
             for p in 0..run.len.min(visible.saturating_sub(position)) {
                 let weight = scores[position + p];
@@ -286,9 +329,10 @@ fn attend_head(job: &HeadJob<'_>, h: usize) {
         }
         let inv_total = 1.0 / total;
         for (d, &a) in acc.iter().enumerate() {
-            // SAFETY: `j * row_width + h * head_dim + d < n * row_width = out.len()` (checked
-            // by `attention`), and column block `h` of every row is written by this task only.
-            unsafe { *job.out.get().add(j * row_width + h * head_dim + d) = a * inv_total };
+            // SAFETY: `row < rows` so the index is inside `out` (checked by `attention_batch`);
+            // the sequences' row ranges are disjoint, so element (row, h, d) is written by this
+            // (sequence, head) task only.
+            unsafe { *job.out.get().add(row * row_width + h * head_dim + d) = a * inv_total };
         }
     }
 }
@@ -407,6 +451,43 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn batched_attention_equals_each_sequence_alone() {
+        let shape = AttentionShape { heads: 4, kv_heads: 2, head_dim: 8 };
+        // (past, new rows) per sequence; enough work in total to take the parallel path.
+        let specs = [(40usize, 1usize), (3, 2), (700, 1), (0, 6)];
+        let width = 4 * 8;
+        let total_rows: usize = specs.iter().map(|s| s.1).sum();
+        let q = noise(11, total_rows * width);
+        let caches: Vec<(Vec<f32>, Vec<f32>, usize)> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, &(past, n))| {
+                (noise(20 + i as u64, 2 * (past + n) * 8), noise(30 + i as u64, 2 * (past + n) * 8), past + n)
+            })
+            .collect();
+        let runs: Vec<[KvRun<'_>; 1]> =
+            caches.iter().map(|(k, v, keys)| [KvRun { k, v, capacity: *keys, len: *keys }]).collect();
+        let mut seqs = Vec::new();
+        let mut row = 0;
+        for (i, &(past, n)) in specs.iter().enumerate() {
+            seqs.push(AttentionSeq { rows: row..row + n, runs: &runs[i], past });
+            row += n;
+        }
+        let mut batched = vec![0.0f32; total_rows * width];
+        attention_batch(&q, total_rows, shape, &seqs, &mut batched).unwrap();
+        for seq in &seqs {
+            let n = seq.rows.len();
+            let mut alone = vec![0.0f32; n * width];
+            let q_rows = &q[seq.rows.start * width..seq.rows.end * width];
+            attention(q_rows, n, shape, seq.runs, seq.past, &mut alone).unwrap();
+            assert_eq!(&batched[seq.rows.start * width..seq.rows.end * width], &alone[..]);
+        }
+        // Overlapping row ranges are refused (the tasks would write the same rows).
+        let overlapping = [seqs[0].clone(), AttentionSeq { rows: 0..2, ..seqs[1].clone() }];
+        assert!(attention_batch(&q, total_rows, shape, &overlapping, &mut batched).is_err());
     }
 
     #[test]

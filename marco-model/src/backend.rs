@@ -69,6 +69,17 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
+/// One sequence of a batched attention call: its rows of the batch and its KV cache.
+#[derive(Debug, Clone)]
+pub struct SequenceKv<B: Backend> {
+    /// The sequence's rows of the batch (its new tokens).
+    pub rows: std::ops::Range<usize>,
+    /// Its cached keys and values in position order, the new rows' own last.
+    pub runs: Vec<KvRun<B>>,
+    /// Positions cached before the new rows.
+    pub past: usize,
+}
+
 /// A burn backend with marco's kernel seam.
 ///
 /// Besides the linear layers, the seam has defaulted hooks for the rest of a decoder layer
@@ -121,13 +132,14 @@ pub trait KernelBackend: Backend {
         layer_ops::swiglu(gate, up)
     }
 
-    /// Causal grouped-query attention of one sequence's `n` new queries (`q`: `[n, heads,
-    /// head_dim]`, rotated and scaled by `1/sqrt(head_dim)`) against its cached keys and values
-    /// (`runs` in position order, lengths adding up to `past + n`, the new positions last).
-    /// Returns `[n, heads * head_dim]`. Must not depend on how the positions are cut into
-    /// runs, so that forked sequences compute what they would alone.
-    fn attention(q: Tensor<Self, 3>, runs: &[KvRun<Self>], past: usize, shape: AttentionShape) -> Tensor<Self, 2> {
-        layer_ops::attention(q, runs, past, shape)
+    /// Causal grouped-query attention of a batch of sequences: `q` (`[rows, heads, head_dim]`,
+    /// rotated and scaled by `1/sqrt(head_dim)`) holds every sequence's new queries, and each
+    /// [`SequenceKv`] names its rows and its cache (runs in position order, lengths adding up
+    /// to `past + new rows`, the new positions last). Returns `[rows, heads * head_dim]`. A
+    /// sequence's result must not depend on the rest of the batch or on how its positions are
+    /// cut into runs, so that forked and batched sequences compute what they would alone.
+    fn attention(q: Tensor<Self, 3>, seqs: &[SequenceKv<Self>], shape: AttentionShape) -> Tensor<Self, 2> {
+        layer_ops::attention_batch(q, seqs, shape)
     }
 
     /// Bytes the weight occupies.
@@ -187,8 +199,7 @@ mod cpu {
     use marco_backend_cpu::ops::{self, KvRun as HostRun};
     use marco_backend_cpu::{ActivationMode, GgmlType, MatmulOptions, PackedMatrix};
 
-    use super::{AttentionShape, HostWeight, KernelBackend};
-    use crate::cache::KvRun;
+    use super::{AttentionShape, HostWeight, KernelBackend, SequenceKv};
     use crate::error::{ModelError, Result};
     use crate::layer_ops;
 
@@ -369,33 +380,51 @@ mod cpu {
             }
         }
 
-        fn attention(q: Tensor<Self, 3>, runs: &[KvRun<Self>], past: usize, shape: AttentionShape) -> Tensor<Self, 2> {
-            let n = q.dims()[0];
-            let fallback = || layer_ops::attention(q.clone(), runs, past, shape);
+        fn attention(q: Tensor<Self, 3>, seqs: &[SequenceKv<Self>], shape: AttentionShape) -> Tensor<Self, 2> {
+            let rows = q.dims()[0];
+            let fallback = || layer_ops::attention_batch(q.clone(), seqs, shape);
             let Some(qp) = primitive(&q) else { return fallback() };
-            let mut prims = Vec::with_capacity(runs.len());
-            for run in runs {
-                match (primitive(&run.k), primitive(&run.v)) {
-                    (Some(k), Some(v)) => prims.push((k, v, run.k.dims()[1], run.len)),
-                    _ => return fallback(),
+            // Shared handles of every run's buffers, then borrowed views of them.
+            let mut prims = Vec::with_capacity(seqs.len());
+            for seq in seqs {
+                let mut runs = Vec::with_capacity(seq.runs.len());
+                for run in &seq.runs {
+                    match (primitive(&run.k), primitive(&run.v)) {
+                        (Some(k), Some(v)) => runs.push((k, v, run.k.dims()[1], run.len)),
+                        _ => return fallback(),
+                    }
                 }
+                prims.push(runs);
             }
-            let mut host = Vec::with_capacity(prims.len());
-            for (k, v, capacity, len) in &prims {
-                match (values(k), values(v)) {
-                    (Some(k), Some(v)) => host.push((k, v, *capacity, *len)),
-                    _ => return fallback(),
+            let mut views = Vec::with_capacity(prims.len());
+            for runs in &prims {
+                let mut seq_views = Vec::with_capacity(runs.len());
+                for (k, v, capacity, len) in runs {
+                    match (values(k), values(v)) {
+                        (Some(k), Some(v)) => seq_views.push((k, v, *capacity, *len)),
+                        _ => return fallback(),
+                    }
                 }
+                views.push(seq_views);
             }
-            let host_runs: Vec<HostRun<'_>> =
-                host.iter().map(|(k, v, capacity, len)| HostRun { k, v, capacity: *capacity, len: *len }).collect();
+            let host_runs: Vec<Vec<HostRun<'_>>> = views
+                .iter()
+                .map(|runs| {
+                    runs.iter().map(|(k, v, capacity, len)| HostRun { k, v, capacity: *capacity, len: *len }).collect()
+                })
+                .collect();
+            let host_seqs: Vec<ops::AttentionSeq<'_>> = seqs
+                .iter()
+                .zip(&host_runs)
+                .map(|(seq, runs)| ops::AttentionSeq { rows: seq.rows.clone(), runs, past: seq.past })
+                .collect();
             let Some(qs) = values(&qp) else { return fallback() };
             let width = shape.heads * shape.head_dim;
-            let mut out = vec![0.0f32; n * width];
+            let mut out = vec![0.0f32; rows * width];
             let host_shape =
                 ops::AttentionShape { heads: shape.heads, kv_heads: shape.kv_heads, head_dim: shape.head_dim };
-            match ops::attention(&qs, n, host_shape, &host_runs, past, &mut out) {
-                Ok(()) => from_host(out, [n, width], &q.device()),
+            match ops::attention_batch(&qs, rows, host_shape, &host_seqs, &mut out) {
+                Ok(()) => from_host(out, [rows, width], &q.device()),
                 Err(_) => fallback(),
             }
         }
@@ -403,15 +432,16 @@ mod cpu {
         fn log_sum_exp(logits: Tensor<Self, 2>) -> Tensor<Self, 2> {
             let [rows, vocab] = logits.dims();
             let device = logits.device();
-            // f64 accumulation: an f32 sum over a 49k vocabulary drifts by ~1e-4.
+            // Terms in f32 (each within 1e-7 relative), summed in f64: an f32 sum over a 49k vocabulary
+            // drifts by ~1e-4.
             let lse: Vec<f32> = with_host_f32(&logits, |all| {
                 all.chunks(vocab.max(1))
                     .map(|row| {
                         if row.iter().any(|x| !x.is_finite()) {
                             return f32::NAN;
                         }
-                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-                        (max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln()) as f32
+                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        (max as f64 + row.iter().map(|&x| (x - max).exp() as f64).sum::<f64>().ln()) as f32
                     })
                     .collect()
             });

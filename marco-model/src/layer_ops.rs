@@ -4,7 +4,7 @@
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Tensor, TensorData};
 
-use crate::backend::{AttentionShape, KernelBackend};
+use crate::backend::{AttentionShape, KernelBackend, SequenceKv};
 use crate::cache::KvRun;
 
 /// Root-mean-square normalisation of the rows of `x` (`[rows, width]`), scaled by `weight`.
@@ -89,5 +89,28 @@ pub(crate) fn attention<B: KernelBackend>(
         out.reshape([1, heads * dim])
     } else {
         out.reshape([kv_heads, group, n, dim]).permute([2, 0, 1, 3]).reshape([n, heads * dim])
+    }
+}
+
+/// [`attention`] for every sequence of a batch (`q`: `[rows, heads, head_dim]`), sequence by
+/// sequence; returns `[rows, heads * head_dim]`.
+pub(crate) fn attention_batch<B: KernelBackend>(
+    q: Tensor<B, 3>,
+    seqs: &[SequenceKv<B>],
+    shape: AttentionShape,
+) -> Tensor<B, 2> {
+    let [rows, heads, dim] = q.dims();
+    let mut outputs: Vec<Tensor<B, 2>> = seqs
+        .iter()
+        .map(|seq| {
+            let q_seq =
+                if seq.rows.len() == rows { q.clone() } else { q.clone().slice([seq.rows.clone(), 0..heads, 0..dim]) };
+            attention(q_seq, &seq.runs, seq.past, shape)
+        })
+        .collect();
+    if outputs.len() == 1 {
+        outputs.remove(0)
+    } else {
+        Tensor::cat(outputs, 0)
     }
 }

@@ -13,7 +13,7 @@
 
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::backend::{AttentionShape, HostWeight, KernelBackend, LinearPath};
+use crate::backend::{AttentionShape, HostWeight, KernelBackend, LinearPath, SequenceKv};
 use crate::cache::{KvCache, KvShape, LayerKv};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -419,16 +419,15 @@ impl<B: KernelBackend> Transformer<B> {
         let v = v.reshape([total, kv_heads, dim]);
         let shape = AttentionShape { heads, kv_heads, head_dim: dim };
 
-        let mut outputs = Vec::with_capacity(items.len());
+        let mut seqs = Vec::with_capacity(items.len());
         let mut row = 0;
         for item in items.iter_mut() {
             let n = item.tokens.len();
             let rows = row..row + n;
             row += n;
             let past = item.cache.len();
-            let single = n == total;
             let slice3 = |t: &Tensor<B, 3>, width: usize| {
-                if single {
+                if n == total {
                     t.clone()
                 } else {
                     t.clone().slice([rows.clone(), 0..width, 0..dim])
@@ -438,20 +437,11 @@ impl<B: KernelBackend> Transformer<B> {
             let k_new = slice3(&k, kv_heads).swap_dims(0, 1);
             let v_new = slice3(&v, kv_heads).swap_dims(0, 1);
             item.cache.write(index, LayerKv { k: k_new, v: v_new });
-            let q_seq = slice3(&q, heads);
-            let runs = item.cache.runs(index, n);
-            let out = match self.path {
-                LinearPath::Burn => layer_ops::attention(q_seq, &runs, past, shape),
-                LinearPath::Kernel | LinearPath::KernelExact => {
-                    <B as KernelBackend>::attention(q_seq, &runs, past, shape)
-                }
-            };
-            outputs.push(out);
+            seqs.push(SequenceKv { rows, runs: item.cache.runs(index, n), past });
         }
-        if outputs.len() == 1 {
-            outputs.remove(0)
-        } else {
-            Tensor::cat(outputs, 0)
+        match self.path {
+            LinearPath::Burn => layer_ops::attention_batch(q, &seqs, shape),
+            LinearPath::Kernel | LinearPath::KernelExact => <B as KernelBackend>::attention(q, &seqs, shape),
         }
     }
 }
