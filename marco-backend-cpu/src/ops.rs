@@ -111,10 +111,103 @@ pub fn rope(
 /// `gate[i] = silu(gate[i]) · up[i]` in place (`silu(g) = g / (1 + e^{−g})`).
 pub fn swiglu(gate: &mut [f32], up: &[f32]) -> Result<(), KernelError> {
     check_len("swiglu up", gate.len(), up.len())?;
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+    if fma_available() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `fma_available` checked AVX2 and FMA at run time.
+        unsafe {
+            swiglu_fma(gate, up)
+        }
+    } else {
+        swiglu_body(gate, up)
     }
     Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn swiglu_fma(gate: &mut [f32], up: &[f32]) {
+    swiglu_body(gate, up)
+}
+
+#[inline(always)]
+fn swiglu_body(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + exp_f32(-*g)) * u;
+    }
+}
+
+/// `e^x` in f32 within 2 ulp for `x` in `[-87, 88]` (results are clamped to that range:
+/// `e^-87 ≈ 1.6e-38` stands for anything smaller, `e^88` for anything larger). Cephes' range
+/// reduction and polynomial, written without branches so that loops over it vectorize (libm's
+/// `expf` is a call per element).
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split in a part exact in f32 and the rest (Cody–Waite).
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 88.0);
+    let k = (x * LOG2E).round();
+    let r = x - k * LN2_HI - k * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let e_r = p * r * r + r + 1.0;
+    // 2^k by building the exponent field directly (k is in [-126, 127] after the clamp).
+    e_r * f32::from_bits(((k as i32 + 127) as u32) << 23)
+}
+
+/// `ln Σ e^{x_i}` of a row (max-shifted; terms in f32, summed in f64 so that a 150k-entry
+/// vocabulary does not drift). NaN when any entry is NaN or infinite, so it doubles as a
+/// finiteness check; `-inf` for an empty row.
+pub fn log_sum_exp(row: &[f32]) -> f64 {
+    if fma_available() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `fma_available` checked AVX2 and FMA at run time.
+        unsafe {
+            return log_sum_exp_fma(row);
+        }
+    }
+    log_sum_exp_body(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn log_sum_exp_fma(row: &[f32]) -> f64 {
+    log_sum_exp_body(row)
+}
+
+#[inline(always)]
+fn log_sum_exp_body(row: &[f32]) -> f64 {
+    if row.is_empty() {
+        return f64::NEG_INFINITY;
+    }
+    // `0 * x` is 0 for finite x and NaN otherwise: one pass finds any non-finite entry.
+    let mut poison = 0.0f32;
+    let mut max = f32::NEG_INFINITY;
+    for &x in row {
+        poison += 0.0 * x;
+        max = max.max(x);
+    }
+    if !poison.is_finite() || !max.is_finite() {
+        return f64::NAN;
+    }
+    let mut partial = [0.0f64; 8];
+    let chunks = row.chunks_exact(8);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (acc, &x) in partial.iter_mut().zip(chunk) {
+            *acc += exp_f32(x - max) as f64;
+        }
+    }
+    let mut sum: f64 = partial.iter().sum();
+    for &x in tail {
+        sum += exp_f32(x - max) as f64;
+    }
+    max as f64 + sum.ln()
 }
 
 /// One run of consecutive cached positions of one layer: keys and values in a buffer laid out
@@ -143,7 +236,7 @@ pub struct AttentionShape {
 }
 
 /// Work (query rows × keys × heads) below which attention runs on the calling thread only.
-const PARALLEL_ATTENTION_MIN: usize = 1 << 14;
+const PARALLEL_ATTENTION_MIN: usize = 1 << 11;
 
 /// Causal grouped-query attention of `n` new query rows against a sequence's cached keys and
 /// values, given as consecutive `runs` in position order whose lengths add up to `past + n`
@@ -311,7 +404,7 @@ fn attend_head(job: &HeadJob<'_>, seq: usize, h: usize) {
         }
         let mut total = 0.0f32;
         for s in &mut scores[..visible] {
-            *s = (*s - max).exp();
+            *s = exp_f32(*s - max);
             total += *s;
         }
         acc.iter_mut().for_each(|a| *a = 0.0);
@@ -488,6 +581,31 @@ mod tests {
         // Overlapping row ranges are refused (the tasks would write the same rows).
         let overlapping = [seqs[0].clone(), AttentionSeq { rows: 0..2, ..seqs[1].clone() }];
         assert!(attention_batch(&q, total_rows, shape, &overlapping, &mut batched).is_err());
+    }
+
+    #[test]
+    fn exp_and_log_sum_exp_are_accurate() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let exact = (x as f64).exp();
+            worst = worst.max(((exp_f32(x) as f64) - exact).abs() / exact);
+            x += 0.0137;
+        }
+        assert!(worst < 3.0 * f32::EPSILON as f64, "relative error {worst}");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert!(exp_f32(-1000.0) < 1e-37 && exp_f32(-1000.0) >= 0.0);
+
+        let row = noise(5, 49_157).iter().map(|v| v * 20.0).collect::<Vec<f32>>();
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let exact = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+        assert!((log_sum_exp(&row) - exact).abs() < 1e-6, "{} vs {exact}", log_sum_exp(&row));
+        let mut bad = row.clone();
+        bad[1234] = f32::NAN;
+        assert!(log_sum_exp(&bad).is_nan());
+        bad[1234] = f32::INFINITY;
+        assert!(log_sum_exp(&bad).is_nan());
+        assert_eq!(log_sum_exp(&[]), f64::NEG_INFINITY);
     }
 
     #[test]
