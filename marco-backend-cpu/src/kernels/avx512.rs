@@ -84,6 +84,9 @@ struct WeightRow {
     /// The mins (Q4_1); the scales again otherwise (never used as mins).
     m: *const u16,
     qs: *const u8,
+    /// One past the last scale (and min) of the matrix.
+    d_end: *const u16,
+    m_end: *const u16,
 }
 
 impl WeightRow {
@@ -94,10 +97,36 @@ impl WeightRow {
         let quant = if KIND == KIND_Q8_0 { 32 } else { 16 };
         // SAFETY: row `o` has `nb` scales (and mins) and `nb * quant` quant bytes.
         unsafe {
+            let m = if KIND == KIND_Q4_1 { &w.m } else { &w.d };
             WeightRow {
                 d: w.d.as_ptr().add(o * nb),
-                m: if KIND == KIND_Q4_1 { w.m.as_ptr().add(o * nb) } else { w.d.as_ptr().add(o * nb) },
+                m: m.as_ptr().add(o * nb),
                 qs: w.qs.as_ptr().add(o * nb * quant),
+                d_end: w.d.as_ptr_range().end,
+                m_end: m.as_ptr_range().end,
+            }
+        }
+    }
+}
+
+impl WeightRow {
+    /// The eight f16 values at `scales + b0` (the row's scales `d` or mins `m`), lanes outside
+    /// `mask` zeroed: a plain load and a register mask where eight values are in bounds
+    /// (masked loads measured slow), else a masked load.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F/BW/VL; the lanes in `mask` must exist.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn scales_tail(self, scales: *const u16, b0: usize, mask: __mmask8) -> __m128i {
+        let end = if std::ptr::eq(scales, self.d) { self.d_end } else { self.m_end };
+        // SAFETY: the lanes in `mask` exist (caller); the plain load only when all eight do.
+        unsafe {
+            let p = scales.add(b0);
+            if (end as usize).saturating_sub(p as usize) >= 16 {
+                _mm_maskz_mov_epi16(mask, _mm_loadu_si128(p as *const __m128i))
+            } else {
+                _mm_maskz_loadu_epi16(mask, p as *const i16)
             }
         }
     }
@@ -136,7 +165,8 @@ macro_rules! split_kernels {
         pub(super) mod $module {
             use super::*;
 
-            /// Accumulates blocks `b0..b0 + n` (`n <= 8`; `FULL` means `n == 8`) of weight row
+            /// Accumulates blocks `b0..b0 + n` (`n <= 8`, in `PAIRS = ceil(n / 2)` pairs; `FULL`
+            /// means `n == 8`) of weight row
             /// `row` against the activation rows `acts` into `acc`.
             ///
             /// # Safety
@@ -144,7 +174,7 @@ macro_rules! split_kernels {
             /// each of the `R` activation rows (partial groups are read with masked loads).
             #[inline]
             #[target_feature(enable = $features)]
-            unsafe fn group<const R: usize, const KIND: u8, const FULL: bool>(
+            unsafe fn group<const R: usize, const KIND: u8, const PAIRS: usize, const FULL: bool>(
                 acc: &mut [__m512; R],
                 row: WeightRow,
                 acts: ActRows,
@@ -163,8 +193,8 @@ macro_rules! split_kernels {
                         )
                     } else {
                         (
-                            _mm256_cvtph_ps(_mm_maskz_loadu_epi16(group_mask, row.d.add(b0) as *const i16)),
-                            _mm256_cvtph_ps(_mm_maskz_loadu_epi16(group_mask, row.m.add(b0) as *const i16)),
+                            _mm256_cvtph_ps(row.scales_tail(row.d, b0, group_mask)),
+                            _mm256_cvtph_ps(row.scales_tail(row.m, b0, group_mask)),
                         )
                     }
                 };
@@ -173,7 +203,9 @@ macro_rules! split_kernels {
                     KIND_Q4_1 => _mm512_zextps256_ps512(mw),
                     _ => _mm512_mul_ps(dw, _mm512_set1_ps(-8.0)),
                 };
-                let pairs = if FULL { 4 } else { n.div_ceil(2) };
+                // A compile-time pair count keeps the pair loops unrolled and their arrays in
+                // registers (a run-time count measured several times slower).
+                let pairs = PAIRS;
                 let mut wv = [_mm512_setzero_si512(); 4];
                 let mut negative: [__mmask64; 4] = [0; 4];
                 for p in 0..pairs {
@@ -219,9 +251,17 @@ macro_rules! split_kernels {
                                 _mm512_zextps256_ps512(_mm256_loadu_ps(acts.dsum.add(row_block))),
                             )
                         } else {
+                            // The scales and sums are padded: eight values from any block are readable.
+                            let mask = group_mask as __mmask16;
                             (
-                                _mm512_maskz_loadu_ps(group_mask as __mmask16, acts.d.add(row_block)),
-                                _mm512_maskz_loadu_ps(group_mask as __mmask16, acts.dsum.add(row_block)),
+                                _mm512_maskz_mov_ps(
+                                    mask,
+                                    _mm512_zextps256_ps512(_mm256_loadu_ps(acts.d.add(row_block))),
+                                ),
+                                _mm512_maskz_mov_ps(
+                                    mask,
+                                    _mm512_zextps256_ps512(_mm256_loadu_ps(acts.dsum.add(row_block))),
+                                ),
                             )
                         }
                     };
@@ -273,12 +313,20 @@ macro_rules! split_kernels {
                 let mut b0 = 0;
                 while b0 + 8 <= nb {
                     // SAFETY: blocks `b0..b0 + 8` exist.
-                    unsafe { group::<R, KIND, true>(&mut acc, row, acts, b0, 8) };
+                    unsafe { group::<R, KIND, 4, true>(&mut acc, row, acts, b0, 8) };
                     b0 += 8;
                 }
                 if b0 < nb {
                     // SAFETY: blocks `b0..nb` exist.
-                    unsafe { group::<R, KIND, false>(&mut acc, row, acts, b0, nb - b0) };
+                    unsafe {
+                        let n = nb - b0;
+                        match n.div_ceil(2) {
+                            1 => group::<R, KIND, 1, false>(&mut acc, row, acts, b0, n),
+                            2 => group::<R, KIND, 2, false>(&mut acc, row, acts, b0, n),
+                            3 => group::<R, KIND, 3, false>(&mut acc, row, acts, b0, n),
+                            _ => group::<R, KIND, 4, false>(&mut acc, row, acts, b0, n),
+                        }
+                    }
                 }
                 sum_lanes(&acc)
             }

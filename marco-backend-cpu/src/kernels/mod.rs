@@ -137,9 +137,9 @@ pub(crate) struct QuantizedActs {
     pub blocks: usize,
     /// `rows * blocks * 32` quantized values.
     pub qs: AlignedI8,
-    /// Scale of each block (`rows * blocks`).
+    /// Scale of each block (`rows * blocks`, then [`SCALE_PAD`] zeros).
     pub d: Vec<f32>,
-    /// `d * sum(q)` of each block.
+    /// `d * sum(q)` of each block (`rows * blocks`, then [`SCALE_PAD`] zeros).
     pub dsum: Vec<f32>,
     /// `d * sum(q)` of each half (16 values) of each block.
     pub dsum16: Vec<[f32; 2]>,
@@ -165,8 +165,8 @@ impl QuantizedActs {
         QuantizedActs {
             blocks,
             qs: AlignedI8::zeroed(rows * cols),
-            d: vec![0.0; rows * blocks],
-            dsum: vec![0.0; rows * blocks],
+            d: vec![0.0; rows * blocks + SCALE_PAD],
+            dsum: vec![0.0; rows * blocks + SCALE_PAD],
             dsum16: vec![[0.0; 2]; rows * blocks],
         }
     }
@@ -193,6 +193,10 @@ impl QuantizedActs {
         acts
     }
 }
+
+/// Zeros after the activation scales and sums, so that an eight-lane load from any block
+/// stays in bounds.
+pub(crate) const SCALE_PAD: usize = 8;
 
 /// A zeroed `[i8]` buffer that starts on a 64-byte boundary, so that the activation rows of
 /// the common widths (multiples of 64) are whole cache lines: a 64-byte vector load of two
@@ -673,7 +677,7 @@ mod tests {
         let mut next = xorshift(0x9E37_79B9_7F4A_7C15);
         for ty in PackedMatrix::KEPT_QUANTIZED {
             let block_counts: &[usize] =
-                if ty.block_size() == 32 { &[1, 2, 3, 7, 8, 9, 16, 18, 19, 48] } else { &[1, 2] };
+                if ty.block_size() == 32 { &[1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 14, 15, 16, 18, 19, 48] } else { &[1, 2] };
             for &blocks in block_counts {
                 let (n_out, n_in) = (13, blocks * ty.block_size());
                 let size = crate::quant::row_bytes(ty, n_in).unwrap_or(0) * n_out;
