@@ -24,7 +24,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::x86::write_rows;
-use super::{OutPtr, QuantizedActs};
+use super::{AlignedI8, OutPtr, QuantizedActs};
 use crate::packed::SplitBlocks;
 use crate::quant::{GgmlType, QK};
 
@@ -145,6 +145,18 @@ struct ActRows {
 }
 
 impl ActRows {
+    /// The same views from row `r0` on.
+    ///
+    /// # Safety
+    /// Row `r0` must exist.
+    unsafe fn at_row(self, r0: usize) -> ActRows {
+        let nb = self.blocks;
+        // SAFETY: row `r0` exists.
+        unsafe {
+            ActRows { qs: self.qs.add(r0 * nb * QK), d: self.d.add(r0 * nb), dsum: self.dsum.add(r0 * nb), blocks: nb }
+        }
+    }
+
     /// # Safety
     /// Row `r0` must exist in `acts`.
     unsafe fn new(acts: &QuantizedActs, r0: usize) -> ActRows {
@@ -164,9 +176,15 @@ impl ActRows {
 /// Generates `split_dot` (one weight row against `R` activation rows) and `split_rows` (the
 /// entry point) for one target-feature set and dot-product helper.
 macro_rules! split_kernels {
-    ($module:ident, $features:literal, $dot:ident) => {
+    ($module:ident, $features:literal, $dot:ident, $unsigned_acts:literal) => {
         pub(super) mod $module {
             use super::*;
+
+            /// Q8_0 weights meet the activations offset by 128 (unsigned bytes, see
+            /// [`flip_signs`]) and stay signed: `vpdpbusd` then takes `Σ (a + 128) w` from an
+            /// accumulator preset to `-128 Σ w` (once per weight pair), which saves the sign
+            /// transfer per activation row. VNNI only: `vpmaddubsw` could saturate.
+            const UNSIGNED_ACTS: bool = $unsigned_acts;
 
             /// Accumulates blocks `b0..b0 + n` (`n <= 8`, in `PAIRS = ceil(n / 2)` pairs; `FULL`
             /// means `n == 8`) of weight row
@@ -211,6 +229,7 @@ macro_rules! split_kernels {
                 let pairs = PAIRS;
                 let mut wv = [_mm512_setzero_si512(); 4];
                 let mut negative: [__mmask64; 4] = [0; 4];
+                let mut preset = [_mm512_setzero_si512(); 4];
                 for p in 0..pairs {
                     let whole = FULL || 2 * p + 2 <= n;
                     // SAFETY: block `b0 + 2p` (and `b0 + 2p + 1` when `whole`) exist.
@@ -224,9 +243,19 @@ macro_rules! split_kernels {
                                 _mm512_maskz_loadu_epi8(0xFFFF_FFFF, qp as *const i8)
                             }
                         };
-                        // |w| as unsigned bytes; the activations take the weights' signs.
-                        negative[p] = _mm512_movepi8_mask(wq);
-                        wv[p] = _mm512_abs_epi8(wq);
+                        if UNSIGNED_ACTS {
+                            // -128 Σ w per lane of four bytes.
+                            // SAFETY: only in the VNNI module (`UNSIGNED_ACTS`), compiled with VNNI
+                            // (where the block is not needed; the other module needs it to compile).
+                            #[allow(unused_unsafe)]
+                            let sum = unsafe { dot_u8_i8_vnni(_mm512_set1_epi8(-128), wq) };
+                            preset[p] = _mm512_sub_epi32(_mm512_setzero_si512(), sum);
+                            wv[p] = wq;
+                        } else {
+                            // |w| as unsigned bytes; the activations take the weights' signs.
+                            negative[p] = _mm512_movepi8_mask(wq);
+                            wv[p] = _mm512_abs_epi8(wq);
+                        }
                     } else {
                         // SAFETY: 32 bytes (two blocks) or, masked, 16 bytes (one) at `qp`.
                         let packed = unsafe {
@@ -283,12 +312,18 @@ macro_rules! split_kernels {
                                 _mm512_maskz_loadu_epi8(0xFFFF_FFFF, ap as *const i8)
                             }
                         };
-                        let a = if KIND == KIND_Q8_0 {
-                            _mm512_mask_sub_epi8(a, negative[p], _mm512_setzero_si512(), a)
+                        let dot = if KIND == KIND_Q8_0 && UNSIGNED_ACTS {
+                            // SAFETY: only in the VNNI module (`UNSIGNED_ACTS`), compiled with VNNI
+                            // (where the block is not needed; the other module needs it to compile).
+                            #[allow(unused_unsafe)]
+                            let dot = unsafe { _mm512_dpbusd_epi32(preset[p], a, wv[p]) };
+                            dot
+                        } else if KIND == KIND_Q8_0 {
+                            $dot(wv[p], _mm512_mask_sub_epi8(a, negative[p], _mm512_setzero_si512(), a))
                         } else {
-                            a
+                            $dot(wv[p], a)
                         };
-                        let s = _mm512_cvtepi32_ps($dot(wv[p], a));
+                        let s = _mm512_cvtepi32_ps(dot);
                         // Lanes 0..8 take the scale of block `2p`, lanes 8..16 that of `2p + 1`.
                         let (lo, hi) = (2 * p as i32, 2 * p as i32 + 1);
                         let lanes = _mm512_setr_epi32(lo, lo, lo, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi, hi, hi, hi);
@@ -306,11 +341,11 @@ macro_rules! split_kernels {
             unsafe fn split_dot<const R: usize, const KIND: u8>(
                 w: &SplitBlocks,
                 o: usize,
-                acts: &QuantizedActs,
+                acts: ActRows,
                 r0: usize,
             ) -> [f32; R] {
                 // SAFETY: as this function's contract.
-                let (row, acts) = unsafe { (WeightRow::new::<KIND>(w, o), ActRows::new(acts, r0)) };
+                let (row, acts) = unsafe { (WeightRow::new::<KIND>(w, o), acts.at_row(r0)) };
                 let nb = w.blocks;
                 let mut acc = [_mm512_setzero_ps(); R];
                 let mut b0 = 0;
@@ -348,6 +383,13 @@ macro_rules! split_kernels {
                 outs: Range<usize>,
                 out: OutPtr,
             ) {
+                // SAFETY: row 0 exists when `rows > 0`; no row is read otherwise.
+                let mut base = unsafe { ActRows::new(acts, 0) };
+                let flipped = (UNSIGNED_ACTS && w.ty == GgmlType::Q8_0).then(|| flip_signs(&acts.qs));
+                if let Some(flipped) = &flipped {
+                    base.qs = flipped.as_ptr() as *const u8;
+                }
+                let acts = base;
                 macro_rules! run_kind {
                     ($kind:expr) => {
                         for o in outs {
@@ -382,8 +424,18 @@ macro_rules! split_kernels {
     };
 }
 
-split_kernels!(plain, "avx512f,avx512bw,avx512vl,avx2,fma,f16c", dot_u8_i8_plain);
-split_kernels!(vnni, "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c", dot_u8_i8_vnni);
+split_kernels!(plain, "avx512f,avx512bw,avx512vl,avx2,fma,f16c", dot_u8_i8_plain, false);
+split_kernels!(vnni, "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c", dot_u8_i8_vnni, true);
+
+/// The activation quants plus 128, as unsigned bytes (`q ^ 0x80`), in a buffer of the same
+/// layout and alignment.
+fn flip_signs(qs: &AlignedI8) -> AlignedI8 {
+    let mut flipped = AlignedI8::zeroed(qs.len());
+    for (f, &q) in flipped.iter_mut().zip(qs.iter()) {
+        *f = q ^ i8::MIN;
+    }
+    flipped
+}
 
 /// f32 dot products of one weight row with `R` activation rows, `U` accumulators each; the
 /// last `n_in % 16` values use masked loads.

@@ -212,7 +212,7 @@ pub(crate) struct AlignedI8 {
 struct CacheLine([i8; 64]);
 
 impl AlignedI8 {
-    fn zeroed(len: usize) -> AlignedI8 {
+    pub(crate) fn zeroed(len: usize) -> AlignedI8 {
         AlignedI8 { lines: vec![CacheLine([0; 64]); len.div_ceil(64)], len }
     }
 }
