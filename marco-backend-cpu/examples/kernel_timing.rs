@@ -1,8 +1,9 @@
 //! Times one kernel case on one thread (no pool), for profiling with `perf stat`:
 //! `cargo run --release -p marco-backend-cpu --example kernel_timing -- Q4_1 1 49152 576 200`
 //! (type, rows, out_features, in_features, iterations). `PARALLEL=1` uses the thread pool,
-//! `SMALL_BATCH_MAX=n` moves the small-batch/GEMM threshold. Prints the best and median time per call
-//! and the weight bytes per second at the best time.
+//! `SMALL_BATCH_MAX=n` moves the small-batch/GEMM threshold, `MARCO_KERNELS=avx2` (or `avx512`,
+//! `scalar`) caps the instruction set. Prints the best and median time per call and the weight
+//! bytes per second at the best time, and the instruction set used.
 
 use std::time::Instant;
 
@@ -62,11 +63,12 @@ fn main() -> Result<()> {
     let best = times[0];
     let median = times[times.len() / 2];
     println!(
-        "{ty} rows {rows} [{n_out}x{n_in}] best {:.1} us median {:.1} us  {:.2} GB/s at best  checksum {}",
+        "{ty} rows {rows} [{n_out}x{n_in}] best {:.1} us median {:.1} us  {:.2} GB/s at best  checksum {}  {:?}",
         best * 1e6,
         median * 1e6,
         w.weight_bytes() as f64 / best / 1e9,
-        out.iter().sum::<f32>()
+        out.iter().sum::<f32>(),
+        marco_backend_cpu::isa()
     );
     Ok(())
 }
