@@ -149,7 +149,10 @@ pub fn report(result: Result<()>) -> ExitCode {
 /// (`--help` and `--version` print as usual).
 pub fn parse_args<A: clap::Parser>() -> Result<A, ExitCode> {
     match A::try_parse() {
-        Ok(args) => Ok(args),
+        Ok(args) => {
+            backend_ready()?;
+            Ok(args)
+        }
         Err(e) if !e.use_stderr() => {
             // --help, --version: not an error.
             let _ = e.print();
@@ -168,6 +171,17 @@ pub fn parse_args<A: clap::Parser>() -> Result<A, ExitCode> {
             Err(ExitCode::from(2))
         }
     }
+}
+
+/// With `--features cuda`: probes the CUDA driver first (burn's CUDA runtime panics when it is
+/// missing) and reports a missing GPU as one `error:` line.
+fn backend_ready() -> Result<(), ExitCode> {
+    #[cfg(feature = "cuda")]
+    if let Err(e) = marco::model::backend::probe_cuda() {
+        eprintln!("error: this example was built with --features cuda, but {e}; build without it to run on the CPU");
+        return Err(ExitCode::FAILURE);
+    }
+    Ok(())
 }
 
 /// `text` with its line breaks folded into spaces.
