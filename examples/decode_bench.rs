@@ -45,6 +45,9 @@ struct Args {
     /// A `.gguf` file or a Hugging Face directory (default: the default model).
     #[arg(long, conflicts_with = "random")]
     model: Option<PathBuf>,
+    /// Quantize the model's dense (f32/f16/bf16) linear weights at load: `q8_0`.
+    #[arg(long, value_parser = common::parse_quantize)]
+    quantize: Option<marco::model::loader::QuantizeAtLoad>,
     /// Benchmark a random-weight model of this shape instead of loading one.
     #[arg(long, value_enum)]
     random: Option<common::RandomShape>,
@@ -126,8 +129,10 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
         };
         let load_start = Instant::now();
         let mut model: BurnLm<B> = match (&path, args.random) {
-            (Some(path), _) => marco::model::load_with::<B>(path, &device, LoadOptions { linear_path })
-                .with_context(|| format!("cannot load the model {}", path.display()))?,
+            (Some(path), _) => {
+                marco::model::load_with::<B>(path, &device, LoadOptions { linear_path, quantize: args.quantize })
+                    .with_context(|| format!("cannot load the model {}", path.display()))?
+            }
             (None, Some(shape)) => {
                 let config = shape.config();
                 let vocab = config.vocab_size;

@@ -33,7 +33,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use marco::core::{ChatMessage, LanguageModel, SamplingParams, StepRequest, TokenId};
 use marco::model::tokenizer::StreamingDecoder;
-use marco::model::KernelBackend;
+use marco::model::{KernelBackend, LoadOptions};
 use serde_json::json;
 
 #[derive(Parser, Debug)]
@@ -42,6 +42,9 @@ struct Args {
     /// A `.gguf` file or a Hugging Face directory (default: the default model).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Quantize the model's dense (f32/f16/bf16) linear weights at load: `q8_0`.
+    #[arg(long, value_parser = common::parse_quantize)]
+    quantize: Option<marco::model::loader::QuantizeAtLoad>,
     /// The prompt text.
     #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
     prompt: Option<String>,
@@ -108,7 +111,8 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
     let device = B::Device::default();
     let load_start = Instant::now();
     let mut model =
-        marco::model::load::<B>(&path, &device).with_context(|| format!("cannot load the model {}", path.display()))?;
+        marco::model::load_with::<B>(&path, &device, LoadOptions { quantize: args.quantize, ..LoadOptions::default() })
+            .with_context(|| format!("cannot load the model {}", path.display()))?;
     let load_time = load_start.elapsed();
 
     let prompt_ids: Vec<TokenId> = match (&args.prompt_ids, &args.prompt) {

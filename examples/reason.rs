@@ -90,6 +90,9 @@ struct Args {
     /// A .gguf file or Hugging Face directory (default: the default model, fetched on first use).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Quantize the model's dense (f32/f16/bf16) linear weights at load: `q8_0`.
+    #[arg(long, value_parser = common::parse_quantize)]
+    quantize: Option<marco::model::loader::QuantizeAtLoad>,
     /// Write the search trace (the whole tree) as JSON.
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
@@ -200,7 +203,7 @@ impl Args {
 fn run(args: Args) -> Result<()> {
     let budget = args.validate()?;
     let policy = args.policy(budget)?;
-    let mut model: Box<dyn LanguageModel> = common::load_model(args.model.as_deref())?;
+    let mut model: Box<dyn LanguageModel> = common::load_model_with(args.model.as_deref(), args.quantize)?;
     let system = args.system.as_deref().filter(|s| !s.trim().is_empty());
     let problem = Problem::from_question(model.tokenizer(), &args.question, system)?;
 

@@ -13,6 +13,8 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use marco::core::{LanguageModel, Progress, SearchObserver};
 use marco::model::fetch::{self, FetchEvent};
+use marco::model::loader::QuantizeAtLoad;
+use marco::model::LoadOptions;
 
 /// The backend the examples run on: CUDA with `--features cuda`, else burn's NdArray with
 /// marco's CPU kernels.
@@ -46,6 +48,11 @@ pub fn check_model_path(path: &Path) -> Result<()> {
 /// Loads the model at `path`, or the default model (fetched and verified on first use, with
 /// a progress display on stderr) when `path` is `None`.
 pub fn load_model(path: Option<&Path>) -> Result<Box<dyn LanguageModel>> {
+    load_model_with(path, None)
+}
+
+/// [`load_model`], quantizing dense linear weights at load when `quantize` is given.
+pub fn load_model_with(path: Option<&Path>, quantize: Option<QuantizeAtLoad>) -> Result<Box<dyn LanguageModel>> {
     let path = match path {
         Some(path) => {
             check_model_path(path)?;
@@ -55,7 +62,8 @@ pub fn load_model(path: Option<&Path>) -> Result<Box<dyn LanguageModel>> {
     };
     let spinner = spinner(format!("loading {}", path.display()));
     let device = Default::default();
-    let model = marco::model::load::<Backend>(&path, &device)
+    let options = LoadOptions { quantize, ..LoadOptions::default() };
+    let model = marco::model::load_with::<Backend>(&path, &device, options)
         .with_context(|| format!("cannot load the model {}", path.display()))?;
     spinner.finish_and_clear();
     Ok(Box::new(model))
@@ -269,4 +277,9 @@ impl marco::core::Tokenizer for IdsOnly {
     fn apply_chat_template(&self, _: &[marco::core::ChatMessage], _: bool) -> marco::core::Result<String> {
         Err(marco::core::Error::Tokenizer("a random-weight model has no chat template".into()))
     }
+}
+
+/// Parses `--quantize` values (`q8_0`).
+pub fn parse_quantize(value: &str) -> Result<QuantizeAtLoad, String> {
+    value.parse().map_err(|e: marco::model::ModelError| e.to_string())
 }

@@ -17,5 +17,5 @@ pub use backend::{KernelBackend, LinearPath};
 pub use config::{Architecture, ModelConfig, RopeFreqRounding};
 pub use error::{ModelError, Result};
 pub use lm::BurnLm;
-pub use loader::{load, load_default, load_with, LoadOptions};
+pub use loader::{load, load_default, load_with, LoadOptions, QuantizeAtLoad};
 pub use model::Transformer;

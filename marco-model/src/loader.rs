@@ -390,6 +390,88 @@ impl WeightSource for RandomWeights {
 pub struct LoadOptions {
     /// Which implementation runs the linear layers.
     pub linear_path: LinearPath,
+    /// Quantize dense (f32/f16/bf16) linear weights at load time; weights a GGUF file already
+    /// stores quantised are kept as they are.
+    pub quantize: Option<QuantizeAtLoad>,
+}
+
+/// A format dense linear weights can be quantised to at load time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QuantizeAtLoad {
+    /// ggml's Q8_0: blocks of 32 weights with one f16 scale (8.5 bits per weight, ~3.8× less
+    /// memory traffic than f32 at decode; relative error ≤ 1/254 per block).
+    Q8_0,
+}
+
+impl std::str::FromStr for QuantizeAtLoad {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "q8_0" => Ok(QuantizeAtLoad::Q8_0),
+            other => Err(ModelError::InvalidConfig {
+                path: "--quantize".into(),
+                reason: format!("unknown format `{other}` (supported: q8_0)"),
+            }),
+        }
+    }
+}
+
+/// A [`WeightSource`] that hands out dense linear weights quantised to `format` (the rest —
+/// embeddings, norms, already-quantised weights — passes through unchanged).
+struct QuantizingSource<'a> {
+    inner: &'a dyn WeightSource,
+    format: QuantizeAtLoad,
+}
+
+impl WeightSource for QuantizingSource<'_> {
+    fn origin(&self) -> &Path {
+        self.inner.origin()
+    }
+
+    fn tensor(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        self.inner.tensor(name, expected)
+    }
+
+    fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<HostLinear> {
+        match (self.inner.linear(name, out_features, in_features)?, self.format) {
+            // Q8_0 rows must be whole blocks; other widths stay dense.
+            (HostLinear::F32(rows), QuantizeAtLoad::Q8_0) if in_features.is_multiple_of(quant::QK) => {
+                let bytes = quant::quantize_q8_0(&rows).map_err(|e| ModelError::InvalidConfig {
+                    path: self.origin().to_path_buf(),
+                    reason: format!("{name}: {e}"),
+                })?;
+                Ok(HostLinear::Ggml { ggml_type: GgmlType::Q8_0.id(), bytes, elements: rows.len() })
+            }
+            (other, _) => Ok(other),
+        }
+    }
+}
+
+/// `source`, quantising dense linear weights when `options` asks for it.
+fn with_quantization<'a>(source: &'a dyn WeightSource, options: &LoadOptions) -> Box<dyn WeightSource + 'a> {
+    match options.quantize {
+        Some(format) => Box::new(QuantizingSource { inner: source, format }),
+        None => Box::new(Passthrough(source)),
+    }
+}
+
+/// A [`WeightSource`] forwarding to another.
+struct Passthrough<'a>(&'a dyn WeightSource);
+
+impl WeightSource for Passthrough<'_> {
+    fn origin(&self) -> &Path {
+        self.0.origin()
+    }
+
+    fn tensor(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        self.0.tensor(name, expected)
+    }
+
+    fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<HostLinear> {
+        self.0.linear(name, out_features, in_features)
+    }
 }
 
 /// Loads a model for `B` from `path`: a `.gguf` file (weights, configuration and tokenizer
@@ -406,14 +488,16 @@ pub fn load_with<B: KernelBackend>(path: &Path, device: &B::Device, options: Loa
         let tokenizer = MarcoTokenizer::from_hf_dir(path)?;
         check_vocab(&path.join("tokenizer.json"), &tokenizer, &config)?;
         let weights = HfWeights::open(path)?;
-        (Transformer::load(config, &weights, options.linear_path, device)?, tokenizer)
+        let source = with_quantization(&weights, &options);
+        (Transformer::load(config, source.as_ref(), options.linear_path, device)?, tokenizer)
     } else {
         let file = GgufFile::open(path)?;
         let config = ModelConfig::from_gguf(&file)?;
         let tokenizer = MarcoTokenizer::from_gguf(&file)?;
         check_vocab(path, &tokenizer, &config)?;
         let weights = GgufWeights::new(&file, &config);
-        (Transformer::load(config, &weights, options.linear_path, device)?, tokenizer)
+        let source = with_quantization(&weights, &options);
+        (Transformer::load(config, source.as_ref(), options.linear_path, device)?, tokenizer)
     };
     Ok(BurnLm::new(model, Box::new(tokenizer)))
 }

@@ -37,7 +37,7 @@ fn oracle() -> Oracle {
 
 fn model(path: LinearPath) -> BurnLm<NdArray> {
     let file = marco_model::fetch::default_model_path().expect("the default model can be fetched");
-    load_with::<NdArray>(&file, &Default::default(), LoadOptions { linear_path: path }).unwrap()
+    load_with::<NdArray>(&file, &Default::default(), LoadOptions { linear_path: path, ..Default::default() }).unwrap()
 }
 
 fn log_softmax(row: &[f32]) -> Vec<f64> {
