@@ -99,15 +99,20 @@ pub enum Isa {
 pub fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *ISA.get_or_init(|| {
-        let cap = std::env::var("MARCO_KERNELS").map(|v| v.trim().to_ascii_lowercase()).unwrap_or_default();
-        let detected = detect_isa();
-        match (cap.as_str(), detected) {
-            ("scalar", _) => Isa::Scalar,
-            ("avx2", Isa::Avx512 | Isa::Avx512Vnni) => Isa::Avx2,
-            ("avx512", Isa::Avx512Vnni) => Isa::Avx512,
-            _ => detected,
-        }
+        let cap = std::env::var("MARCO_KERNELS").unwrap_or_default();
+        capped_isa(&cap, detect_isa())
     })
+}
+
+/// `detected` capped by a `MARCO_KERNELS` value (`scalar`, `avx2`, `avx512`; anything else
+/// leaves it as is). A cap never raises the level above what the CPU has.
+fn capped_isa(cap: &str, detected: Isa) -> Isa {
+    match (cap.trim().to_ascii_lowercase().as_str(), detected) {
+        ("scalar", _) => Isa::Scalar,
+        ("avx2", Isa::Avx512 | Isa::Avx512Vnni) => Isa::Avx2,
+        ("avx512", Isa::Avx512Vnni) => Isa::Avx512,
+        _ => detected,
+    }
 }
 
 /// The best instruction set of this CPU.
@@ -620,6 +625,24 @@ mod tests {
         assert_eq!(bits(&a.dsum), bits(&b.dsum), "{what}: sums");
         let flat = |v: &[[f32; 2]]| v.iter().flatten().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(flat(&a.dsum16), flat(&b.dsum16), "{what}: half sums");
+    }
+
+    #[test]
+    fn marco_kernels_caps_the_detected_level() {
+        use Isa::*;
+        for detected in [Scalar, Avx2, Avx512, Avx512Vnni] {
+            assert_eq!(capped_isa("", detected), detected);
+            assert_eq!(capped_isa("auto", detected), detected);
+            assert_eq!(capped_isa("scalar", detected), Scalar);
+            assert_eq!(capped_isa(" Scalar ", detected), Scalar);
+        }
+        assert_eq!(capped_isa("avx2", Avx512Vnni), Avx2);
+        assert_eq!(capped_isa("AVX2", Avx512), Avx2);
+        assert_eq!(capped_isa("avx2", Avx2), Avx2);
+        assert_eq!(capped_isa("avx2", Scalar), Scalar);
+        assert_eq!(capped_isa("avx512", Avx512Vnni), Avx512);
+        assert_eq!(capped_isa("avx512", Avx512), Avx512);
+        assert_eq!(capped_isa("avx512", Avx2), Avx2);
     }
 
     #[test]
