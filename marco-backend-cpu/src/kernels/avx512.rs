@@ -448,11 +448,13 @@ unsafe fn f32_dot<const R: usize, const U: usize>(
 ) -> [f32; R] {
     let mut acc = [[_mm512_setzero_ps(); U]; R];
     let mut k = 0;
-    // SAFETY (loads below): `w_row` has `n_in` values and `x` rows `r0..r0 + R` of `n_in`.
+    // `w_row` has `n_in` values and `x` rows `r0..r0 + R` of `n_in` each (caller).
     while k + 16 * U <= n_in {
         for u in 0..U {
+            // SAFETY: values `k + 16u..k + 16u + 16` of the weight row exist (`k + 16U <= n_in`).
             let wv = unsafe { _mm512_loadu_ps(w_row.add(k + 16 * u)) };
             for (r, acc_r) in acc.iter_mut().enumerate() {
+                // SAFETY: the same values of activation row `r0 + r` exist.
                 let xv = unsafe { _mm512_loadu_ps(x.add((r0 + r) * n_in + k + 16 * u)) };
                 acc_r[u] = _mm512_fmadd_ps(wv, xv, acc_r[u]);
             }
@@ -465,6 +467,7 @@ unsafe fn f32_dot<const R: usize, const U: usize>(
         // SAFETY: the masked loads read only values `k..n_in`.
         let wv = unsafe { _mm512_maskz_loadu_ps(mask, w_row.add(k)) };
         for (r, acc_r) in acc.iter_mut().enumerate() {
+            // SAFETY: as above, for activation row `r0 + r`.
             let xv = unsafe { _mm512_maskz_loadu_ps(mask, x.add((r0 + r) * n_in + k)) };
             acc_r[0] = _mm512_fmadd_ps(wv, xv, acc_r[0]);
         }
