@@ -132,6 +132,19 @@ pub trait KernelBackend: Backend {
         layer_ops::swiglu(gate, up)
     }
 
+    /// Writes rows `rows` of `new` (`[total, kv_heads, head_dim]`: one step's keys or values
+    /// of every sequence) into a cache buffer (`[kv_heads, capacity, head_dim]`, uniquely
+    /// owned) at positions `at..at + rows.len()`, and returns the buffer. The default slices,
+    /// transposes and `slice_assign`s with burn.
+    fn write_kv(
+        buffer: Tensor<Self, 3>,
+        at: usize,
+        new: &Tensor<Self, 3>,
+        rows: std::ops::Range<usize>,
+    ) -> Tensor<Self, 3> {
+        layer_ops::write_kv(buffer, at, new, rows)
+    }
+
     /// Causal grouped-query attention of a batch of sequences: `q` (`[rows, heads, head_dim]`,
     /// rotated and scaled by `1/sqrt(head_dim)`) holds every sequence's new queries, and each
     /// [`SequenceKv`] names its rows and its cache (runs in position order, lengths adding up
@@ -377,6 +390,40 @@ mod cpu {
             match ops::swiglu(&mut out, &us) {
                 Ok(()) => from_host(out, dims, &gate.device()),
                 Err(_) => layer_ops::swiglu(gate, up),
+            }
+        }
+
+        fn write_kv(
+            buffer: Tensor<Self, 3>,
+            at: usize,
+            new: &Tensor<Self, 3>,
+            rows: std::ops::Range<usize>,
+        ) -> Tensor<Self, 3> {
+            let [kv_heads, capacity, dim] = buffer.dims();
+            let [total, new_heads, new_dim] = new.dims();
+            let n = rows.len();
+            let fits = new_heads == kv_heads && new_dim == dim && rows.end <= total && at + n <= capacity;
+            let (Some(np), true) = (primitive(new), fits) else {
+                return layer_ops::write_kv(buffer, at, new, rows);
+            };
+            let Some(src) = values(&np) else { return layer_ops::write_kv(buffer, at, new, rows) };
+            match buffer.into_primitive() {
+                TensorPrimitive::Float(NdArrayTensor::F32(mut storage)) => {
+                    // In place when the buffer is uniquely owned (the cache takes it out first).
+                    let Some(dst) = storage.ensure_owned().as_slice_mut() else {
+                        let buffer = Tensor::from_primitive(TensorPrimitive::Float(NdArrayTensor::F32(storage)));
+                        return layer_ops::write_kv(buffer, at, new, rows);
+                    };
+                    for (j, row) in rows.enumerate() {
+                        for head in 0..kv_heads {
+                            let from = (row * kv_heads + head) * dim;
+                            let to = (head * capacity + at + j) * dim;
+                            dst[to..to + dim].copy_from_slice(&src[from..from + dim]);
+                        }
+                    }
+                    Tensor::from_primitive(TensorPrimitive::Float(NdArrayTensor::F32(storage)))
+                }
+                other => layer_ops::write_kv(Tensor::from_primitive(other), at, new, rows),
             }
         }
 

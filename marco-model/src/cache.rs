@@ -49,6 +49,15 @@ pub struct LayerKv<B: Backend> {
     pub v: Tensor<B, 3>,
 }
 
+/// Which half of a layer's cache a buffer holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvPart {
+    /// Keys (after the rotary embedding).
+    Keys,
+    /// Values.
+    Values,
+}
+
 /// One buffer of a layer's cached keys and values, `[kv_heads, capacity, head_dim]`, of which
 /// the first `len` positions are in use (a frozen segment is full; a tail has spare room).
 #[derive(Debug, Clone)]
@@ -197,6 +206,21 @@ impl<B: Backend> KvCache<B> {
             let v = std::mem::replace(&mut slot.v, empty());
             slot.k = k.slice_assign(range.clone(), kv.k);
             slot.v = v.slice_assign(range, kv.v);
+        }
+    }
+
+    /// Writes the new keys and values of `layer` through `write`, which receives each tail
+    /// buffer (`[kv_heads, capacity, head_dim]`, taken out so that it is uniquely owned and can
+    /// be written in place), the first uncommitted position, and whether it holds values
+    /// (else keys); it returns the written buffer. [`KvCache::reserve`] must have made room.
+    pub fn write_with(&mut self, layer: usize, mut write: impl FnMut(Tensor<B, 3>, usize, KvPart) -> Tensor<B, 3>) {
+        let at = self.tail_len;
+        if let Some(slot) = self.tail.get_mut(layer) {
+            let empty = || Tensor::<B, 3>::empty([0, 0, 0], &self.device);
+            let k = std::mem::replace(&mut slot.k, empty());
+            slot.k = write(k, at, KvPart::Keys);
+            let v = std::mem::replace(&mut slot.v, empty());
+            slot.v = write(v, at, KvPart::Values);
         }
     }
 

@@ -114,3 +114,17 @@ pub(crate) fn attention_batch<B: KernelBackend>(
         Tensor::cat(outputs, 0)
     }
 }
+
+/// Writes rows `rows` of `new` (`[total, kv_heads, head_dim]`) into `buffer` (`[kv_heads,
+/// capacity, head_dim]`) at positions `at..at + rows.len()`.
+pub(crate) fn write_kv<B: KernelBackend>(
+    buffer: Tensor<B, 3>,
+    at: usize,
+    new: &Tensor<B, 3>,
+    rows: std::ops::Range<usize>,
+) -> Tensor<B, 3> {
+    let [total, kv_heads, dim] = new.dims();
+    let n = rows.len();
+    let part = if n == total { new.clone() } else { new.clone().slice([rows, 0..kv_heads, 0..dim]) };
+    buffer.slice_assign([0..kv_heads, at..at + n, 0..dim], part.swap_dims(0, 1))
+}

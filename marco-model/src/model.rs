@@ -14,7 +14,7 @@
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::backend::{AttentionShape, HostWeight, KernelBackend, LinearPath, SequenceKv};
-use crate::cache::{KvCache, KvShape, LayerKv};
+use crate::cache::{KvCache, KvPart, KvShape};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::layer_ops;
@@ -426,17 +426,18 @@ impl<B: KernelBackend> Transformer<B> {
             let rows = row..row + n;
             row += n;
             let past = item.cache.len();
-            let slice3 = |t: &Tensor<B, 3>, width: usize| {
-                if n == total {
-                    t.clone()
+            let burn_ops = self.path == LinearPath::Burn;
+            item.cache.write_with(index, |buffer, at, part| {
+                let new = match part {
+                    KvPart::Keys => &k,
+                    KvPart::Values => &v,
+                };
+                if burn_ops {
+                    layer_ops::write_kv(buffer, at, new, rows.clone())
                 } else {
-                    t.clone().slice([rows.clone(), 0..width, 0..dim])
+                    B::write_kv(buffer, at, new, rows.clone())
                 }
-            };
-            // [n, kv_heads, dim] -> [kv_heads, n, dim]
-            let k_new = slice3(&k, kv_heads).swap_dims(0, 1);
-            let v_new = slice3(&v, kv_heads).swap_dims(0, 1);
-            item.cache.write(index, LayerKv { k: k_new, v: v_new });
+            });
             seqs.push(SequenceKv { rows, runs: item.cache.runs(index, n), past });
         }
         match self.path {
