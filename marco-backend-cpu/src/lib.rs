@@ -15,6 +15,10 @@
 //!   tiled dequantize + `gemm`. Work is split across a persistent pool of
 //!   [`num_threads`] threads (default 2; `MARCO_THREADS` overrides). [`matmul_with`] takes
 //!   [`MatmulOptions`] (e.g. exact f32 activations instead of 8-bit ones).
+//! * [`matmul_many`]: several weights sharing one input (a layer's q/k/v or gate/up) as one
+//!   product: activations prepared once, one thread-pool job.
+//! * [`ops`]: the rest of a decoder layer on host buffers — RMSNorm, rotary embedding, SwiGLU,
+//!   batched causal attention reading a KV cache's segments in place, log-sum-exp.
 //! * [`top_k`]: the k largest logits without a full sort.
 //! * NdArray glue: [`linear_ndarray`]`(x, &w, bias)` runs [`matmul`] on burn-ndarray's float
 //!   primitive ([`NdArrayTensor`], shape `[..., in]` → `[..., out]`), plus
@@ -25,7 +29,8 @@
 //!
 //! Environment: `MARCO_THREADS=n` sets the kernel thread count (default `min(2, cores)`; use 1
 //! on an oversubscribed machine, where a descheduled worker stalls each product), and
-//! `MARCO_KERNELS=scalar` forces the portable kernels (for testing).
+//! `MARCO_KERNELS=scalar|avx2|avx512` caps the instruction set the kernels dispatch to (the
+//! best the CPU has by default; `scalar` forces the portable kernels, for testing).
 //!
 //! ```
 //! use marco_backend_cpu::{matmul, top_k, PackedMatrix};
@@ -53,7 +58,9 @@ mod topk;
 
 pub use burn_ndarray::NdArrayTensor;
 pub use error::KernelError;
-pub use kernels::{isa, matmul, matmul_many, matmul_with, ActivationMode, Isa, MatmulOptions, SMALL_BATCH_MAX, SMALL_BATCH_MAX_F32};
+pub use kernels::{
+    isa, matmul, matmul_many, matmul_with, ActivationMode, Isa, MatmulOptions, SMALL_BATCH_MAX, SMALL_BATCH_MAX_F32,
+};
 pub use ndarray_glue::{
     embedding_ndarray, linear_ndarray, linear_ndarray_with, ndarray_f32_values, ndarray_from_f32, top_k_ndarray,
 };
