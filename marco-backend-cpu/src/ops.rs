@@ -49,6 +49,36 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     sum
 }
 
+/// [`dot`] of `a` with four rows of `b` (each `a.len()` long, `stride` apart) at once: the
+/// same arithmetic per row as `dot` (so the same bits), but four independent accumulator
+/// chains keep the FMA pipeline full where one chain would wait on each add's latency.
+#[inline(always)]
+fn dot4(a: &[f32], b: &[f32], stride: usize) -> [f32; 4] {
+    let n = a.len();
+    let n8 = n / 8 * 8;
+    let rows: [&[f32]; 4] = std::array::from_fn(|r| &b[r * stride..r * stride + n]);
+    let mut acc = [[0.0f32; 8]; 4];
+    let mut k = 0;
+    while k < n8 {
+        let x = &a[k..k + 8];
+        for (acc_r, row) in acc.iter_mut().zip(&rows) {
+            let y = &row[k..k + 8];
+            for i in 0..8 {
+                acc_r[i] += x[i] * y[i];
+            }
+        }
+        k += 8;
+    }
+    std::array::from_fn(|r| {
+        let acc = &acc[r];
+        let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        for (x, y) in a[n8..].iter().zip(&rows[r][n8..]) {
+            sum += x * y;
+        }
+        sum
+    })
+}
+
 /// `out[r] = x[r] / rms(x[r]) * weight` for each row of width `weight.len()`, where
 /// `rms(v) = sqrt(mean(v²) + eps)` (the mean accumulated in f64, as llama.cpp does).
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<(), KernelError> {
@@ -325,9 +355,14 @@ pub fn attention_batch(
         let (seq, head) = (t / heads, t % heads);
         if fma {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `fma_available` checked AVX2 and FMA at run time.
+            // SAFETY: `fma_available` checked AVX2 and FMA at run time; the lengths were
+            // checked above.
             unsafe {
-                attend_head_fma(&job, seq, head)
+                if head_dim.is_multiple_of(8) {
+                    attend_head_avx2(&job, seq, head)
+                } else {
+                    attend_head_fma(&job, seq, head)
+                }
             }
         } else {
             attend_head(&job, seq, head)
@@ -377,6 +412,111 @@ unsafe fn attend_head_fma(job: &HeadJob<'_>, seq: usize, h: usize) {
     attend_head(job, seq, h)
 }
 
+/// [`attend_head`] with AVX2 intrinsics for `head_dim` a multiple of 8: four keys' scores at
+/// a time (four independent FMA chains), and the weighted sum of values in eight registers
+/// (64 dimensions) per pass over the keys.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `job` passed the checks of [`attention_batch`] and
+/// `head_dim` is a multiple of 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_head_avx2(job: &HeadJob<'_>, seq: usize, h: usize) {
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    fn hsum(v: __m256) -> f32 {
+        // SAFETY (all intrinsics here): AVX is implied by the enclosing target features.
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+        }
+    }
+
+    let AttentionShape { heads, kv_heads, head_dim } = job.shape;
+    let AttentionSeq { rows, runs, past } = &job.seqs[seq];
+    let row_width = heads * head_dim;
+    let kv_head = h / (heads / kv_heads);
+    let chunks = head_dim / 8;
+    let mut scores = vec![0.0f32; job.keys_of[seq]];
+    for (j, row) in rows.clone().enumerate() {
+        let visible = past + j + 1;
+        let q = job.q[row * row_width + h * head_dim..(row * row_width + (h + 1) * head_dim)].as_ptr();
+        let mut max = f32::NEG_INFINITY;
+        let mut position = 0;
+        for run in runs.iter() {
+            let used = run.len.min(visible.saturating_sub(position));
+            let keys = run.k[kv_head * run.capacity * head_dim..][..used * head_dim].as_ptr();
+            let mut p = 0;
+            while p + 4 <= used {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for c in 0..chunks {
+                    // SAFETY: `c * 8 + 8 <= head_dim`, and keys `p..p + 4` are inside `used`.
+                    let qv = unsafe { _mm256_loadu_ps(q.add(c * 8)) };
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let kv = unsafe { _mm256_loadu_ps(keys.add((p + i) * head_dim + c * 8)) };
+                        *a = _mm256_fmadd_ps(qv, kv, *a);
+                    }
+                }
+                for (i, a) in acc.iter().enumerate() {
+                    let s = hsum(*a);
+                    scores[position + p + i] = s;
+                    max = max.max(s);
+                }
+                p += 4;
+            }
+            while p < used {
+                let mut a = _mm256_setzero_ps();
+                for c in 0..chunks {
+                    // SAFETY: as above, for key `p`.
+                    let (qv, kv) =
+                        unsafe { (_mm256_loadu_ps(q.add(c * 8)), _mm256_loadu_ps(keys.add(p * head_dim + c * 8))) };
+                    a = _mm256_fmadd_ps(qv, kv, a);
+                }
+                let s = hsum(a);
+                scores[position + p] = s;
+                max = max.max(s);
+                p += 1;
+            }
+            position += run.len;
+        }
+        let mut total = 0.0f32;
+        for s in &mut scores[..visible] {
+            *s = exp_f32(*s - max);
+            total += *s;
+        }
+        let inv_total = 1.0 / total;
+        // SAFETY: the output row block of head `h` is `head_dim` values inside `out`, written by
+        // this (sequence, head) task only.
+        let out = unsafe { job.out.get().add(row * row_width + h * head_dim) };
+        let mut c0 = 0;
+        while c0 < chunks {
+            let width = (chunks - c0).min(8);
+            let mut acc = [_mm256_setzero_ps(); 8];
+            let mut position = 0;
+            for run in runs.iter() {
+                let used = run.len.min(visible.saturating_sub(position));
+                let values = run.v[kv_head * run.capacity * head_dim..][..used * head_dim].as_ptr();
+                for p in 0..used {
+                    let w = _mm256_set1_ps(scores[position + p]);
+                    for (c, a) in acc.iter_mut().enumerate().take(width) {
+                        // SAFETY: `(c0 + c) * 8 + 8 <= head_dim` and `p < used`.
+                        let v = unsafe { _mm256_loadu_ps(values.add(p * head_dim + (c0 + c) * 8)) };
+                        *a = _mm256_fmadd_ps(w, v, *a);
+                    }
+                }
+                position += run.len;
+            }
+            for (c, a) in acc.iter().enumerate().take(width) {
+                // SAFETY: as for `out` above.
+                unsafe { _mm256_storeu_ps(out.add((c0 + c) * 8), _mm256_mul_ps(*a, _mm256_set1_ps(inv_total))) };
+            }
+            c0 += width;
+        }
+    }
+}
+
 /// Query head `h` of every new row of sequence `seq`: scores, softmax and the weighted sum of
 /// values.
 #[inline(always)]
@@ -394,7 +534,17 @@ fn attend_head(job: &HeadJob<'_>, seq: usize, h: usize) {
         let mut position = 0;
         for run in runs.iter() {
             let base = kv_head * run.capacity * head_dim;
-            for p in 0..run.len.min(visible.saturating_sub(position)) {
+            let used = run.len.min(visible.saturating_sub(position));
+            let mut p = 0;
+            while p + 4 <= used {
+                let block = dot4(query, &run.k[base + p * head_dim..base + (p + 4) * head_dim], head_dim);
+                for (i, &s) in block.iter().enumerate() {
+                    scores[position + p + i] = s;
+                    max = max.max(s);
+                }
+                p += 4;
+            }
+            for p in p..used {
                 let key = &run.k[base + p * head_dim..base + (p + 1) * head_dim];
                 let s = dot(query, key);
                 scores[position + p] = s;
@@ -516,31 +666,34 @@ mod tests {
 
     #[test]
     fn attention_matches_reference_and_ignores_segmentation() {
-        let shape = AttentionShape { heads: 6, kv_heads: 2, head_dim: 12 };
-        for (past, n) in [(0usize, 1usize), (0, 5), (7, 1), (9, 4), (300, 1), (40, 30)] {
-            let keys = past + n;
-            let q = noise(1 + past as u64, n * 6 * 12);
-            let k = noise(2 + n as u64, 2 * keys * 12);
-            let v = noise(3, 2 * keys * 12);
-            let expected = reference(&q, n, shape, &k, &v, past);
-            let mut first: Option<Vec<f32>> = None;
-            let cut_sets: Vec<Vec<usize>> = vec![vec![keys], vec![1, keys - 1], vec![keys / 2, keys - keys / 2]];
-            for cuts in cut_sets.iter().filter(|c| c.iter().all(|&l| l > 0)) {
-                let owned = runs_of(&k, 2, keys, 12, cuts, 3);
-                let owned_v = runs_of(&v, 2, keys, 12, cuts, 3);
-                let runs: Vec<KvRun<'_>> = owned
-                    .iter()
-                    .zip(&owned_v)
-                    .map(|((kb, capacity, len), (vb, _, _))| KvRun { k: kb, v: vb, capacity: *capacity, len: *len })
-                    .collect();
-                let mut out = vec![0.0f32; n * 6 * 12];
-                attention(&q, n, shape, &runs, past, &mut out).unwrap();
-                for (a, b) in out.iter().zip(&expected) {
-                    assert!((a - b).abs() < 1e-5, "past {past} n {n} cuts {cuts:?}: {a} vs {b}");
-                }
-                match &first {
-                    None => first = Some(out),
-                    Some(f) => assert_eq!(f, &out, "segmentation changed the result bits"),
+        // Width 12: the portable loops; width 72: the AVX2 path with a partial register group.
+        for dim in [12usize, 72] {
+            let shape = AttentionShape { heads: 6, kv_heads: 2, head_dim: dim };
+            for (past, n) in [(0usize, 1usize), (0, 5), (7, 1), (9, 4), (300, 1), (40, 30)] {
+                let keys = past + n;
+                let q = noise(1 + past as u64, n * 6 * dim);
+                let k = noise(2 + n as u64, 2 * keys * dim);
+                let v = noise(3, 2 * keys * dim);
+                let expected = reference(&q, n, shape, &k, &v, past);
+                let mut first: Option<Vec<f32>> = None;
+                let cut_sets: Vec<Vec<usize>> = vec![vec![keys], vec![1, keys - 1], vec![keys / 2, keys - keys / 2]];
+                for cuts in cut_sets.iter().filter(|c| c.iter().all(|&l| l > 0)) {
+                    let owned = runs_of(&k, 2, keys, dim, cuts, 3);
+                    let owned_v = runs_of(&v, 2, keys, dim, cuts, 3);
+                    let runs: Vec<KvRun<'_>> = owned
+                        .iter()
+                        .zip(&owned_v)
+                        .map(|((kb, capacity, len), (vb, _, _))| KvRun { k: kb, v: vb, capacity: *capacity, len: *len })
+                        .collect();
+                    let mut out = vec![0.0f32; n * 6 * dim];
+                    attention(&q, n, shape, &runs, past, &mut out).unwrap();
+                    for (a, b) in out.iter().zip(&expected) {
+                        assert!((a - b).abs() < 1e-5, "past {past} n {n} cuts {cuts:?}: {a} vs {b}");
+                    }
+                    match &first {
+                        None => first = Some(out),
+                        Some(f) => assert_eq!(f, &out, "segmentation changed the result bits"),
+                    }
                 }
             }
         }
@@ -606,6 +759,18 @@ mod tests {
         bad[1234] = f32::INFINITY;
         assert!(log_sum_exp(&bad).is_nan());
         assert_eq!(log_sum_exp(&[]), f64::NEG_INFINITY);
+    }
+
+    #[test]
+    fn dot4_gives_the_bits_of_dot() {
+        for n in [1usize, 7, 8, 64, 67] {
+            let a = noise(40 + n as u64, n);
+            let b = noise(50 + n as u64, 4 * (n + 3));
+            let four = dot4(&a, &b, n + 3);
+            for (r, &v) in four.iter().enumerate() {
+                assert_eq!(v.to_bits(), dot(&a, &b[r * (n + 3)..r * (n + 3) + n]).to_bits(), "n {n} row {r}");
+            }
+        }
     }
 
     #[test]
