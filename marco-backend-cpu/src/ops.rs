@@ -204,6 +204,45 @@ pub fn log_sum_exp(row: &[f32]) -> f64 {
     log_sum_exp_body(row)
 }
 
+/// Per row of `values` (rows of `width`): [`log_sum_exp`] and the `k` largest entries with
+/// their column indices (descending, as [`crate::top_k`]). Rows are split across the kernel
+/// threads, so a batched decode step reduces its rows' logits in parallel.
+pub fn row_stats(values: &[f32], width: usize, k: usize) -> Result<Vec<RowStats>, KernelError> {
+    if width == 0 || !values.len().is_multiple_of(width) {
+        return Err(KernelError::InvalidShape {
+            reason: format!("row_stats: {} values are not rows of width {width}", values.len()),
+        });
+    }
+    let rows = values.len() / width;
+    let slots: Vec<std::sync::Mutex<Option<RowStats>>> = (0..rows).map(|_| std::sync::Mutex::new(None)).collect();
+    let task = |r: usize| {
+        let row = &values[r * width..(r + 1) * width];
+        let stats = RowStats { log_sum_exp: log_sum_exp(row), top: crate::top_k(row, k) };
+        if let Ok(mut slot) = slots[r].lock() {
+            *slot = Some(stats);
+        }
+    };
+    if rows > 1 {
+        pool::run(rows, &task);
+    } else {
+        (0..rows).for_each(task);
+    }
+    slots
+        .into_iter()
+        .map(|slot| slot.into_inner().ok().flatten())
+        .collect::<Option<Vec<RowStats>>>()
+        .ok_or_else(|| KernelError::InvalidShape { reason: "row_stats: a row was not reduced".into() })
+}
+
+/// What [`row_stats`] computes for one row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowStats {
+    /// `ln Σ e^x` (NaN when the row has a non-finite entry).
+    pub log_sum_exp: f64,
+    /// The `k` largest entries, `(column, value)`, descending.
+    pub top: Vec<(usize, f32)>,
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn log_sum_exp_fma(row: &[f32]) -> f64 {
@@ -481,11 +520,9 @@ unsafe fn attend_head_avx2(job: &HeadJob<'_>, seq: usize, h: usize) {
             }
             position += run.len;
         }
-        let mut total = 0.0f32;
-        for s in &mut scores[..visible] {
-            *s = exp_f32(*s - max);
-            total += *s;
-        }
+        // Two passes: the exponentials vectorize, the (ordered) sum is cheap.
+        scores[..visible].iter_mut().for_each(|s| *s = exp_f32(*s - max));
+        let total: f32 = scores[..visible].iter().fold(0.0, |t, &s| t + s);
         let inv_total = 1.0 / total;
         // SAFETY: the output row block of head `h` is `head_dim` values inside `out`, written by
         // this (sequence, head) task only.
@@ -552,11 +589,9 @@ fn attend_head(job: &HeadJob<'_>, seq: usize, h: usize) {
             }
             position += run.len;
         }
-        let mut total = 0.0f32;
-        for s in &mut scores[..visible] {
-            *s = exp_f32(*s - max);
-            total += *s;
-        }
+        // Two passes: the exponentials vectorize, the (ordered) sum is cheap.
+        scores[..visible].iter_mut().for_each(|s| *s = exp_f32(*s - max));
+        let total: f32 = scores[..visible].iter().fold(0.0, |t, &s| t + s);
         acc.iter_mut().for_each(|a| *a = 0.0);
         let mut position = 0;
         for run in runs.iter() {
@@ -759,6 +794,20 @@ mod tests {
         bad[1234] = f32::INFINITY;
         assert!(log_sum_exp(&bad).is_nan());
         assert_eq!(log_sum_exp(&[]), f64::NEG_INFINITY);
+    }
+
+    #[test]
+    fn row_stats_equal_the_per_row_reductions() {
+        let values = noise(77, 5 * 1000);
+        let stats = row_stats(&values, 1000, 7).unwrap();
+        assert_eq!(stats.len(), 5);
+        for (r, s) in stats.iter().enumerate() {
+            let row = &values[r * 1000..(r + 1) * 1000];
+            assert_eq!(s.log_sum_exp.to_bits(), log_sum_exp(row).to_bits());
+            assert_eq!(s.top, crate::top_k(row, 7));
+        }
+        assert!(row_stats(&values[..999], 1000, 3).is_err());
+        assert!(row_stats(&values, 0, 3).is_err());
     }
 
     #[test]

@@ -168,6 +168,15 @@ pub trait KernelBackend: Backend {
         lse + logits.sum_dim(1).mul_scalar(0.0)
     }
 
+    /// [`KernelBackend::log_sum_exp`] and [`KernelBackend::top_k`] of the same logits in one
+    /// call (a backend may reduce each row once, or rows in parallel): `(lse [rows, 1],
+    /// values [rows, k], indices [rows, k])`. The default calls the two hooks.
+    fn lse_and_top_k(logits: Tensor<Self, 2>, k: usize) -> (Tensor<Self, 2>, Tensor<Self, 2>, Tensor<Self, 2, Int>) {
+        let lse = Self::log_sum_exp(logits.clone());
+        let (values, indices) = Self::top_k(logits, k);
+        (lse, values, indices)
+    }
+
     /// The `k` largest entries of every row of `logits` (`[rows, vocab]`) and their column
     /// indices, each row sorted descending. The default sorts on the device with burn.
     fn top_k(logits: Tensor<Self, 2>, k: usize) -> (Tensor<Self, 2>, Tensor<Self, 2, Int>) {
@@ -484,6 +493,29 @@ mod cpu {
                 all.chunks(vocab.max(1)).map(|row| ops::log_sum_exp(row) as f32).collect()
             });
             Tensor::from_data(TensorData::new(lse, [rows, 1]), &device)
+        }
+
+        fn lse_and_top_k(
+            logits: Tensor<Self, 2>,
+            k: usize,
+        ) -> (Tensor<Self, 2>, Tensor<Self, 2>, Tensor<Self, 2, Int>) {
+            let [rows, vocab] = logits.dims();
+            let k = k.clamp(1, vocab.max(1));
+            let device = logits.device();
+            let stats = with_host_f32(&logits, |all| ops::row_stats(all, vocab.max(1), k));
+            let Ok(stats) = stats else {
+                let lse = Self::log_sum_exp(logits.clone());
+                let (values, indices) = Self::top_k(logits, k);
+                return (lse, values, indices);
+            };
+            let lse: Vec<f32> = stats.iter().map(|s| s.log_sum_exp as f32).collect();
+            let values: Vec<f32> = stats.iter().flat_map(|s| s.top.iter().map(|&(_, v)| v)).collect();
+            let indices: Vec<i64> = stats.iter().flat_map(|s| s.top.iter().map(|&(i, _)| i as i64)).collect();
+            (
+                Tensor::from_data(TensorData::new(lse, [rows, 1]), &device),
+                Tensor::from_data(TensorData::new(values, [rows, k]), &device),
+                Tensor::from_data(TensorData::new(indices, [rows, k]), &device),
+            )
         }
 
         fn top_k(logits: Tensor<Self, 2>, k: usize) -> (Tensor<Self, 2>, Tensor<Self, 2, Int>) {

@@ -117,11 +117,10 @@ impl<B: KernelBackend> BurnLm<B> {
         let [rows, vocab] = logits.dims();
         let device = self.model.device().clone();
         let k = batch.iter().map(|r| r.top_logprobs).max().unwrap_or(0).clamp(1, vocab);
-        let lse = B::log_sum_exp(logits.clone());
+        let (lse, top_values, top_ids) = B::lse_and_top_k(logits.clone(), k);
         let forced: Vec<i64> = batch.iter().map(|r| r.force.unwrap_or(0) as i64).collect();
         let forced = Tensor::<B, 2, Int>::from_data(TensorData::new(forced, [rows, 1]), &device);
         let forced_logit = logits.clone().gather(1, forced);
-        let (top_values, top_ids) = B::top_k(logits.clone(), k);
         let k = top_values.dims()[1];
         let host = Tensor::cat(vec![lse, forced_logit, top_values], 1)
             .into_data()
