@@ -13,6 +13,9 @@
 //! block once from memory and reuses it from registers.
 
 use std::arch::x86_64::*;
+
+/// How far ahead (in f32 values) the one-row f32 kernel prefetches its weight stream.
+const F32_PREFETCH_AHEAD: usize = 2048;
 use std::ops::Range;
 
 use super::{BlockRows, OutPtr, QuantizedActs};
@@ -358,6 +361,17 @@ unsafe fn f32_dot<const R: usize, const U: usize>(
     let mut k = 0;
     // SAFETY (loads below): `w_row` has `n_in` values and `x` rows `r0..r0 + R` of `n_in`.
     while k + 8 * U <= n_in {
+        if R == 1 {
+            // One activation row streams the weights at memory speed; prefetching 8 KB ahead
+            // (across row ends: rows are contiguous) measured ~7 % faster f32 decode than the
+            // hardware prefetcher alone. A prefetch never faults, so running past the end of
+            // the matrix is harmless.
+            let mut line = 0;
+            while line < 8 * U {
+                _mm_prefetch::<_MM_HINT_T0>(w_row.wrapping_add(k + F32_PREFETCH_AHEAD + line) as *const i8);
+                line += 16;
+            }
+        }
         for u in 0..U {
             let wv = unsafe { _mm256_loadu_ps(w_row.add(k + 8 * u)) };
             for (r, acc_r) in acc.iter_mut().enumerate() {
