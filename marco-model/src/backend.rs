@@ -20,7 +20,7 @@ use std::fmt::Debug;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::cache::KvRun;
+use crate::cache::{KvRun, KvShape};
 use crate::error::Result;
 use crate::layer_ops;
 
@@ -145,6 +145,19 @@ pub trait KernelBackend: Backend {
         layer_ops::write_kv(buffer, at, new, rows)
     }
 
+    /// A KV cache buffer `[kv_heads, capacity, head_dim]` whose first `used` positions are
+    /// copied from `old` (how the cache grows and compacts its tail; see
+    /// [`crate::cache::ResizeKv`]). The default uses burn's `empty` and `slice_assign`.
+    fn resize_kv(
+        old: Option<Tensor<Self, 3>>,
+        used: usize,
+        capacity: usize,
+        shape: KvShape,
+        device: &Self::Device,
+    ) -> Tensor<Self, 3> {
+        crate::cache::resize_kv_with_burn(old, used, capacity, shape, device)
+    }
+
     /// Causal grouped-query attention of a batch of sequences: `q` (`[rows, heads, head_dim]`,
     /// rotated and scaled by `1/sqrt(head_dim)`) holds every sequence's new queries, and each
     /// [`SequenceKv`] names its rows and its cache (runs in position order, lengths adding up
@@ -222,6 +235,7 @@ mod cpu {
     use marco_backend_cpu::{ActivationMode, GgmlType, MatmulOptions, PackedMatrix};
 
     use super::{AttentionShape, HostWeight, KernelBackend, SequenceKv};
+    use crate::cache::KvShape;
     use crate::error::{ModelError, Result};
     use crate::layer_ops;
 
@@ -433,6 +447,35 @@ mod cpu {
                     Tensor::from_primitive(TensorPrimitive::Float(NdArrayTensor::F32(storage)))
                 }
                 other => layer_ops::write_kv(Tensor::from_primitive(other), at, new, rows),
+            }
+        }
+
+        fn resize_kv(
+            old: Option<Tensor<Self, 3>>,
+            used: usize,
+            capacity: usize,
+            shape: KvShape,
+            device: &NdArrayDevice,
+        ) -> Tensor<Self, 3> {
+            let KvShape { kv_heads, head_dim, .. } = shape;
+            let old_capacity = old.as_ref().map_or(0, |t| t.dims()[1]);
+            let prim = old.as_ref().and_then(primitive);
+            let src = prim.as_ref().and_then(values);
+            let fits = used <= capacity && used <= old_capacity;
+            match (&old, src, fits) {
+                (Some(_), Some(src), true) if src.len() == kv_heads * old_capacity * head_dim => {
+                    let mut out = vec![0.0f32; kv_heads * capacity * head_dim];
+                    for head in 0..kv_heads {
+                        let from = head * old_capacity * head_dim;
+                        let to = head * capacity * head_dim;
+                        out[to..to + used * head_dim].copy_from_slice(&src[from..from + used * head_dim]);
+                    }
+                    from_host(out, [kv_heads, capacity, head_dim], device)
+                }
+                (None, _, _) => {
+                    from_host(vec![0.0f32; kv_heads * capacity * head_dim], [kv_heads, capacity, head_dim], device)
+                }
+                _ => crate::cache::resize_kv_with_burn(old, used, capacity, shape, device),
             }
         }
 

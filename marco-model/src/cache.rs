@@ -130,6 +130,37 @@ pub struct KvCache<B: Backend> {
     tail: Vec<LayerKv<B>>,
     tail_len: usize,
     tail_capacity: usize,
+    resize: ResizeKv<B>,
+}
+
+/// Makes a buffer `[kv_heads, capacity, head_dim]` whose first `used` positions are copied from
+/// `old` (`None`: nothing to copy). The cache grows and compacts its tail with it, so a backend
+/// can do this on its own memory instead of through generic tensor ops.
+pub type ResizeKv<B> = fn(
+    old: Option<Tensor<B, 3>>,
+    used: usize,
+    capacity: usize,
+    shape: KvShape,
+    device: &<B as burn::tensor::backend::BackendTypes>::Device,
+) -> Tensor<B, 3>;
+
+/// [`ResizeKv`] with burn's tensor ops (`empty` + `slice_assign`).
+pub fn resize_kv_with_burn<B: Backend>(
+    old: Option<Tensor<B, 3>>,
+    used: usize,
+    capacity: usize,
+    shape: KvShape,
+    device: &B::Device,
+) -> Tensor<B, 3> {
+    let KvShape { kv_heads, head_dim, .. } = shape;
+    let buffer = Tensor::<B, 3>::empty([kv_heads, capacity, head_dim], device);
+    match old {
+        Some(old) if used > 0 => {
+            let range = [0..kv_heads, 0..used, 0..head_dim];
+            buffer.slice_assign(range.clone(), old.slice(range))
+        }
+        _ => buffer,
+    }
 }
 
 /// Tail capacities are multiples of this many positions.
@@ -138,6 +169,11 @@ pub const TAIL_GRANULE: usize = 4;
 impl<B: Backend> KvCache<B> {
     /// An empty cache.
     pub fn new(shape: KvShape, device: &B::Device) -> Self {
+        Self::with_resize(shape, device, resize_kv_with_burn::<B>)
+    }
+
+    /// An empty cache that grows and compacts its tail with `resize`.
+    pub fn with_resize(shape: KvShape, device: &B::Device, resize: ResizeKv<B>) -> Self {
         KvCache {
             shape,
             device: device.clone(),
@@ -146,6 +182,7 @@ impl<B: Backend> KvCache<B> {
             tail: Vec::new(),
             tail_len: 0,
             tail_capacity: 0,
+            resize,
         }
     }
 
@@ -172,21 +209,15 @@ impl<B: Backend> KvCache<B> {
         }
         // Growth by an eighth keeps the copies amortised O(1) per position and the slack small.
         let capacity = needed.max(self.tail_capacity + self.tail_capacity / 8).div_ceil(TAIL_GRANULE) * TAIL_GRANULE;
-        let KvShape { layers, kv_heads, head_dim } = self.shape;
-        let fresh = |old: Option<&Tensor<B, 3>>| {
-            let buffer = Tensor::<B, 3>::empty([kv_heads, capacity, head_dim], &self.device);
-            match old {
-                Some(old) if self.tail_len > 0 => buffer.slice_assign(
-                    [0..kv_heads, 0..self.tail_len, 0..head_dim],
-                    old.clone().slice([0..kv_heads, 0..self.tail_len, 0..head_dim]),
-                ),
-                _ => buffer,
-            }
-        };
-        let tail: Vec<LayerKv<B>> = (0..layers)
-            .map(|layer| {
-                let old = self.tail.get(layer);
-                LayerKv { k: fresh(old.map(|kv| &kv.k)), v: fresh(old.map(|kv| &kv.v)) }
+        let (shape, used, resize) = (self.shape, self.tail_len, self.resize);
+        let mut old = std::mem::take(&mut self.tail).into_iter();
+        let tail: Vec<LayerKv<B>> = (0..shape.layers)
+            .map(|_| {
+                let (k, v) = old.next().map(|kv| (Some(kv.k), Some(kv.v))).unwrap_or((None, None));
+                LayerKv {
+                    k: resize(k, used, capacity, shape, &self.device),
+                    v: resize(v, used, capacity, shape, &self.device),
+                }
             })
             .collect();
         self.tail = tail;
@@ -253,15 +284,12 @@ impl<B: Backend> KvCache<B> {
         if self.tail_len == 0 {
             return;
         }
-        let KvShape { kv_heads, head_dim, .. } = self.shape;
         let len = self.tail_len;
-        let range = [0..kv_heads, 0..len, 0..head_dim];
         let compact = |buffer: Tensor<B, 3>| {
             if self.tail_capacity == len {
                 buffer
             } else {
-                Tensor::<B, 3>::empty([kv_heads, len, head_dim], &self.device)
-                    .slice_assign(range.clone(), buffer.slice(range.clone()))
+                (self.resize)(Some(buffer), len, len, self.shape, &self.device)
             }
         };
         let layers = std::mem::take(&mut self.tail)
@@ -286,6 +314,7 @@ impl<B: Backend> KvCache<B> {
             tail: Vec::new(),
             tail_len: 0,
             tail_capacity: 0,
+            resize: self.resize,
         }
     }
 

@@ -293,7 +293,11 @@ impl<B: KernelBackend> Transformer<B> {
 
     /// An empty cache for a new sequence.
     pub fn new_cache(&self) -> KvCache<B> {
-        KvCache::new(self.kv_shape(), &self.device)
+        let resize: crate::cache::ResizeKv<B> = match self.path {
+            LinearPath::Burn => crate::cache::resize_kv_with_burn::<B>,
+            LinearPath::Kernel | LinearPath::KernelExact => <B as KernelBackend>::resize_kv,
+        };
+        KvCache::with_resize(self.kv_shape(), &self.device, resize)
     }
 
     /// Bytes of all weights.
