@@ -49,28 +49,12 @@ struct Args {
     runs: usize,
 }
 
-const PARAGRAPH: &str = "Monte Carlo Tree Search explores a tree of possible continuations. Each node keeps \
-     a visit count and a value; the search selects promising children, expands a leaf, rolls out to the end \
-     and propagates the reward back to the root. Marco-o1 uses the model's own confidence as the reward. ";
-
 fn main() -> ExitCode {
     let args = match common::parse_args::<Args>() {
         Ok(args) => args,
         Err(code) => return code,
     };
     common::report(run::<common::Backend>(args))
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n == 0 {
-        0.0
-    } else if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
 }
 
 /// One run at `batch` sequences; returns the decode seconds.
@@ -121,17 +105,7 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
             (model, path.display().to_string())
         }
     };
-    let prompt: Vec<TokenId> = if args.random.is_none() {
-        let mut prompt = Vec::new();
-        while prompt.len() < args.prompt_tokens {
-            prompt.extend(model.tokenizer().encode(PARAGRAPH, false)?);
-        }
-        prompt.truncate(args.prompt_tokens);
-        prompt
-    } else {
-        let vocab = model.tokenizer().vocab_size() as u64;
-        (0..args.prompt_tokens as u64).map(|i| ((i * 7919 + 13) % vocab) as TokenId).collect()
-    };
+    let prompt = common::bench_prompt(model.tokenizer(), args.prompt_tokens, args.random.is_none())?;
     if prompt.len() + 4 + args.gen_tokens > model.max_context() {
         bail!("{} tokens exceed the model's context of {}", prompt.len() + 4 + args.gen_tokens, model.max_context());
     }
@@ -143,7 +117,7 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
             let seconds = one_run(&mut model, &prompt, batch, args.gen_tokens)?;
             rates.push((batch * args.gen_tokens) as f64 / seconds);
         }
-        rows.push((batch, median(&mut rates)));
+        rows.push((batch, common::median(&mut rates)));
     }
     println!(
         "model: {model_name} · backend: {} ({}) · prompt {} tokens shared, {} greedy tokens per sequence, median of {} runs",

@@ -65,28 +65,12 @@ struct Args {
     paths: Vec<PathArg>,
 }
 
-const PARAGRAPH: &str = "Monte Carlo Tree Search explores a tree of possible continuations. Each node keeps \
-     a visit count and a value; the search selects promising children, expands a leaf, rolls out to the end \
-     and propagates the reward back to the root. Marco-o1 uses the model's own confidence as the reward. ";
-
 fn main() -> ExitCode {
     let args = match common::parse_args::<Args>() {
         Ok(args) => args,
         Err(code) => return code,
     };
     common::report(run::<common::Backend>(args))
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n == 0 {
-        0.0
-    } else if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
 }
 
 /// One prefill + decode; returns (prefill seconds, decode seconds).
@@ -143,17 +127,7 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
         };
         let load = load_start.elapsed().as_secs_f64();
         let weight_mb = model.model().weight_bytes() as f64 / 1e6;
-        let prompt: Vec<TokenId> = if path.is_some() {
-            let mut prompt = Vec::new();
-            while prompt.len() < args.prompt_tokens {
-                prompt.extend(model.tokenizer().encode(PARAGRAPH, false)?);
-            }
-            prompt.truncate(args.prompt_tokens);
-            prompt
-        } else {
-            let vocab = model.tokenizer().vocab_size() as u64;
-            (0..args.prompt_tokens as u64).map(|i| ((i * 7919 + 13) % vocab) as TokenId).collect()
-        };
+        let prompt = common::bench_prompt(model.tokenizer(), args.prompt_tokens, path.is_some())?;
         if prompt.len() + args.gen_tokens > model.max_context() {
             bail!("{} tokens exceed the model's context of {}", prompt.len() + args.gen_tokens, model.max_context());
         }
@@ -169,7 +143,7 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
             LinearPath::KernelExact => format!("{} (f32 activations)", B::kernel_name()),
             LinearPath::Burn => "burn matmul".to_string(),
         };
-        rows.push((kernel, load, weight_mb, median(&mut prefill), median(&mut decode)));
+        rows.push((kernel, load, weight_mb, common::median(&mut prefill), common::median(&mut decode)));
     }
     let model_name = match (&path, args.random) {
         (Some(path), _) => path.display().to_string(),

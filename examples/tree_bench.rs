@@ -107,18 +107,6 @@ fn main() -> ExitCode {
     common::report(run::<common::Backend>(args))
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n == 0 {
-        0.0
-    } else if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
-}
-
 fn run<B: KernelBackend>(args: Args) -> Result<()> {
     if args.runs == 0 || args.budget == 0 || args.width == 0 || args.mini_step == 0 {
         bail!("--runs, --budget, --width and --mini-step must be positive");
@@ -169,7 +157,7 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (name, stats) in &results {
-        let m = |f: &dyn Fn(&SearchStats) -> f64| median(stats.iter().map(f).collect());
+        let m = |f: &dyn Fn(&SearchStats) -> f64| common::median(&mut stats.iter().map(f).collect::<Vec<f64>>());
         let wall = m(&|s| s.elapsed_secs);
         println!(
             "| {name} | {wall:.2} | {:.0} | {:.0} | {:.1} | {:.1} | {:.3} | {:.2} | {:.3} |",

@@ -279,6 +279,40 @@ impl marco::core::Tokenizer for IdsOnly {
     }
 }
 
+/// The median of `values` (sorted in place); 0 for none.
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// The benchmarks' fixed prompt of `len` tokens: a paragraph tokenised and repeated when
+/// `text` (a real tokenizer), else a deterministic run of ids (random-weight models).
+pub fn bench_prompt(
+    tokenizer: &dyn marco::core::Tokenizer,
+    len: usize,
+    text: bool,
+) -> Result<Vec<marco::core::TokenId>> {
+    const PARAGRAPH: &str = "Monte Carlo Tree Search explores a tree of possible continuations. Each node keeps \
+         a visit count and a value; the search selects promising children, expands a leaf, rolls out to the end \
+         and propagates the reward back to the root. Marco-o1 uses the model's own confidence as the reward. ";
+    if !text {
+        let vocab = tokenizer.vocab_size() as u64;
+        return Ok((0..len as u64).map(|i| ((i * 7919 + 13) % vocab) as marco::core::TokenId).collect());
+    }
+    let paragraph = tokenizer.encode(PARAGRAPH, false)?;
+    if paragraph.is_empty() {
+        bail!("the tokenizer encodes the benchmark paragraph to nothing");
+    }
+    Ok(paragraph.iter().copied().cycle().take(len).collect())
+}
+
 /// Parses `--quantize` values (`q8_0`).
 pub fn parse_quantize(value: &str) -> Result<QuantizeAtLoad, String> {
     value.parse().map_err(|e: marco::model::ModelError| e.to_string())

@@ -185,9 +185,7 @@ pub trait KernelBackend: Backend {
     /// call (a backend may reduce each row once, or rows in parallel): `(lse [rows, 1],
     /// values [rows, k], indices [rows, k])`. The default calls the two hooks.
     fn lse_and_top_k(logits: Tensor<Self, 2>, k: usize) -> (Tensor<Self, 2>, Tensor<Self, 2>, Tensor<Self, 2, Int>) {
-        let lse = Self::log_sum_exp(logits.clone());
-        let (values, indices) = Self::top_k(logits, k);
-        (lse, values, indices)
+        lse_then_top_k(logits, k)
     }
 
     /// The `k` largest entries of every row of `logits` (`[rows, vocab]`) and their column
@@ -197,6 +195,13 @@ pub trait KernelBackend: Backend {
         let k = k.clamp(1, vocab);
         logits.topk_with_indices(k, 1)
     }
+}
+
+/// [`KernelBackend::lse_and_top_k`] as two separate hooks.
+fn lse_then_top_k<B: KernelBackend>(logits: Tensor<B, 2>, k: usize) -> (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2, Int>) {
+    let lse = B::log_sum_exp(logits.clone());
+    let (values, indices) = B::top_k(logits, k);
+    (lse, values, indices)
 }
 
 /// `[out, in]` row-major host rows to an `[in, out]` burn tensor (the layout `x.matmul(w)` wants).
@@ -546,11 +551,7 @@ mod cpu {
             let k = k.clamp(1, vocab.max(1));
             let device = logits.device();
             let stats = with_host_f32(&logits, |all| ops::row_stats(all, vocab.max(1), k));
-            let Ok(stats) = stats else {
-                let lse = Self::log_sum_exp(logits.clone());
-                let (values, indices) = Self::top_k(logits, k);
-                return (lse, values, indices);
-            };
+            let Ok(stats) = stats else { return super::lse_then_top_k(logits, k) };
             let lse: Vec<f32> = stats.iter().map(|s| s.log_sum_exp as f32).collect();
             let values: Vec<f32> = stats.iter().flat_map(|s| s.top.iter().map(|&(_, v)| v)).collect();
             let indices: Vec<i64> = stats.iter().flat_map(|s| s.top.iter().map(|&(i, _)| i as i64)).collect();

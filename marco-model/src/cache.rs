@@ -13,8 +13,9 @@
 //!
 //! Attention reads the chain segment by segment ([`KvCache::runs`], the buffers in place); a sequence that was
 //! never forked has one segment, so plain decoding pays nothing for the sharing. The tail is a
-//! buffer with spare capacity, written in place with `slice_assign` (in place on NdArray and
-//! CubeCL when the buffer is uniquely owned). It grows by an eighth (at least
+//! buffer with spare capacity, taken out while it is written so that it is uniquely owned and
+//! written in place (the backend's `write_kv` hook), and grown or compacted by the cache's
+//! [`ResizeKv`] function (the backend's `resize_kv` hook). It grows by an eighth (at least
 //! [`TAIL_GRANULE`] positions), so an unfilled tail wastes at most an eighth of its length plus
 //! one granule: memory in use stays close to distinct tokens × bytes per token, which
 //! [`KvCache::owned_bytes`] reports honestly (at capacity).
@@ -33,7 +34,7 @@
 //! bounded by the tail's growth rule rather than by a block size.
 //!
 //! This is the seam for a paged cache: the network only needs [`KvCache::reserve`],
-//! [`KvCache::write`], [`KvCache::runs`] and [`KvCache::commit`].
+//! [`KvCache::write_with`], [`KvCache::runs`] and [`KvCache::commit`].
 
 use std::sync::Arc;
 
@@ -222,22 +223,6 @@ impl<B: Backend> KvCache<B> {
             .collect();
         self.tail = tail;
         self.tail_capacity = capacity;
-    }
-
-    /// Writes `kv` (`[kv_heads, n, head_dim]`) for `layer` at the first `n` uncommitted tail
-    /// positions. [`KvCache::reserve`] must have made room.
-    pub fn write(&mut self, layer: usize, kv: LayerKv<B>) {
-        let n = kv.k.dims()[1];
-        let KvShape { kv_heads, head_dim, .. } = self.shape;
-        let range = [0..kv_heads, self.tail_len..self.tail_len + n, 0..head_dim];
-        if let Some(slot) = self.tail.get_mut(layer) {
-            // Take the buffers out so that they are uniquely owned and written in place.
-            let empty = || Tensor::<B, 3>::empty([0, 0, 0], &self.device);
-            let k = std::mem::replace(&mut slot.k, empty());
-            let v = std::mem::replace(&mut slot.v, empty());
-            slot.k = k.slice_assign(range.clone(), kv.k);
-            slot.v = v.slice_assign(range, kv.v);
-        }
     }
 
     /// Writes the new keys and values of `layer` through `write`, which receives each tail
