@@ -6,6 +6,7 @@
 //! cargo run --release --example batch_bench -- --batches 1,8,32 --gen-tokens 32 --runs 3
 //! cargo run --release --example batch_bench -- --random qwen2-7b     # Marco-o1's shape, random weights
 //! cargo run --release --features cuda --example batch_bench
+//! cargo run --release --features cuda --example batch_bench -- --random qwen2-7b --dtype bf16
 //! ```
 //!
 //! Each run prefills one prompt of `--prompt-tokens` tokens, forks it once per sequence (the
@@ -47,6 +48,9 @@ struct Args {
     /// Timed runs per batch size (after one warm-up run).
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Float type of weights, activations and KV; bf16 needs `--features cuda`.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: common::FloatType,
 }
 
 fn main() -> ExitCode {
@@ -54,7 +58,20 @@ fn main() -> ExitCode {
         Ok(args) => args,
         Err(code) => return code,
     };
-    common::report(run::<common::Backend>(args))
+    common::report(match args.dtype {
+        common::FloatType::F32 => run::<common::Backend>(args),
+        common::FloatType::Bf16 => run_bf16(args),
+    })
+}
+
+#[cfg(feature = "cuda")]
+fn run_bf16(args: Args) -> Result<()> {
+    run::<marco::CudaBf16>(args)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_bf16(_: Args) -> Result<()> {
+    bail!("--dtype bf16 runs on CUDA only: build with --features cuda")
 }
 
 /// One run at `batch` sequences; returns the decode seconds.
@@ -120,9 +137,10 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
         rows.push((batch, common::median(&mut rates)));
     }
     println!(
-        "model: {model_name} · backend: {} ({}) · prompt {} tokens shared, {} greedy tokens per sequence, median of {} runs",
+        "model: {model_name} · backend: {} ({}, {:?}) · prompt {} tokens shared, {} greedy tokens per sequence, median of {} runs",
         common::backend_name(),
         B::kernel_name(),
+        args.dtype,
         args.prompt_tokens,
         args.gen_tokens,
         args.runs

@@ -35,3 +35,8 @@ pub type Cpu = burn_ndarray::NdArray;
 /// burn's CUDA backend (feature `cuda`).
 #[cfg(feature = "cuda")]
 pub type Cuda = burn_cuda::Cuda;
+
+/// burn's CUDA backend in bf16: weights, activations and KV stored as bf16, the format of
+/// Marco-o1's checkpoint (feature `cuda`).
+#[cfg(feature = "cuda")]
+pub type CudaBf16 = marco_model::backend::CudaBf16;

@@ -28,6 +28,16 @@ pub type Backend = marco::Cpu;
 #[cfg(not(any(feature = "cpu", feature = "cuda")))]
 compile_error!("the examples need a backend: enable the `cpu` (default) or `cuda` feature");
 
+/// The float type a benchmark runs in: f32 on every backend; bf16 on CUDA only (NdArray's
+/// kernels are f32 and quantized formats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FloatType {
+    /// 32-bit floats.
+    F32,
+    /// bfloat16 weights, activations and KV (`--features cuda`).
+    Bf16,
+}
+
 /// A short name of [`Backend`] for summaries.
 pub fn backend_name() -> &'static str {
     if cfg!(feature = "cuda") {

@@ -29,6 +29,11 @@ use crate::layer_ops;
 #[cfg(feature = "cuda")]
 pub use marco_backend_cuda::{cuda_available, probe_cuda, CudaUnavailable};
 
+/// burn's CUDA backend in bf16 (weights, activations and KV), which [`KernelBackend`] is
+/// implemented for beside the f32 `burn_cuda::Cuda`.
+#[cfg(feature = "cuda")]
+pub type CudaBf16 = burn_cuda::Cuda<burn::tensor::bf16>;
+
 /// The rows of a linear layer's weight as they lie on the host, `[out_features, in_features]`
 /// row-major (the Hugging Face and ggml layout).
 #[derive(Debug, Clone, Copy)]
@@ -591,38 +596,49 @@ pub use cpu::CpuLinear;
 mod cuda {
     //! CUDA: burn's own matmul on `[in, out]` tensors; top-k sorted on the device.
 
-    use burn::tensor::Tensor;
+    use burn::tensor::{bf16, Tensor};
     use burn_cuda::{Cuda, CudaDevice};
 
     use super::{dense_in_out, HostWeight, KernelBackend};
     use crate::error::Result;
 
-    impl KernelBackend for Cuda {
-        type LinearWeight = Tensor<Cuda, 2>;
+    /// One implementation per float type: `Cuda` (f32) and `Cuda<bf16>` (weights, activations
+    /// and KV in bf16, as Marco-o1's checkpoint is stored; host data converts on upload).
+    macro_rules! cuda_kernel_backend {
+        ($float:ty) => {
+            impl KernelBackend for Cuda<$float> {
+                type LinearWeight = Tensor<Cuda<$float>, 2>;
 
-        fn kernel_name() -> &'static str {
-            "burn-cuda-matmul"
-        }
+                fn kernel_name() -> &'static str {
+                    concat!("burn-cuda-matmul-", stringify!($float))
+                }
 
-        fn linear_weight(
-            weight: HostWeight<'_>,
-            out_features: usize,
-            in_features: usize,
-            _exact_activations: bool,
-            device: &CudaDevice,
-        ) -> Result<Option<Self::LinearWeight>> {
-            match weight {
-                HostWeight::F32(rows) => Ok(Some(dense_in_out::<Cuda>(rows, out_features, in_features, device))),
-                HostWeight::Ggml { .. } => Ok(None),
+                fn linear_weight(
+                    weight: HostWeight<'_>,
+                    out_features: usize,
+                    in_features: usize,
+                    _exact_activations: bool,
+                    device: &CudaDevice,
+                ) -> Result<Option<Self::LinearWeight>> {
+                    match weight {
+                        HostWeight::F32(rows) => {
+                            Ok(Some(dense_in_out::<Cuda<$float>>(rows, out_features, in_features, device)))
+                        }
+                        HostWeight::Ggml { .. } => Ok(None),
+                    }
+                }
+
+                fn kernel_linear(x: Tensor<Self, 2>, weight: &Self::LinearWeight) -> Tensor<Self, 2> {
+                    x.matmul(weight.clone())
+                }
+
+                fn linear_weight_bytes(weight: &Self::LinearWeight) -> usize {
+                    weight.shape().num_elements() * std::mem::size_of::<$float>()
+                }
             }
-        }
-
-        fn kernel_linear(x: Tensor<Self, 2>, weight: &Self::LinearWeight) -> Tensor<Self, 2> {
-            x.matmul(weight.clone())
-        }
-
-        fn linear_weight_bytes(weight: &Self::LinearWeight) -> usize {
-            weight.shape().num_elements() * std::mem::size_of::<f32>()
-        }
+        };
     }
+
+    cuda_kernel_backend!(f32);
+    cuda_kernel_backend!(bf16);
 }

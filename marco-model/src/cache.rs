@@ -111,12 +111,14 @@ pub struct KvShape {
     pub kv_heads: usize,
     /// Width of a head.
     pub head_dim: usize,
+    /// Bytes of one stored element: the backend's float type (4 for f32, 2 for bf16).
+    pub element_bytes: usize,
 }
 
 impl KvShape {
-    /// Bytes one position occupies over all layers (keys and values, f32).
+    /// Bytes one position occupies over all layers (keys and values).
     pub fn bytes_per_token(&self) -> usize {
-        2 * self.layers * self.kv_heads * self.head_dim * std::mem::size_of::<f32>()
+        2 * self.layers * self.kv_heads * self.head_dim * self.element_bytes
     }
 }
 

@@ -288,7 +288,12 @@ impl<B: KernelBackend> Transformer<B> {
 
     /// The shape of this model's KV caches.
     pub fn kv_shape(&self) -> KvShape {
-        KvShape { layers: self.config.num_layers, kv_heads: self.config.num_kv_heads, head_dim: self.config.head_dim }
+        KvShape {
+            layers: self.config.num_layers,
+            kv_heads: self.config.num_kv_heads,
+            head_dim: self.config.head_dim,
+            element_bytes: std::mem::size_of::<B::FloatElem>(),
+        }
     }
 
     /// An empty cache for a new sequence.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use burn_ndarray::NdArray;
 use marco_core::{Budget, Granularity, LanguageModel, Problem, SamplingParams, SearchPolicy, SeqId, StepRequest};
 use marco_model::loader::HfWeights;
-use marco_model::{BurnLm, LinearPath, ModelConfig, Transformer};
+use marco_model::{BurnLm, KernelBackend, LinearPath, ModelConfig, Transformer};
 use marco_search::{
     BeamConfig, BeamSearch, GenerationConfig, GreedyConfig, GreedyReflection, Mcts, MctsConfig, Reflection,
 };
@@ -46,17 +46,25 @@ fn data(name: &str) -> PathBuf {
 }
 
 fn tiny(name: &str) -> BurnLm<Cpu> {
+    tiny_on::<Cpu>(name, &Default::default())
+}
+
+fn tiny_on<B: KernelBackend>(name: &str, device: &B::Device) -> BurnLm<B> {
     let dir = data(name);
     let config = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
     let weights = HfWeights::open(&dir).unwrap();
-    let model = Transformer::<Cpu>::load(config, &weights, LinearPath::Kernel, &Default::default()).unwrap();
+    let model = Transformer::<B>::load(config, &weights, LinearPath::Kernel, device).unwrap();
     let vocab = model.config().vocab_size;
     BurnLm::new(model, Box::new(IdsOnly(vocab)))
 }
 
 fn default_model() -> BurnLm<Cpu> {
+    default_model_on::<Cpu>(&Default::default())
+}
+
+fn default_model_on<B: KernelBackend>(device: &B::Device) -> BurnLm<B> {
     let path = marco_model::fetch::default_model_path().expect("the default model (marco_model::fetch)");
-    marco_model::load::<Cpu>(&path, &Default::default()).unwrap()
+    marco_model::load::<B>(&path, device).unwrap()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -85,7 +93,7 @@ fn tokens(vocab: usize, salt: u64, n: usize) -> Vec<u32> {
 /// chunks fed the same way (prompt prefill, multi-token appends, one-token steps), but no
 /// fork, no other sequence in a batch, no shared KV. (The same chunks, because the quantised
 /// default model's kernels round a 1-row GEMV and a many-row GEMM differently.)
-fn alone(reference: &mut BurnLm<Cpu>, chunks: &[Vec<u32>]) -> Vec<f32> {
+fn alone<B: KernelBackend>(reference: &mut BurnLm<B>, chunks: &[Vec<u32>]) -> Vec<f32> {
     let seq = reference.new_sequence(&chunks[0]).unwrap();
     for chunk in &chunks[1..] {
         if chunk.len() == 1 {
@@ -104,7 +112,7 @@ fn alone(reference: &mut BurnLm<Cpu>, chunks: &[Vec<u32>]) -> Vec<f32> {
 /// checks every pending distribution against the same tokens run alone. Also checks the KV
 /// accounting: a fork adds no KV, memory stays within 1.25× the distinct tokens, and comes
 /// back to zero when everything is released.
-fn tree_matches_alone(lm: &mut BurnLm<Cpu>, reference: &mut BurnLm<Cpu>, vocab: usize, label: &str) {
+fn tree_matches_alone<B: KernelBackend>(lm: &mut BurnLm<B>, reference: &mut BurnLm<B>, vocab: usize, label: &str) {
     let per_token = lm.counters().kv_bytes_per_token;
     assert!(per_token > 0);
     let prompt = tokens(vocab, 1, 11);
@@ -219,8 +227,8 @@ fn a_long_search_at_a_fixed_budget_keeps_memory_bounded() {
 /// Runs `policy` and checks its statistics. `holds_states`: the policy keeps node states to
 /// the end (MCTS; beam search while beams are live), so the KV in use reported (taken before the release) is not zero;
 /// greedy decoding drops each state as it goes.
-fn check_search(
-    model: &mut BurnLm<Cpu>,
+fn check_search<B: KernelBackend>(
+    model: &mut BurnLm<B>,
     policy: &dyn SearchPolicy,
     problem: &Problem,
     label: &str,
@@ -261,7 +269,10 @@ fn check_search(
 
 #[test]
 fn searches_on_the_default_model_compute_each_token_once() {
-    let mut model = default_model();
+    searches_compute_each_token_once(&mut default_model());
+}
+
+fn searches_compute_each_token_once<B: KernelBackend>(model: &mut BurnLm<B>) {
     let problem = Problem::from_question(model.tokenizer(), "How many r are in strawberry?", None).unwrap();
     let generation = |seed: u64| {
         GenerationConfig::default().with_granularity(Granularity::MiniStep(16)).with_seed(seed).with_temperature(0.8)
@@ -269,7 +280,7 @@ fn searches_on_the_default_model_compute_each_token_once() {
     let mcts =
         Mcts::new(MctsConfig::default().with_budget(Budget::tokens(160)).with_generation(generation(3)).with_width(3))
             .unwrap();
-    check_search(&mut model, &mcts, &problem, "mcts", true);
+    check_search(model, &mcts, &problem, "mcts", true);
     // A budget that ends the search while beams are still live (they hold their states).
     let beam = BeamSearch::new(
         BeamConfig::default()
@@ -279,7 +290,7 @@ fn searches_on_the_default_model_compute_each_token_once() {
             .with_expansions(2),
     )
     .unwrap();
-    check_search(&mut model, &beam, &problem, "beam", true);
+    check_search(model, &beam, &problem, "beam", true);
     let greedy = GreedyReflection::new(
         GreedyConfig::default()
             .with_budget(Budget::tokens(128))
@@ -288,5 +299,67 @@ fn searches_on_the_default_model_compute_each_token_once() {
             .with_rounds(1),
     )
     .unwrap();
-    check_search(&mut model, &greedy, &problem, "greedy+reflection", false);
+    check_search(model, &greedy, &problem, "greedy+reflection", false);
+}
+
+/// The same checks on burn-cuda, where a GPU is present (`--features cuda`). The default
+/// model comes from marco's cache as on the CPU (`MARCO_HOME`); on a GPU machine without it
+/// (no network to fetch it) those two tests say so and skip.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use burn_cuda::{Cuda, CudaDevice};
+
+    fn gpu() -> bool {
+        let available = marco_backend_cuda::cuda_available();
+        if !available {
+            eprintln!("skipping: no CUDA driver");
+        }
+        available
+    }
+
+    /// The default model where it is already in marco's cache; `None` (with a message) else.
+    fn cached_default_model() -> Option<BurnLm<Cuda>> {
+        let cache = marco_model::fetch::cache_dir().ok()?;
+        if !cache.join(marco_model::fetch::DEFAULT_MODEL_FILE).exists() {
+            eprintln!("skipping: the default model is not in {}", cache.display());
+            return None;
+        }
+        Some(default_model_on::<Cuda>(&CudaDevice::default()))
+    }
+
+    #[test]
+    fn cuda_forked_and_batched_states_match_sequences_run_alone_tiny() {
+        if !gpu() {
+            return;
+        }
+        for name in ["tiny-qwen2", "tiny-llama"] {
+            let device = CudaDevice::default();
+            let mut lm = tiny_on::<Cuda>(name, &device);
+            let mut reference = tiny_on::<Cuda>(name, &device);
+            let vocab = lm.model().config().vocab_size;
+            tree_matches_alone(&mut lm, &mut reference, vocab, &format!("cuda {name}"));
+        }
+    }
+
+    #[test]
+    fn cuda_forked_and_batched_states_match_sequences_run_alone_default_model() {
+        if !gpu() {
+            return;
+        }
+        let (Some(mut lm), Some(mut reference)) = (cached_default_model(), cached_default_model()) else {
+            return;
+        };
+        tree_matches_alone(&mut lm, &mut reference, 20_000, "cuda default model");
+    }
+
+    #[test]
+    fn cuda_searches_on_the_default_model_compute_each_token_once() {
+        if !gpu() {
+            return;
+        }
+        if let Some(mut model) = cached_default_model() {
+            searches_compute_each_token_once(&mut model);
+        }
+    }
 }
