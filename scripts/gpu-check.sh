@@ -6,8 +6,8 @@
 #   scripts/gpu-check.sh run     # on the GPU machine, in the repository root (no network
 #                                # needed, no cargo needed): runs the CUDA tests and the decode
 #                                # benchmark from gpu-bundle/, prints everything, < 8 minutes
-#                                # (gpu-bundle/ is an untracked folder, so a device run that
-#                                # copies the working tree takes it along)
+#                                # (gpu-bundle/ is git-ignored: a device run that copies the
+#                                # working tree must be told to carry it)
 #   scripts/gpu-check.sh         # both, on a machine that has cargo and a GPU
 #
 # `run` unpacks the binaries into $MARCO_GPU_BIN (default: a fresh temporary folder); where

@@ -18,7 +18,7 @@
 use std::fmt::Debug;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 
 use crate::cache::{KvRun, KvShape};
 use crate::error::Result;
@@ -216,19 +216,53 @@ pub(crate) fn dense_in_out<B: Backend>(
     in_features: usize,
     device: &B::Device,
 ) -> Tensor<B, 2> {
-    let mut transposed = vec![0.0f32; rows.len()];
-    // Blocked transpose: keeps both sides in cache for large matrices.
+    // Transposed straight into the backend's float type (bf16 on `Cuda<bf16>`), so that
+    // `from_data` has nothing left to convert; rows of the result are split among threads.
+    let zero: B::FloatElem = 0.0f32.elem();
+    let mut transposed = vec![zero; rows.len()];
     const BLOCK: usize = 32;
-    for o0 in (0..out_features).step_by(BLOCK) {
-        for i0 in (0..in_features).step_by(BLOCK) {
-            for o in o0..(o0 + BLOCK).min(out_features) {
-                for i in i0..(i0 + BLOCK).min(in_features) {
-                    transposed[i * out_features + o] = rows[o * in_features + i];
+    for_each_chunk_parallel(&mut transposed, BLOCK * out_features.max(1), |block, chunk| {
+        let i0 = block * BLOCK;
+        let i_count = chunk.len() / out_features.max(1);
+        // Blocked over the outputs too: keeps both sides in cache for large matrices.
+        for o0 in (0..out_features).step_by(BLOCK) {
+            for i in 0..i_count {
+                for o in o0..(o0 + BLOCK).min(out_features) {
+                    chunk[i * out_features + o] = rows[o * in_features + i0 + i].elem();
                 }
             }
         }
-    }
+    });
     Tensor::from_data(TensorData::new(transposed, [in_features, out_features]), device)
+}
+
+/// Runs `work(chunk index, chunk)` over `chunk_len`-sized chunks of `data` (the last may be
+/// shorter) on all cores. Load-time work only: large, uniform and rare.
+pub(crate) fn for_each_chunk_parallel<T: Send>(
+    data: &mut [T],
+    chunk_len: usize,
+    work: impl Fn(usize, &mut [T]) + Sync,
+) {
+    let chunk_len = chunk_len.max(1);
+    let chunks = data.len().div_ceil(chunk_len);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(chunks);
+    if threads <= 1 {
+        for (index, chunk) in data.chunks_mut(chunk_len).enumerate() {
+            work(index, chunk);
+        }
+        return;
+    }
+    let per_thread = chunks.div_ceil(threads);
+    std::thread::scope(|scope| {
+        for (t, part) in data.chunks_mut(per_thread * chunk_len).enumerate() {
+            let work = &work;
+            scope.spawn(move || {
+                for (index, chunk) in part.chunks_mut(chunk_len).enumerate() {
+                    work(t * per_thread + index, chunk);
+                }
+            });
+        }
+    });
 }
 
 #[cfg(feature = "cpu")]

@@ -102,7 +102,15 @@ fn top5(row: &[f32]) -> Vec<u32> {
     idx
 }
 
+/// Checks logits (within `tolerance` of the oracle), top-5 ids at every position and the
+/// greedy continuation.
 fn check_against_oracle<B: KernelBackend>(name: &str, path: LinearPath) {
+    check_against_oracle_within::<B>(name, path, 1e-3, 0.0);
+}
+
+/// `tie`: two ids whose logits differ by less than this may trade ranks in the top 5 (0 on
+/// the CPU: the order must be the oracle's exactly).
+fn check_against_oracle_within<B: KernelBackend>(name: &str, path: LinearPath, tolerance: f32, tie: f32) {
     let oracle = oracle(name);
     let model = load_transformer_on::<B>(&data(name), path).unwrap();
     for (c, case) in oracle.cases.iter().enumerate() {
@@ -110,9 +118,14 @@ fn check_against_oracle<B: KernelBackend>(name: &str, path: LinearPath) {
         let last = logits.last().unwrap();
         assert_eq!(last.len(), case.last_logits.len());
         let worst = last.iter().zip(&case.last_logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert!(worst < 1e-3, "{name} {path:?} case {c}: max |logit diff| {worst}");
+        eprintln!("{name} {path:?} case {c}: max |logit diff| {worst}");
+        assert!(worst < tolerance, "{name} {path:?} case {c}: max |logit diff| {worst}");
         for (position, expected) in case.top5_ids.iter().enumerate() {
-            assert_eq!(&top5(&logits[position]), expected, "{name} {path:?} case {c} position {position}");
+            let row = &logits[position];
+            let ours = top5(row);
+            let agree =
+                ours.iter().zip(expected).all(|(&a, &b)| a == b || (row[a as usize] - row[b as usize]).abs() < tie);
+            assert!(agree, "{name} {path:?} case {c} position {position}: top-5 {ours:?}, oracle {expected:?}");
         }
     }
     // Greedy continuation through the LanguageModel (KV-cached, batched step of one).
@@ -286,6 +299,15 @@ mod cuda {
         }
     }
 
+    /// cubecl runs f32 matrix products on the tensor cores in TF32 (inputs rounded to a 10-bit
+    /// mantissa, f32 accumulation; `cubek-matmul`'s `adjust_dtypes`, no switch to turn it off),
+    /// so CUDA logits sit ~5e-3 from the f32 oracle (measured on an H100: 0.0045–0.0057 on
+    /// tiny-qwen2's plain-burn path) where the CPU's are within 1e-4, and near-tied ids can
+    /// trade places in the top 5 (seen: ranks 4 and 5 of one position). Those may differ by
+    /// less than the tolerance; greedy continuations must agree exactly, and the cache must be
+    /// exact against CUDA's own uncached pass.
+    const TF32_TOLERANCE: f32 = 2e-2;
+
     #[test]
     fn cuda_matches_transformers_and_cache_is_exact() {
         if !gpu() {
@@ -293,7 +315,7 @@ mod cuda {
         }
         for name in ["tiny-qwen2", "tiny-llama"] {
             for path in [LinearPath::Burn, LinearPath::Kernel] {
-                check_against_oracle::<Cuda>(name, path);
+                check_against_oracle_within::<Cuda>(name, path, TF32_TOLERANCE, TF32_TOLERANCE);
                 incremental_equals_uncached::<Cuda>(name, path);
             }
         }
