@@ -363,3 +363,41 @@ mod cuda {
         }
     }
 }
+
+/// Byte-level BPE spreads most CJK characters over two or three tokens, so token-sized edges
+/// cut characters in half. The node texts along a path still concatenate to the decoded path
+/// (no U+FFFD halves), while the edges decoded alone do show the cut.
+#[test]
+fn node_texts_along_a_path_concatenate_to_the_decoded_path() {
+    let mut model = default_model();
+    let problem =
+        Problem::from_question(model.tokenizer(), "Translate to Chinese: Good morning, my friend.", None).unwrap();
+    let greedy = GreedyReflection::new(
+        GreedyConfig::default()
+            .with_budget(Budget::tokens(24))
+            .with_generation(
+                GenerationConfig::default()
+                    .with_granularity(Granularity::Token)
+                    .with_sampling(SamplingParams::greedy()),
+            )
+            .with_rounds(0),
+    )
+    .unwrap();
+    let outcome = greedy.search(&mut model, &problem).unwrap();
+    let tree = &outcome.tree;
+    let leaf = *outcome.path.last().unwrap();
+    let prompt = tree.node(marco_core::NodeId::ROOT).tokens.len();
+    let generated = &tree.path_tokens(leaf)[prompt..];
+    let decoded = model.tokenizer().decode(generated, true).unwrap();
+    let text = tree.path_text(leaf);
+    // A non-terminal leaf leaves an incomplete last character to the child that would finish it.
+    let expected = if tree.node(leaf).terminal { decoded.as_str() } else { decoded.trim_end_matches('\u{FFFD}') };
+    assert_eq!(text, expected);
+    assert!(!text.contains('\u{FFFD}'), "{text:?}");
+    assert!(text.chars().any(|c| ('\u{4E00}'..='\u{9FFF}').contains(&c)), "no Chinese in {text:?}");
+    let cut_edges = outcome.path[1..]
+        .iter()
+        .filter(|&&n| model.tokenizer().decode(&tree.node(n).tokens, true).unwrap().contains('\u{FFFD}'))
+        .count();
+    assert!(cut_edges > 0, "no edge cuts a character: the test shows nothing");
+}

@@ -159,6 +159,26 @@ impl<'a> Engine<'a> {
         self.model.tokenizer().decode(tokens, true)
     }
 
+    /// The text of `node`'s edge, such that the texts along any path concatenate to the
+    /// decoded path. Decoding each edge alone would split a character whose bytes straddle two
+    /// edges (byte-level BPE: most CJK characters take two or three tokens) into two U+FFFD.
+    /// So the generated path is decoded whole and the ancestors' texts are cut off its front;
+    /// an incomplete character at the end (trailing U+FFFD) is left to the child that
+    /// completes it, except at a terminal node. Where a tokenizer's decoding is not
+    /// prefix-stable, the edge is decoded alone, as before.
+    fn path_aligned_text(&self, node: NodeId, terminal: bool) -> Result<String> {
+        let path = self.tree.path(node);
+        let generated: Vec<TokenId> =
+            path.iter().skip(1).flat_map(|&n| self.tree.node(n).tokens.iter().copied()).collect();
+        let full = self.decode(&generated)?;
+        let full = if terminal { full.as_str() } else { full.trim_end_matches('\u{FFFD}') };
+        let before: String = path[1..path.len() - 1].iter().map(|&n| self.tree.node(n).text.as_str()).collect();
+        match full.strip_prefix(before.as_str()) {
+            Some(rest) => Ok(rest.to_string()),
+            None => self.decode(&self.tree.node(node).tokens),
+        }
+    }
+
     /// Records the first limit that ended the search.
     pub fn stop_with(&mut self, reason: StopReason) {
         self.stop.get_or_insert(reason);
@@ -407,16 +427,18 @@ impl<'a> Engine<'a> {
         }
         let tokens = std::mem::take(&mut w.tokens);
         let steps = std::mem::take(&mut w.steps);
-        let text = std::mem::take(&mut w.text);
+        w.text.clear();
         let confidence = self.confidence.mean_confidence(&steps)?;
-        let node = self.tree.add_child(w.parent, NodeKind::Action, tokens, steps, text);
+        let node = self.tree.add_child(w.parent, NodeKind::Action, tokens, steps, String::new());
         let terminal = matches!(w.end, ActionEnd::Stop | ActionEnd::Context)
             || w.seq_len >= self.max_context
             || self.tree.node(node).depth >= self.generation.max_depth;
+        let text = self.path_aligned_text(node, terminal)?;
         {
             let n = self.tree.node_mut(node);
             n.confidence = confidence;
             n.terminal = terminal;
+            n.text = text;
         }
         self.seqs.push(None);
         self.values.push(None);
@@ -514,8 +536,9 @@ impl<'a> Engine<'a> {
             .take()
             .ok_or_else(|| Error::InvalidConfig(format!("internal: node {} holds no state to reflect on", node.0)))?;
         self.model.append(seq, tokens)?;
-        let text = self.decode(tokens)?;
-        let child = self.tree.add_child(node, NodeKind::Reflection, tokens.to_vec(), Vec::new(), text);
+        let child = self.tree.add_child(node, NodeKind::Reflection, tokens.to_vec(), Vec::new(), String::new());
+        let text = self.path_aligned_text(child, false)?;
+        self.tree.node_mut(child).text = text;
         self.seqs.push(Some(seq));
         self.values.push(None);
         Ok(child)
