@@ -24,6 +24,8 @@ pub(crate) enum Storage {
     F32(Vec<f32>),
     /// Q8_0/Q4_0/Q4_1 blocks with scales and quants split apart (see [`SplitBlocks`]).
     Split(SplitBlocks),
+    /// Q8_0/Q4_0/Q4_1 blocks of sixteen rows interleaved (see [`Interleaved16`]).
+    Interleaved(Interleaved16),
     /// Row-major ggml blocks (the k-quants), exactly as in the GGUF file.
     Blocks {
         /// The block type.
@@ -64,7 +66,7 @@ impl SplitBlocks {
     }
 
     /// Header bytes (scale, min) before the quants in a GGUF block.
-    fn header_bytes(ty: GgmlType) -> usize {
+    pub fn header_bytes(ty: GgmlType) -> usize {
         ty.type_size() - Self::quant_bytes(ty)
     }
 
@@ -89,6 +91,12 @@ impl SplitBlocks {
         split
     }
 
+    /// [`SplitBlocks::from_ggml`] for the kernel tests.
+    #[cfg(test)]
+    pub(crate) fn from_ggml_for_tests(ty: GgmlType, data: &[u8], blocks: usize) -> SplitBlocks {
+        Self::from_ggml(ty, data, blocks)
+    }
+
     /// Writes weight rows `rows` back in GGUF block layout into `out`.
     pub fn ggml_rows_into(&self, rows: std::ops::Range<usize>, out: &mut Vec<u8>) {
         let (header, quant) = (Self::header_bytes(self.ty), Self::quant_bytes(self.ty));
@@ -99,6 +107,97 @@ impl SplitBlocks {
                 out.extend_from_slice(&self.m[b].to_le_bytes());
             }
             out.extend_from_slice(&self.qs[b * quant..(b + 1) * quant]);
+        }
+    }
+}
+
+/// Q8_0, Q4_0 and Q4_1 weights with sixteen rows interleaved, for the AVX512-VNNI kernel:
+/// one vector lane per output feature, so that a block of 8-bit activations meets sixteen
+/// weight rows at once, four activation bytes broadcast to every lane, and no horizontal sums
+/// or per-block shuffles are left. Same bytes as GGUF, different order.
+///
+/// For each group of sixteen rows (`g`), block by block (`b`), `group_block_bytes` bytes:
+/// the sixteen f16 scales, the sixteen f16 mins (Q4_1 only), then the quants as 32-bit words:
+/// word `s` of every row (`s` = 0..4 for the 4-bit types, 0..8 for Q8_0), row after row —
+/// `[row 0 word 0, row 1 word 0, …, row 15 word 0, row 0 word 1, …]`. Q8_0 quants are stored
+/// plus 128 (as unsigned bytes, which VNNI's `u8 × i8` product needs).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Interleaved16 {
+    /// Q8_0, Q4_0 or Q4_1.
+    pub ty: GgmlType,
+    /// Blocks per weight row.
+    pub blocks: usize,
+    /// The interleaved data, `out_features / 16 * blocks * group_block_bytes(ty)` bytes.
+    pub data: Vec<u8>,
+}
+
+impl Interleaved16 {
+    /// Rows per group.
+    pub const ROWS: usize = 16;
+
+    /// Bytes of one block of one group of sixteen rows.
+    pub fn group_block_bytes(ty: GgmlType) -> usize {
+        Self::ROWS * ty.type_size()
+    }
+
+    /// Bytes of scales (and mins) before the quants in a group's block.
+    pub fn header_bytes(ty: GgmlType) -> usize {
+        Self::ROWS * SplitBlocks::header_bytes(ty)
+    }
+
+    /// Interleaves GGUF blocks (`data` holds whole rows of `blocks` blocks each; the row count
+    /// is a multiple of sixteen).
+    fn from_ggml(ty: GgmlType, data: &[u8], blocks: usize) -> Interleaved16 {
+        let (header, quant, size) = (SplitBlocks::header_bytes(ty), SplitBlocks::quant_bytes(ty), ty.type_size());
+        let rows = data.len() / (blocks * size);
+        let group_block = Self::group_block_bytes(ty);
+        let flip = if ty == GgmlType::Q8_0 { 0x80 } else { 0 };
+        let mut out = vec![0u8; data.len()];
+        for o in 0..rows {
+            let (g, i) = (o / Self::ROWS, o % Self::ROWS);
+            for b in 0..blocks {
+                let block = &data[(o * blocks + b) * size..][..size];
+                let dst = &mut out[(g * blocks + b) * group_block..][..group_block];
+                dst[2 * i..2 * i + 2].copy_from_slice(&block[..2]);
+                if header == 4 {
+                    dst[32 + 2 * i..32 + 2 * i + 2].copy_from_slice(&block[2..4]);
+                }
+                let quants = &mut dst[Self::ROWS * header..];
+                for s in 0..quant / 4 {
+                    for k in 0..4 {
+                        quants[(s * Self::ROWS + i) * 4 + k] = block[header + 4 * s + k] ^ flip;
+                    }
+                }
+            }
+        }
+        Interleaved16 { ty, blocks, data: out }
+    }
+
+    /// [`Interleaved16::from_ggml`] for the kernel tests.
+    #[cfg(test)]
+    pub(crate) fn from_ggml_for_tests(ty: GgmlType, data: &[u8], blocks: usize) -> Interleaved16 {
+        Self::from_ggml(ty, data, blocks)
+    }
+
+    /// Writes weight rows `rows` back in GGUF block layout into `out`.
+    pub fn ggml_rows_into(&self, rows: std::ops::Range<usize>, out: &mut Vec<u8>) {
+        let (header, quant) = (SplitBlocks::header_bytes(self.ty), SplitBlocks::quant_bytes(self.ty));
+        let group_block = Self::group_block_bytes(self.ty);
+        let flip = if self.ty == GgmlType::Q8_0 { 0x80 } else { 0 };
+        out.clear();
+        for o in rows {
+            let (g, i) = (o / Self::ROWS, o % Self::ROWS);
+            for b in 0..self.blocks {
+                let src = &self.data[(g * self.blocks + b) * group_block..][..group_block];
+                out.extend_from_slice(&src[2 * i..2 * i + 2]);
+                if header == 4 {
+                    out.extend_from_slice(&src[32 + 2 * i..32 + 2 * i + 2]);
+                }
+                let quants = &src[Self::ROWS * header..];
+                for s in 0..quant / 4 {
+                    out.extend(quants[(s * Self::ROWS + i) * 4..][..4].iter().map(|&q| q ^ flip));
+                }
+            }
         }
     }
 }
@@ -176,6 +275,13 @@ impl PackedMatrix {
         }
         if matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1) {
             let blocks = row_stride / ty.type_size();
+            if crate::kernels::interleaved_kernel_available() && out_features.is_multiple_of(Interleaved16::ROWS) {
+                return Ok(PackedMatrix {
+                    out_features,
+                    in_features,
+                    storage: Storage::Interleaved(Interleaved16::from_ggml(ty, data, blocks)),
+                });
+            }
             return Ok(PackedMatrix {
                 out_features,
                 in_features,
@@ -209,6 +315,7 @@ impl PackedMatrix {
         match &self.storage {
             Storage::F32(_) => GgmlType::F32,
             Storage::Split(split) => split.ty,
+            Storage::Interleaved(w) => w.ty,
             Storage::Blocks { ty, .. } => *ty,
         }
     }
@@ -218,6 +325,7 @@ impl PackedMatrix {
         match &self.storage {
             Storage::F32(values) => values.len() * 4,
             Storage::Split(split) => split.qs.len() + 2 * (split.d.len() + split.m.len()),
+            Storage::Interleaved(w) => w.data.len(),
             Storage::Blocks { data, .. } => data.len(),
         }
     }
@@ -248,6 +356,11 @@ impl PackedMatrix {
                 split.ggml_rows_into(row..row + 1, &mut bytes);
                 dequantize_into(split.ty, &bytes, out)
             }
+            Storage::Interleaved(w) => {
+                let mut bytes = Vec::new();
+                w.ggml_rows_into(row..row + 1, &mut bytes);
+                dequantize_into(w.ty, &bytes, out)
+            }
             Storage::Blocks { ty, data, row_stride } => {
                 dequantize_into(*ty, &data[row * row_stride..(row + 1) * row_stride], out)
             }
@@ -264,6 +377,14 @@ impl PackedMatrix {
                 let mut out = vec![0.0f32; self.out_features * self.in_features];
                 // The lengths were validated at construction, so this cannot fail.
                 let _ = dequantize_into(split.ty, &bytes, &mut out);
+                out
+            }
+            Storage::Interleaved(w) => {
+                let mut bytes = Vec::new();
+                w.ggml_rows_into(0..self.out_features, &mut bytes);
+                let mut out = vec![0.0f32; self.out_features * self.in_features];
+                // The lengths were validated at construction, so this cannot fail.
+                let _ = dequantize_into(w.ty, &bytes, &mut out);
                 out
             }
             Storage::Blocks { ty, data, .. } => {

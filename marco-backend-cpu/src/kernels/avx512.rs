@@ -505,3 +505,115 @@ pub(super) unsafe fn f32_rows(w: &[f32], n_in: usize, x: &[f32], rows: usize, ou
         }
     }
 }
+
+/// Outputs `outs` (whole groups of sixteen) of an interleaved Q8_0/Q4_0/Q4_1 matrix
+/// ([`crate::packed::Interleaved16`]) with 8-bit activations, up to eight activation rows per
+/// pass over the weights. Lane `i` of every vector belongs to output `16 g + i`: each 32-bit
+/// word of activations is broadcast to all lanes and meets the matching word of sixteen weight
+/// rows in one `vpdpbusd`, so a block of sixteen rows costs eight of them per activation row
+/// and no horizontal sum. Computes exactly what `scalar::interleaved_rows` computes.
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C; `outs` must be whole groups of
+/// sixteen inside the matrix, owned by the caller in `out`; `acts` must hold `rows` rows of
+/// `w.blocks` blocks.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(super) unsafe fn interleaved_rows(
+    w: &crate::packed::Interleaved16,
+    acts: &QuantizedActs,
+    rows: usize,
+    outs: Range<usize>,
+    out: OutPtr,
+) {
+    const ROWS: usize = crate::packed::Interleaved16::ROWS;
+    macro_rules! run_kind {
+        ($kind:expr) => {
+            for g in outs.start / ROWS..outs.end / ROWS {
+                let mut r0 = 0;
+                while r0 < rows {
+                    // SAFETY: group `g` and rows `r0..r0 + R` exist (this function's contract).
+                    unsafe {
+                        match rows - r0 {
+                            1 => interleaved_group::<1, { $kind }>(w, g, acts, r0, out),
+                            2 => interleaved_group::<2, { $kind }>(w, g, acts, r0, out),
+                            3 => interleaved_group::<3, { $kind }>(w, g, acts, r0, out),
+                            4 => interleaved_group::<4, { $kind }>(w, g, acts, r0, out),
+                            5 => interleaved_group::<5, { $kind }>(w, g, acts, r0, out),
+                            6 => interleaved_group::<6, { $kind }>(w, g, acts, r0, out),
+                            7 => interleaved_group::<7, { $kind }>(w, g, acts, r0, out),
+                            _ => interleaved_group::<MAX_ROWS, { $kind }>(w, g, acts, r0, out),
+                        }
+                    }
+                    r0 += MAX_ROWS;
+                }
+            }
+        };
+    }
+    match w.ty {
+        GgmlType::Q8_0 => run_kind!(KIND_Q8_0),
+        GgmlType::Q4_0 => run_kind!(KIND_Q4_0),
+        _ => run_kind!(KIND_Q4_1),
+    }
+}
+
+/// Sixteen outputs (group `g`) for activation rows `r0..r0 + R`.
+///
+/// # Safety
+/// As [`interleaved_rows`], for one group and `R` existing rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn interleaved_group<const R: usize, const KIND: u8>(
+    w: &crate::packed::Interleaved16,
+    g: usize,
+    acts: &QuantizedActs,
+    r0: usize,
+    out: OutPtr,
+) {
+    use crate::packed::Interleaved16;
+    let group_block = Interleaved16::group_block_bytes(w.ty);
+    let header = Interleaved16::header_bytes(w.ty);
+    let nibble_mask = _mm512_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); R];
+    // SAFETY (all pointer arithmetic below): group `g` has `w.blocks` blocks of `group_block`
+    // bytes in `w.data`; activation rows `r0..r0 + R` have `acts.blocks` blocks of 32 quants
+    // and one scale and sum each.
+    let base = unsafe { w.data.as_ptr().add(g * w.blocks * group_block) };
+    for b in 0..w.blocks {
+        let p = unsafe { base.add(b * group_block) };
+        let dw = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(p as *const __m256i) });
+        let offset = match KIND {
+            KIND_Q4_1 => _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(p.add(32) as *const __m256i) }),
+            KIND_Q4_0 => _mm512_mul_ps(dw, _mm512_set1_ps(-8.0)),
+            _ => _mm512_mul_ps(dw, _mm512_set1_ps(-128.0)),
+        };
+        let q = unsafe { p.add(header) } as *const __m512i;
+        // Word `s` of all sixteen rows: the weights that meet activation word `s`.
+        let mut wv = [_mm512_setzero_si512(); 8];
+        if KIND == KIND_Q8_0 {
+            for (s, v) in wv.iter_mut().enumerate() {
+                *v = unsafe { _mm512_loadu_si512(q.add(s)) };
+            }
+        } else {
+            for s in 0..4 {
+                let packed = unsafe { _mm512_loadu_si512(q.add(s)) };
+                wv[s] = _mm512_and_si512(packed, nibble_mask);
+                wv[s + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), nibble_mask);
+            }
+        }
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let row_block = (r0 + r) * acts.blocks + b;
+            let a = unsafe { acts.qs.as_ptr().add(row_block * QK) } as *const i32;
+            let mut sum = _mm512_setzero_si512();
+            for (s, v) in wv.iter().enumerate() {
+                let word = unsafe { a.add(s).read_unaligned() };
+                sum = _mm512_dpbusd_epi32(sum, *v, _mm512_set1_epi32(word));
+            }
+            let (da, dsum) = unsafe { (*acts.d.get_unchecked(row_block), *acts.dsum.get_unchecked(row_block)) };
+            *acc_r = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dw, _mm512_set1_ps(da)), *acc_r);
+            *acc_r = _mm512_fmadd_ps(offset, _mm512_set1_ps(dsum), *acc_r);
+        }
+    }
+    for (r, acc_r) in acc.iter().enumerate() {
+        // SAFETY: outputs `16 g..16 g + 16` of row `r0 + r` belong to the caller.
+        unsafe { _mm512_storeu_ps(out.ptr.add((r0 + r) * out.n_out + g * Interleaved16::ROWS), *acc_r) };
+    }
+}

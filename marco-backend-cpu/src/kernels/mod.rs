@@ -30,7 +30,7 @@ mod x86;
 
 use std::ops::Range;
 
-use crate::packed::{PackedMatrix, SplitBlocks, Storage};
+use crate::packed::{Interleaved16, PackedMatrix, SplitBlocks, Storage};
 use crate::quant::{GgmlType, QK};
 use crate::{pool, KernelError};
 
@@ -113,6 +113,12 @@ fn capped_isa(cap: &str, detected: Isa) -> Isa {
         ("avx512", Isa::Avx512Vnni) => Isa::Avx512,
         _ => detected,
     }
+}
+
+/// Whether Q8_0/Q4_0/Q4_1 weights are packed as [`Interleaved16`] (sixteen rows interleaved)
+/// for the AVX512-VNNI kernel that reads them; elsewhere they stay [`SplitBlocks`].
+pub(crate) fn interleaved_kernel_available() -> bool {
+    isa() == Isa::Avx512Vnni
 }
 
 /// The best instruction set of this CPU.
@@ -364,6 +370,10 @@ enum Plan<'a> {
     SplitQ8(&'a SplitBlocks),
     /// Small batch, split weights decoded to f32.
     SplitF32(&'a SplitBlocks),
+    /// Small batch, interleaved weights, 8-bit activations.
+    InterleavedQ8(&'a Interleaved16),
+    /// Small batch, interleaved weights decoded to f32.
+    InterleavedF32(&'a Interleaved16),
     /// Small batch, k-quant blocks, 8-bit activations.
     BlocksQ8(BlockRows<'a>),
     /// Small batch, k-quant blocks decoded to f32.
@@ -385,6 +395,8 @@ impl<'a> Plan<'a> {
             Storage::F32(values) => Plan::F32(values),
             Storage::Split(split) if q8 => Plan::SplitQ8(split),
             Storage::Split(split) => Plan::SplitF32(split),
+            Storage::Interleaved(w) if q8 => Plan::InterleavedQ8(w),
+            Storage::Interleaved(w) => Plan::InterleavedF32(w),
             Storage::Blocks { ty, data, row_stride } => {
                 let blocks = BlockRows { ty: *ty, data, row_stride: *row_stride, n_in };
                 if q8 {
@@ -397,13 +409,14 @@ impl<'a> Plan<'a> {
     }
 
     fn needs_quantized_acts(&self) -> bool {
-        matches!(self, Plan::SplitQ8(_) | Plan::BlocksQ8(_))
+        matches!(self, Plan::SplitQ8(_) | Plan::BlocksQ8(_) | Plan::InterleavedQ8(_))
     }
 
     /// `(align, min_len)` of [`split_outputs`] for this product.
     fn task_granularity(&self) -> (usize, usize) {
         match self {
             Plan::Gemm(_) => (GEMM_TILE, GEMM_TILE),
+            Plan::InterleavedQ8(_) | Plan::InterleavedF32(_) => (Interleaved16::ROWS, 64),
             _ => (8, 64),
         }
     }
@@ -424,13 +437,17 @@ impl<'a> Plan<'a> {
             (Plan::Gemm(w), _) => gemm_path(x, rows, w, range, out),
             (Plan::F32(values), _) => f32_rows(isa, values, n_in, x, rows, range, out),
             (Plan::SplitQ8(split), Some(acts)) => split_rows(isa, split, acts, rows, range, out),
-            (Plan::SplitF32(split), _) => via_ggml_tiles(split, n_in, range, out, &|blocks, local, out| {
+            (Plan::SplitF32(split), _) => via_ggml_tiles(*split, n_in, range, out, &|blocks, local, out| {
+                float_decode_rows(isa, blocks, x, rows, local, out)
+            }),
+            (Plan::InterleavedQ8(w), Some(acts)) => interleaved_rows(isa, w, acts, rows, range, out),
+            (Plan::InterleavedF32(w), _) => via_ggml_tiles(*w, n_in, range, out, &|blocks, local, out| {
                 float_decode_rows(isa, blocks, x, rows, local, out)
             }),
             (Plan::BlocksQ8(blocks), Some(acts)) => quantized_rows(isa, blocks, acts, rows, range, out),
             (Plan::BlocksF32(blocks), _) => float_decode_rows(isa, blocks, x, rows, range, out),
             // `matmul_many` quantizes the activations whenever a plan needs them.
-            (Plan::SplitQ8(_) | Plan::BlocksQ8(_), None) => {}
+            (Plan::SplitQ8(_) | Plan::BlocksQ8(_) | Plan::InterleavedQ8(_), None) => {}
         }
     }
 }
@@ -465,24 +482,66 @@ const TASKS_PER_THREAD: usize = 4;
 /// Runs `f` on GGUF-layout copies of the rows `outs` of a split matrix, `GEMM_TILE` rows at a
 /// time, for the paths that read blocks in file layout (portable kernels, f32 decode).
 fn via_ggml_tiles(
-    split: &SplitBlocks,
+    split: &dyn GgmlRowSource,
     n_in: usize,
     outs: Range<usize>,
     out: OutPtr,
     f: &dyn Fn(&BlockRows<'_>, Range<usize>, OutPtr),
 ) {
-    let row_stride = split.blocks * split.ty.type_size();
+    let row_stride = split.blocks() * split.ty().type_size();
     let mut bytes = Vec::new();
     let mut start = outs.start;
     while start < outs.end {
         let end = (start + GEMM_TILE).min(outs.end);
         split.ggml_rows_into(start..end, &mut bytes);
-        let blocks = BlockRows { ty: split.ty, data: &bytes, row_stride, n_in };
+        let blocks = BlockRows { ty: split.ty(), data: &bytes, row_stride, n_in };
         // SAFETY: column `start` is inside this task's range, so the shifted pointer stays in
         // bounds for every column `start + local` with `local < end - start`.
         let shifted = OutPtr { ptr: unsafe { out.ptr.add(start) }, n_out: out.n_out };
         f(&blocks, 0..end - start, shifted);
         start = end;
+    }
+}
+
+/// A reordered block layout that can give rows back in GGUF layout.
+trait GgmlRowSource {
+    fn ty(&self) -> GgmlType;
+    fn blocks(&self) -> usize;
+    fn ggml_rows_into(&self, rows: Range<usize>, out: &mut Vec<u8>);
+}
+
+impl GgmlRowSource for SplitBlocks {
+    fn ty(&self) -> GgmlType {
+        self.ty
+    }
+    fn blocks(&self) -> usize {
+        self.blocks
+    }
+    fn ggml_rows_into(&self, rows: Range<usize>, out: &mut Vec<u8>) {
+        SplitBlocks::ggml_rows_into(self, rows, out)
+    }
+}
+
+impl GgmlRowSource for Interleaved16 {
+    fn ty(&self) -> GgmlType {
+        self.ty
+    }
+    fn blocks(&self) -> usize {
+        self.blocks
+    }
+    fn ggml_rows_into(&self, rows: Range<usize>, out: &mut Vec<u8>) {
+        Interleaved16::ggml_rows_into(self, rows, out)
+    }
+}
+
+/// Outputs `outs` (whole groups of sixteen) of an interleaved matrix: the AVX512-VNNI kernel
+/// where it runs (the only place such matrices are packed), else the portable reference.
+fn interleaved_rows(isa: Isa, w: &Interleaved16, acts: &QuantizedActs, rows: usize, outs: Range<usize>, out: OutPtr) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` verified AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C at run time.
+        Isa::Avx512Vnni => unsafe { avx512::interleaved_rows(w, acts, rows, outs, out) },
+        _ => scalar::interleaved_rows(w, acts, rows, outs, out),
     }
 }
 
@@ -548,7 +607,7 @@ fn gemm_path(x: &[f32], rows: usize, w: &PackedMatrix, outs: Range<usize>, out: 
         // f32 weights need no staging: one call for the whole range lets gemm block it freely.
         let end = match w.storage() {
             Storage::F32(_) => outs.end,
-            Storage::Split(_) | Storage::Blocks { .. } => (start + GEMM_TILE).min(outs.end),
+            Storage::Split(_) | Storage::Interleaved(_) | Storage::Blocks { .. } => (start + GEMM_TILE).min(outs.end),
         };
         let weights: &[f32] = match w.storage() {
             Storage::F32(values) => &values[start * n_in..end * n_in],
@@ -557,6 +616,13 @@ fn gemm_path(x: &[f32], rows: usize, w: &PackedMatrix, outs: Range<usize>, out: 
                 tile.resize((end - start) * n_in, 0.0);
                 // Lengths were validated when the matrix was packed.
                 let _ = crate::quant::dequantize_into(split.ty, &tile_bytes, &mut tile);
+                &tile
+            }
+            Storage::Interleaved(w) => {
+                w.ggml_rows_into(start..end, &mut tile_bytes);
+                tile.resize((end - start) * n_in, 0.0);
+                // Lengths were validated when the matrix was packed.
+                let _ = crate::quant::dequantize_into(w.ty, &tile_bytes, &mut tile);
                 &tile
             }
             Storage::Blocks { ty, data, row_stride } => {
@@ -729,7 +795,8 @@ mod tests {
                             scalar::quantized_rows(&blocks, &acts, rows, 0..n_out, portable_out);
                         }
                         Storage::Split(split) => split_rows(Isa::Scalar, split, &acts, rows, 0..n_out, portable_out),
-                        Storage::F32(_) => panic!("{ty} not kept quantized"),
+                        // 13 rows: never interleaved (that takes whole groups of sixteen).
+                        Storage::F32(_) | Storage::Interleaved(_) => panic!("{ty} not kept quantized and split"),
                     }
                     for isa in supported_isas().into_iter().skip(1) {
                         let mut simd = vec![f32::NAN; rows * n_out];
@@ -740,7 +807,7 @@ mod tests {
                                 quantized_rows(isa, &blocks, &acts, rows, 0..n_out, simd_out);
                             }
                             Storage::Split(split) => split_rows(isa, split, &acts, rows, 0..n_out, simd_out),
-                            Storage::F32(_) => panic!("{ty} not kept quantized"),
+                            Storage::F32(_) | Storage::Interleaved(_) => panic!("{ty} not kept quantized and split"),
                         }
                         for (a, b) in simd.iter().zip(&portable) {
                             // Q6_K and Q4_1 subtract large offset terms, so allow for f32 cancellation.
@@ -748,6 +815,74 @@ mod tests {
                                 (a - b).abs() <= 1e-3 * b.abs().max(1.0),
                                 "{ty} {isa:?} blocks {blocks} rows {rows}: simd {a} portable {b}"
                             );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The interleaved layout gives back the GGUF rows it was built from, its AVX512-VNNI
+    /// kernel equals its portable definition bit for bit (every row count of the 8-row passes,
+    /// partial and odd block counts, several groups), and both agree with the split layout's
+    /// portable path up to f32 summation order.
+    #[test]
+    fn interleaved_layout_and_kernel() {
+        let mut next = xorshift(0xD1B5_4A32_D192_ED03);
+        for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+            for blocks in [1usize, 2, 3, 7, 18, 48] {
+                let (n_out, n_in) = (48, blocks * QK);
+                let size = crate::quant::row_bytes(ty, n_in).unwrap_or(0) * n_out;
+                let mut data: Vec<u8> = (0..size).map(|_| next() as u8).collect();
+                let fields: &[usize] = if ty == GgmlType::Q4_1 { &[0, 2] } else { &[0] };
+                for block in data.chunks_exact_mut(ty.type_size()) {
+                    for &f in fields {
+                        let scale = 0.005 + (next() % 100) as f32 * 1e-4;
+                        block[f..f + 2].copy_from_slice(&half::f16::from_f32(scale).to_bits().to_le_bytes());
+                    }
+                }
+                let interleaved = Interleaved16::from_ggml_for_tests(ty, &data, blocks);
+                let mut back = Vec::new();
+                interleaved.ggml_rows_into(0..n_out, &mut back);
+                assert_eq!(back, data, "{ty} blocks {blocks}: layout round trip");
+                let row_bytes = data.len() / n_out;
+                interleaved.ggml_rows_into(17..18, &mut back);
+                assert_eq!(back, data[17 * row_bytes..18 * row_bytes], "{ty}: one row back");
+                let split = SplitBlocks::from_ggml_for_tests(ty, &data, blocks);
+                for rows in [1, 2, 3, 5, 8, 9, 16] {
+                    let x: Vec<f32> = (0..rows * n_in).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
+                    let acts = QuantizedActs::quantize(&x, rows, n_in);
+                    let run = |isa: Isa, outs: Range<usize>| {
+                        let mut out = vec![f32::NAN; rows * n_out];
+                        interleaved_rows(isa, &interleaved, &acts, rows, outs, OutPtr { ptr: out.as_mut_ptr(), n_out });
+                        out
+                    };
+                    let portable = run(Isa::Scalar, 0..n_out);
+                    let mut reference = vec![0.0f32; rows * n_out];
+                    split_rows(
+                        Isa::Scalar,
+                        &split,
+                        &acts,
+                        rows,
+                        0..n_out,
+                        OutPtr { ptr: reference.as_mut_ptr(), n_out },
+                    );
+                    for (a, b) in portable.iter().zip(&reference) {
+                        assert!(
+                            (a - b).abs() <= 1e-3 * b.abs().max(1.0),
+                            "{ty} blocks {blocks} rows {rows}: {a} vs {b}"
+                        );
+                    }
+                    if supported_isas().contains(&Isa::Avx512Vnni) {
+                        let simd = run(Isa::Avx512Vnni, 0..n_out);
+                        assert_eq!(simd, portable, "{ty} blocks {blocks} rows {rows}: VNNI vs portable");
+                        // A task's range: only its own groups are written.
+                        let part = run(Isa::Avx512Vnni, 16..32);
+                        for r in 0..rows {
+                            for o in 0..n_out {
+                                let v = part[r * n_out + o];
+                                assert_eq!(v.is_nan(), !(16..32).contains(&o), "row {r} output {o}");
+                            }
                         }
                     }
                 }

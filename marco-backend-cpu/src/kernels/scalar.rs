@@ -157,3 +157,62 @@ pub(super) fn float_decode_rows(w: &BlockRows<'_>, x: &[f32], rows: usize, outs:
         }
     }
 }
+
+/// The offset of a weight block's values in [`crate::packed::Interleaved16`]'s algebra:
+/// `value = d · q + offset`, with `q` the stored unsigned quant (Q8_0 is stored plus 128).
+#[inline(always)]
+pub(super) fn interleaved_offset(ty: GgmlType, d: f32, m: f32) -> f32 {
+    match ty {
+        GgmlType::Q4_1 => m,
+        GgmlType::Q4_0 => d * -8.0,
+        _ => d * -128.0,
+    }
+}
+
+/// Outputs `outs` (whole groups of sixteen) of an interleaved Q8_0/Q4_0/Q4_1 matrix with 8-bit
+/// activations: the definition of what the AVX512-VNNI kernel computes, in the same order, so
+/// that the two agree bit for bit. Per output and block: the exact integer sum `Σ q·a`, then
+/// `acc = fma(sum, d_w · d_a, acc)` and `acc = fma(offset, d_a · Σa, acc)`.
+pub(super) fn interleaved_rows(
+    w: &crate::packed::Interleaved16,
+    acts: &QuantizedActs,
+    rows: usize,
+    outs: Range<usize>,
+    out: OutPtr,
+) {
+    use crate::packed::{Interleaved16, SplitBlocks};
+    const ROWS: usize = Interleaved16::ROWS;
+    let group_block = Interleaved16::group_block_bytes(w.ty);
+    let header = Interleaved16::header_bytes(w.ty);
+    let words = SplitBlocks::quant_bytes(w.ty) / 4;
+    let four_bit = w.ty != GgmlType::Q8_0;
+    for o in outs {
+        let (g, i) = (o / ROWS, o % ROWS);
+        for r in 0..rows {
+            let mut acc = 0.0f32;
+            for b in 0..w.blocks {
+                let src = &w.data[(g * w.blocks + b) * group_block..][..group_block];
+                let d = read_f16(src, 2 * i);
+                let m = if w.ty == GgmlType::Q4_1 { read_f16(src, 32 + 2 * i) } else { 0.0 };
+                let a = &acts.qs[(r * acts.blocks + b) * QK..][..QK];
+                let mut sum = 0i32;
+                for s in 0..words {
+                    for k in 0..4 {
+                        let byte = src[header + (s * ROWS + i) * 4 + k];
+                        if four_bit {
+                            sum += (byte & 0x0F) as i32 * a[4 * s + k] as i32;
+                            sum += (byte >> 4) as i32 * a[16 + 4 * s + k] as i32;
+                        } else {
+                            sum += byte as i32 * a[4 * s + k] as i32;
+                        }
+                    }
+                }
+                let (da, dsum) = (acts.d[r * acts.blocks + b], acts.dsum[r * acts.blocks + b]);
+                acc = (sum as f32).mul_add(d * da, acc);
+                acc = interleaved_offset(w.ty, d, m).mul_add(dsum, acc);
+            }
+            // SAFETY: `o` is in this task's range and `r < rows`.
+            unsafe { out.write(r, o, acc) };
+        }
+    }
+}
