@@ -260,6 +260,20 @@ impl PackedMatrix {
     ///
     /// Types in [`Self::KEPT_QUANTIZED`] are kept as blocks; all others are dequantized to f32.
     pub fn from_ggml(ty: GgmlType, data: &[u8], out_features: usize, in_features: usize) -> Result<Self, KernelError> {
+        Self::from_ggml_for(ty, data, out_features, in_features, crate::ActivationMode::Q8)
+    }
+
+    /// [`PackedMatrix::from_ggml`] in the layout fastest for products with `activations`:
+    /// Q8_0/Q4_0/Q4_1 rows are interleaved sixteen at a time for the 8-bit kernel on
+    /// AVX512-VNNI machines ([`crate::ActivationMode::Q8`]), and kept in row order for f32
+    /// activations, whose kernel reads rows.
+    pub fn from_ggml_for(
+        ty: GgmlType,
+        data: &[u8],
+        out_features: usize,
+        in_features: usize,
+        activations: crate::ActivationMode,
+    ) -> Result<Self, KernelError> {
         check_shape(out_features, in_features)?;
         let row_stride = row_bytes(ty, in_features)?;
         let expected = row_stride
@@ -275,7 +289,10 @@ impl PackedMatrix {
         }
         if matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1) {
             let blocks = row_stride / ty.type_size();
-            if crate::kernels::interleaved_kernel_available() && out_features.is_multiple_of(Interleaved16::ROWS) {
+            if activations == crate::ActivationMode::Q8
+                && crate::kernels::interleaved_kernel_available()
+                && out_features.is_multiple_of(Interleaved16::ROWS)
+            {
                 return Ok(PackedMatrix {
                     out_features,
                     in_features,

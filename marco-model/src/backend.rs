@@ -355,14 +355,14 @@ mod cpu {
             exact_activations: bool,
             _device: &NdArrayDevice,
         ) -> Result<Option<Self::LinearWeight>> {
+            let activations = if exact_activations { ActivationMode::F32 } else { ActivationMode::Q8 };
             let packed = match weight {
                 HostWeight::F32(rows) => PackedMatrix::from_f32(rows.to_vec(), out_features, in_features),
                 HostWeight::Ggml { ggml_type, bytes } => match GgmlType::from_id(ggml_type) {
-                    Some(ty) => PackedMatrix::from_ggml(ty, bytes, out_features, in_features),
+                    Some(ty) => PackedMatrix::from_ggml_for(ty, bytes, out_features, in_features, activations),
                     None => return Ok(None),
                 },
             };
-            let activations = if exact_activations { ActivationMode::F32 } else { ActivationMode::Q8 };
             let options = MatmulOptions { activations, ..MatmulOptions::default() };
             packed.map(|matrix| Some(Arc::new(CpuLinear { matrix, options }))).map_err(kernel_error)
         }
