@@ -8,7 +8,12 @@
 //!   feature's weights contiguous, the HF/GGUF layout), stored as f32 or kept as GGUF blocks
 //!   ([`PackedMatrix::KEPT_QUANTIZED`]: Q8_0, Q4_0, Q4_1, Q4_K, Q6_K).
 //!   Built with [`PackedMatrix::from_f32`], [`PackedMatrix::quantize_q8_0`] or
-//!   [`PackedMatrix::from_ggml`].
+//!   [`PackedMatrix::from_ggml`] / [`PackedMatrix::from_ggml_for`]. Q8_0/Q4_0/Q4_1 blocks are
+//!   reordered at pack time, same bytes: scales apart from quants, and on AVX512-VNNI machines
+//!   (for 8-bit activations) sixteen rows interleaved word by word, so that one vector lane
+//!   holds one output and each activation word is broadcast to all lanes of a `vpdpbusd`:
+//!   no horizontal sums, and a 4-bit decode step becomes bound by memory instead of by
+//!   instructions.
 //! * [`matmul`]`(x, rows, &w, out)`: `out[rows, out_features] = x[rows, in_features] · Wᵀ`,
 //!   row-major slices. Small batches (≤ [`SMALL_BATCH_MAX`] rows, i.e. decode) run fused
 //!   dequantize-dot SIMD kernels chosen at run time ([`isa`]); larger batches (prefill) run a

@@ -236,7 +236,7 @@ fn check_search<B: KernelBackend>(
     holds_states: bool,
 ) -> bool {
     let outcome = policy.search(model, problem).unwrap();
-    let stats = outcome.stats.clone();
+    let stats = outcome.stats;
     assert!(stats.tokens_generated > 0, "{label}: generated nothing");
     assert!(
         stats.recompute_ratio() <= 1.01,
