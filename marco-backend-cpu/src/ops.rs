@@ -264,15 +264,20 @@ fn log_sum_exp_body(row: &[f32]) -> f64 {
     if !poison.is_finite() || !max.is_finite() {
         return f64::NAN;
     }
-    let mut partial = [0.0f64; 8];
-    let chunks = row.chunks_exact(8);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        for (acc, &x) in partial.iter_mut().zip(chunk) {
-            *acc += exp_f32(x - max) as f64;
+    // f32 lanes (twice the vector width of f64) over blocks of 256 values, each block's lanes
+    // added into f64: a block's f32 rounding stays below 256 · 2^-24 of its sum.
+    let mut sum = 0.0f64;
+    let blocks = row.chunks_exact(256);
+    let tail = blocks.remainder();
+    for block in blocks {
+        let mut partial = [0.0f32; 16];
+        for chunk in block.chunks_exact(16) {
+            for (acc, &x) in partial.iter_mut().zip(chunk) {
+                *acc += exp_f32(x - max);
+            }
         }
+        sum += partial.iter().map(|&p| p as f64).sum::<f64>();
     }
-    let mut sum: f64 = partial.iter().sum();
     for &x in tail {
         sum += exp_f32(x - max) as f64;
     }
@@ -390,6 +395,7 @@ pub fn attention_batch(
 
     let job = HeadJob { q, shape, seqs, keys_of: &keys_of, out: SendPtr(out.as_mut_ptr()) };
     let fma = fma_available();
+    let avx512 = fma && matches!(crate::kernels::isa(), crate::Isa::Avx512 | crate::Isa::Avx512Vnni);
     let task = |t: usize| {
         let (seq, head) = (t / heads, t % heads);
         if fma {
@@ -397,10 +403,11 @@ pub fn attention_batch(
             // SAFETY: `fma_available` checked AVX2 and FMA at run time; the lengths were
             // checked above.
             unsafe {
-                if head_dim.is_multiple_of(8) {
-                    attend_head_avx2(&job, seq, head)
-                } else {
-                    attend_head_fma(&job, seq, head)
+                match head_dim {
+                    64 if avx512 => attend_head_avx512::<4>(&job, seq, head),
+                    128 if avx512 => attend_head_avx512::<8>(&job, seq, head),
+                    _ if head_dim.is_multiple_of(8) => attend_head_avx2(&job, seq, head),
+                    _ => attend_head_fma(&job, seq, head),
                 }
             }
         } else {
@@ -449,6 +456,107 @@ struct HeadJob<'a> {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_head_fma(job: &HeadJob<'_>, seq: usize, h: usize) {
     attend_head(job, seq, h)
+}
+
+/// Turns scores into unnormalised softmax weights `e^(s - max)` in place and returns
+/// `1 / Σ weights`. Two passes: the exponentials vectorize, the (ordered) sum is cheap.
+#[inline(always)]
+fn softmax_weights(scores: &mut [f32], max: f32) -> f32 {
+    scores.iter_mut().for_each(|s| *s = exp_f32(*s - max));
+    1.0 / scores.iter().fold(0.0, |t, &s| t + s)
+}
+
+/// [`attend_head`] with AVX-512 for `head_dim = 16 · C` (64 and 128): the query in `C`
+/// registers, four keys' scores per pass with one shared transpose-and-add reduction (each key
+/// summed by the same tree whatever its slot, and a short last group padded with zero keys, so
+/// the scores do not depend on how positions are cut into runs), and the weighted sum of values
+/// in `C` registers.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, AVX2 and FMA; `job` passed the checks of
+/// [`attention_batch`] and `head_dim == 16 * C`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn attend_head_avx512<const C: usize>(job: &HeadJob<'_>, seq: usize, h: usize) {
+    use std::arch::x86_64::*;
+
+    /// Lanes 0..4: the sums of the sixteen lanes of `acc[0]`, …, `acc[3]`.
+    #[inline(always)]
+    fn reduce4(acc: &[__m512; 4]) -> __m128 {
+        // SAFETY (all intrinsics here): AVX-512 F is enabled by the enclosing function.
+        unsafe {
+            let t01 = _mm512_add_ps(_mm512_unpacklo_ps(acc[0], acc[1]), _mm512_unpackhi_ps(acc[0], acc[1]));
+            let t23 = _mm512_add_ps(_mm512_unpacklo_ps(acc[2], acc[3]), _mm512_unpackhi_ps(acc[2], acc[3]));
+            let (a, b) = (_mm512_castps_pd(t01), _mm512_castps_pd(t23));
+            let u =
+                _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+            let v = _mm512_add_ps(u, _mm512_shuffle_f32x4::<0b01_00_11_10>(u, u));
+            let w = _mm512_add_ps(v, _mm512_shuffle_f32x4::<0b10_11_00_01>(v, v));
+            _mm512_castps512_ps128(w)
+        }
+    }
+
+    let AttentionShape { heads, kv_heads, head_dim } = job.shape;
+    let AttentionSeq { rows, runs, past } = &job.seqs[seq];
+    let row_width = heads * head_dim;
+    let kv_head = h / (heads / kv_heads);
+    let mut scores = vec![0.0f32; job.keys_of[seq]];
+    for (j, row) in rows.clone().enumerate() {
+        let visible = past + j + 1;
+        let qp = job.q[row * row_width + h * head_dim..(row * row_width + (h + 1) * head_dim)].as_ptr();
+        // SAFETY: `qp` points at `head_dim = 16 C` values of this head's query.
+        let q: [__m512; C] = std::array::from_fn(|c| unsafe { _mm512_loadu_ps(qp.add(16 * c)) });
+        let mut max = f32::NEG_INFINITY;
+        let mut position = 0;
+        for run in runs.iter() {
+            let used = run.len.min(visible.saturating_sub(position));
+            let keys = run.k[kv_head * run.capacity * head_dim..][..used * head_dim].as_ptr();
+            let mut p = 0;
+            while p < used {
+                let n = (used - p).min(4);
+                let mut acc = [_mm512_setzero_ps(); 4];
+                for (c, qc) in q.iter().enumerate() {
+                    for (i, a) in acc.iter_mut().enumerate().take(n) {
+                        // SAFETY: key `p + i < used`, values `16c..16c + 16` of it.
+                        let kv = unsafe { _mm512_loadu_ps(keys.add((p + i) * head_dim + 16 * c)) };
+                        *a = _mm512_fmadd_ps(*qc, kv, *a);
+                    }
+                }
+                let mut four = [0.0f32; 4];
+                // SAFETY: `four` holds four floats.
+                unsafe { _mm_storeu_ps(four.as_mut_ptr(), reduce4(&acc)) };
+                for (i, &s) in four.iter().enumerate().take(n) {
+                    scores[position + p + i] = s;
+                    max = max.max(s);
+                }
+                p += n;
+            }
+            position += run.len;
+        }
+        let inv_total = softmax_weights(&mut scores[..visible], max);
+        let mut acc = [_mm512_setzero_ps(); C];
+        let mut position = 0;
+        for run in runs.iter() {
+            let used = run.len.min(visible.saturating_sub(position));
+            let values = run.v[kv_head * run.capacity * head_dim..][..used * head_dim].as_ptr();
+            for p in 0..used {
+                let w = _mm512_set1_ps(scores[position + p]);
+                for (c, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: `16c + 16 <= head_dim` and `p < used`.
+                    let v = unsafe { _mm512_loadu_ps(values.add(p * head_dim + 16 * c)) };
+                    *a = _mm512_fmadd_ps(w, v, *a);
+                }
+            }
+            position += run.len;
+        }
+        // SAFETY: the output row block of head `h` is `head_dim` values inside `out`, written by
+        // this (sequence, head) task only.
+        let out = unsafe { job.out.get().add(row * row_width + h * head_dim) };
+        for (c, a) in acc.iter().enumerate() {
+            // SAFETY: as for `out` above.
+            unsafe { _mm512_storeu_ps(out.add(16 * c), _mm512_mul_ps(*a, _mm512_set1_ps(inv_total))) };
+        }
+    }
 }
 
 /// [`attend_head`] with AVX2 intrinsics for `head_dim` a multiple of 8: four keys' scores at
@@ -520,10 +628,7 @@ unsafe fn attend_head_avx2(job: &HeadJob<'_>, seq: usize, h: usize) {
             }
             position += run.len;
         }
-        // Two passes: the exponentials vectorize, the (ordered) sum is cheap.
-        scores[..visible].iter_mut().for_each(|s| *s = exp_f32(*s - max));
-        let total: f32 = scores[..visible].iter().fold(0.0, |t, &s| t + s);
-        let inv_total = 1.0 / total;
+        let inv_total = softmax_weights(&mut scores[..visible], max);
         // SAFETY: the output row block of head `h` is `head_dim` values inside `out`, written by
         // this (sequence, head) task only.
         let out = unsafe { job.out.get().add(row * row_width + h * head_dim) };
@@ -701,8 +806,9 @@ mod tests {
 
     #[test]
     fn attention_matches_reference_and_ignores_segmentation() {
-        // Width 12: the portable loops; width 72: the AVX2 path with a partial register group.
-        for dim in [12usize, 72] {
+        // Width 12: the portable loops; width 72: the AVX2 path with a partial register group;
+        // widths 64 and 128: the AVX-512 path (where the CPU has it).
+        for dim in [12usize, 72, 64, 128] {
             let shape = AttentionShape { heads: 6, kv_heads: 2, head_dim: dim };
             for (past, n) in [(0usize, 1usize), (0, 5), (7, 1), (9, 4), (300, 1), (40, 30)] {
                 let keys = past + n;
