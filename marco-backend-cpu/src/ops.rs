@@ -141,17 +141,38 @@ pub fn rope(
 /// `gate[i] = silu(gate[i]) · up[i]` in place (`silu(g) = g / (1 + e^{−g})`).
 pub fn swiglu(gate: &mut [f32], up: &[f32]) -> Result<(), KernelError> {
     check_len("swiglu up", gate.len(), up.len())?;
-    if fma_available() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `fma_available` checked AVX2 and FMA at run time.
-        unsafe {
-            swiglu_fma(gate, up)
+    let fma = fma_available();
+    let apply = |gate: &mut [f32], up: &[f32]| {
+        if fma {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `fma_available` checked AVX2 and FMA at run time.
+            unsafe {
+                swiglu_fma(gate, up)
+            }
+        } else {
+            swiglu_body(gate, up)
         }
-    } else {
-        swiglu_body(gate, up)
+    };
+    let len = gate.len();
+    if len < PARALLEL_SWIGLU_MIN {
+        apply(gate, up);
+        return Ok(());
     }
+    // A batch of rows (e.g. eight sequences × 1536): elementwise, so split among the threads.
+    const TASKS: usize = 4;
+    let per = len.div_ceil(TASKS);
+    let out = SendPtr(gate.as_mut_ptr());
+    pool::run(TASKS, &|t| {
+        let (start, end) = ((t * per).min(len), ((t + 1) * per).min(len));
+        // SAFETY: task `t` alone touches elements `start..end` of `gate`, which outlives the job.
+        let part = unsafe { std::slice::from_raw_parts_mut(out.get().add(start), end - start) };
+        apply(part, &up[start..end]);
+    });
     Ok(())
 }
+
+/// Elements below which [`swiglu`] runs on the calling thread only.
+const PARALLEL_SWIGLU_MIN: usize = 1 << 13;
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -730,7 +751,8 @@ impl SendPtr {
     }
 }
 
-// SAFETY: the attention tasks write disjoint elements of a buffer that outlives the pool job.
+// SAFETY: the attention and SwiGLU tasks write disjoint elements of a buffer that outlives the
+// pool job.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
