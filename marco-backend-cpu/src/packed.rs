@@ -71,7 +71,7 @@ impl SplitBlocks {
     }
 
     /// Splits GGUF blocks (`data` holds whole rows of `blocks` blocks each).
-    fn from_ggml(ty: GgmlType, data: &[u8], blocks: usize) -> SplitBlocks {
+    pub(crate) fn from_ggml(ty: GgmlType, data: &[u8], blocks: usize) -> SplitBlocks {
         let n_blocks = data.len() / ty.type_size();
         let (header, quant) = (Self::header_bytes(ty), Self::quant_bytes(ty));
         let mut split = SplitBlocks {
@@ -89,12 +89,6 @@ impl SplitBlocks {
             split.qs.extend_from_slice(&block[header..]);
         }
         split
-    }
-
-    /// [`SplitBlocks::from_ggml`] for the kernel tests.
-    #[cfg(test)]
-    pub(crate) fn from_ggml_for_tests(ty: GgmlType, data: &[u8], blocks: usize) -> SplitBlocks {
-        Self::from_ggml(ty, data, blocks)
     }
 
     /// Writes weight rows `rows` back in GGUF block layout into `out`.
@@ -147,7 +141,7 @@ impl Interleaved16 {
 
     /// Interleaves GGUF blocks (`data` holds whole rows of `blocks` blocks each; the row count
     /// is a multiple of sixteen).
-    fn from_ggml(ty: GgmlType, data: &[u8], blocks: usize) -> Interleaved16 {
+    pub(crate) fn from_ggml(ty: GgmlType, data: &[u8], blocks: usize) -> Interleaved16 {
         let (header, quant, size) = (SplitBlocks::header_bytes(ty), SplitBlocks::quant_bytes(ty), ty.type_size());
         let rows = data.len() / (blocks * size);
         let group_block = Self::group_block_bytes(ty);
@@ -171,12 +165,6 @@ impl Interleaved16 {
             }
         }
         Interleaved16 { ty, blocks, data: out }
-    }
-
-    /// [`Interleaved16::from_ggml`] for the kernel tests.
-    #[cfg(test)]
-    pub(crate) fn from_ggml_for_tests(ty: GgmlType, data: &[u8], blocks: usize) -> Interleaved16 {
-        Self::from_ggml(ty, data, blocks)
     }
 
     /// Writes weight rows `rows` back in GGUF block layout into `out`.

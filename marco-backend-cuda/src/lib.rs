@@ -43,7 +43,9 @@ impl std::error::Error for CudaUnavailable {}
 pub fn probe_cuda() -> Result<usize, CudaUnavailable> {
     type CuInit = unsafe extern "C" fn(flags: u32) -> i32;
     type CuDeviceGetCount = unsafe extern "C" fn(count: *mut i32) -> i32;
-    let mut last_error = String::from("not found");
+    // Every name tried and why it failed: the first (`libcuda.so.1`) is the one that matters
+    // on Linux, the last (`nvcuda.dll`) on Windows.
+    let mut errors = Vec::new();
     for name in ["libcuda.so.1", "libcuda.so", "nvcuda.dll"] {
         // SAFETY: loading the CUDA driver runs its initialisers, which are designed to be
         // loaded into any process; we only resolve and call two entry points with their
@@ -51,7 +53,7 @@ pub fn probe_cuda() -> Result<usize, CudaUnavailable> {
         let library = match unsafe { libloading::Library::new(name) } {
             Ok(library) => library,
             Err(e) => {
-                last_error = e.to_string();
+                errors.push(e.to_string());
                 continue;
             }
         };
@@ -77,7 +79,7 @@ pub fn probe_cuda() -> Result<usize, CudaUnavailable> {
         std::mem::forget(library);
         return Ok(devices as usize);
     }
-    Err(CudaUnavailable::NoDriver(last_error))
+    Err(CudaUnavailable::NoDriver(errors.join("; ")))
 }
 
 /// Whether a CUDA driver with at least one device is present. Never panics.

@@ -433,17 +433,19 @@ impl<'a> Plan<'a> {
         range: Range<usize>,
         out: OutPtr,
     ) {
+        // Reordered blocks with f32 activations: file-layout tiles through the f32 decode kernel.
+        let decode_tiles = |ty: GgmlType, blocks: usize, rows_into: &dyn Fn(Range<usize>, &mut Vec<u8>)| {
+            via_ggml_tiles(ty, blocks, rows_into, n_in, range.clone(), out, &|blocks, local, out| {
+                float_decode_rows(isa, blocks, x, rows, local, out)
+            })
+        };
         match (self, acts) {
             (Plan::Gemm(w), _) => gemm_path(x, rows, w, range, out),
             (Plan::F32(values), _) => f32_rows(isa, values, n_in, x, rows, range, out),
             (Plan::SplitQ8(split), Some(acts)) => split_rows(isa, split, acts, rows, range, out),
-            (Plan::SplitF32(split), _) => via_ggml_tiles(*split, n_in, range, out, &|blocks, local, out| {
-                float_decode_rows(isa, blocks, x, rows, local, out)
-            }),
+            (Plan::SplitF32(w), _) => decode_tiles(w.ty, w.blocks, &|r, b| w.ggml_rows_into(r, b)),
             (Plan::InterleavedQ8(w), Some(acts)) => interleaved_rows(isa, w, acts, rows, range, out),
-            (Plan::InterleavedF32(w), _) => via_ggml_tiles(*w, n_in, range, out, &|blocks, local, out| {
-                float_decode_rows(isa, blocks, x, rows, local, out)
-            }),
+            (Plan::InterleavedF32(w), _) => decode_tiles(w.ty, w.blocks, &|r, b| w.ggml_rows_into(r, b)),
             (Plan::BlocksQ8(blocks), Some(acts)) => quantized_rows(isa, blocks, acts, rows, range, out),
             (Plan::BlocksF32(blocks), _) => float_decode_rows(isa, blocks, x, rows, range, out),
             // `matmul_many` quantizes the activations whenever a plan needs them.
@@ -479,58 +481,30 @@ fn split_outputs(n_out: usize, align: usize, min_len: usize, parallel: bool) -> 
 /// Tasks per pool thread in a product.
 const TASKS_PER_THREAD: usize = 4;
 
-/// Runs `f` on GGUF-layout copies of the rows `outs` of a split matrix, `GEMM_TILE` rows at a
-/// time, for the paths that read blocks in file layout (portable kernels, f32 decode).
+/// Runs `f` on GGUF-layout copies of the rows `outs` of a reordered matrix (`ty`, `blocks` per
+/// row; `rows_into` writes rows back in file layout), `GEMM_TILE` rows at a time, for the paths
+/// that read blocks in file layout (portable kernels, f32 decode).
 fn via_ggml_tiles(
-    split: &dyn GgmlRowSource,
+    ty: GgmlType,
+    blocks: usize,
+    rows_into: &dyn Fn(Range<usize>, &mut Vec<u8>),
     n_in: usize,
     outs: Range<usize>,
     out: OutPtr,
     f: &dyn Fn(&BlockRows<'_>, Range<usize>, OutPtr),
 ) {
-    let row_stride = split.blocks() * split.ty().type_size();
+    let row_stride = blocks * ty.type_size();
     let mut bytes = Vec::new();
     let mut start = outs.start;
     while start < outs.end {
         let end = (start + GEMM_TILE).min(outs.end);
-        split.ggml_rows_into(start..end, &mut bytes);
-        let blocks = BlockRows { ty: split.ty(), data: &bytes, row_stride, n_in };
+        rows_into(start..end, &mut bytes);
+        let blocks = BlockRows { ty, data: &bytes, row_stride, n_in };
         // SAFETY: column `start` is inside this task's range, so the shifted pointer stays in
         // bounds for every column `start + local` with `local < end - start`.
         let shifted = OutPtr { ptr: unsafe { out.ptr.add(start) }, n_out: out.n_out };
         f(&blocks, 0..end - start, shifted);
         start = end;
-    }
-}
-
-/// A reordered block layout that can give rows back in GGUF layout.
-trait GgmlRowSource {
-    fn ty(&self) -> GgmlType;
-    fn blocks(&self) -> usize;
-    fn ggml_rows_into(&self, rows: Range<usize>, out: &mut Vec<u8>);
-}
-
-impl GgmlRowSource for SplitBlocks {
-    fn ty(&self) -> GgmlType {
-        self.ty
-    }
-    fn blocks(&self) -> usize {
-        self.blocks
-    }
-    fn ggml_rows_into(&self, rows: Range<usize>, out: &mut Vec<u8>) {
-        SplitBlocks::ggml_rows_into(self, rows, out)
-    }
-}
-
-impl GgmlRowSource for Interleaved16 {
-    fn ty(&self) -> GgmlType {
-        self.ty
-    }
-    fn blocks(&self) -> usize {
-        self.blocks
-    }
-    fn ggml_rows_into(&self, rows: Range<usize>, out: &mut Vec<u8>) {
-        Interleaved16::ggml_rows_into(self, rows, out)
     }
 }
 
@@ -556,9 +530,15 @@ fn split_rows(isa: Isa, w: &SplitBlocks, acts: &QuantizedActs, rows: usize, outs
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` verified AVX2, FMA and F16C at run time.
         Isa::Avx2 => unsafe { x86::split_rows(w, acts, rows, outs, out) },
-        _ => via_ggml_tiles(w, acts.blocks * QK, outs, out, &|blocks, local, out| {
-            scalar::quantized_rows(blocks, acts, rows, local, out)
-        }),
+        _ => via_ggml_tiles(
+            w.ty,
+            w.blocks,
+            &|r, b| w.ggml_rows_into(r, b),
+            acts.blocks * QK,
+            outs,
+            out,
+            &|blocks, local, out| scalar::quantized_rows(blocks, acts, rows, local, out),
+        ),
     }
 }
 
@@ -841,14 +821,14 @@ mod tests {
                         block[f..f + 2].copy_from_slice(&half::f16::from_f32(scale).to_bits().to_le_bytes());
                     }
                 }
-                let interleaved = Interleaved16::from_ggml_for_tests(ty, &data, blocks);
+                let interleaved = Interleaved16::from_ggml(ty, &data, blocks);
                 let mut back = Vec::new();
                 interleaved.ggml_rows_into(0..n_out, &mut back);
                 assert_eq!(back, data, "{ty} blocks {blocks}: layout round trip");
                 let row_bytes = data.len() / n_out;
                 interleaved.ggml_rows_into(17..18, &mut back);
                 assert_eq!(back, data[17 * row_bytes..18 * row_bytes], "{ty}: one row back");
-                let split = SplitBlocks::from_ggml_for_tests(ty, &data, blocks);
+                let split = SplitBlocks::from_ggml(ty, &data, blocks);
                 for rows in [1, 2, 3, 5, 8, 9, 16] {
                     let x: Vec<f32> = (0..rows * n_in).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
                     let acts = QuantizedActs::quantize(&x, rows, n_in);
