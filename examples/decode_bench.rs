@@ -24,20 +24,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use marco::core::{LanguageModel, SamplingParams, StepRequest, TokenId};
 use marco::model::loader::RandomWeights;
 use marco::model::{BurnLm, KernelBackend, LinearPath, LoadOptions, Transformer};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum PathArg {
-    /// The backend's own kernels for the linear layers (8-bit activations on the CPU).
-    Kernel,
-    /// The backend's own kernels with exact f32 activations.
-    KernelExact,
-    /// burn's plain `matmul` on f32 weights.
-    Burn,
-}
 
 #[derive(Parser, Debug)]
 #[command(about = "Prefill/decode tokens per second: burn's plain ops vs marco's kernel seam")]
@@ -61,8 +51,8 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Which linear-layer paths to measure.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [PathArg::Burn, PathArg::KernelExact, PathArg::Kernel])]
-    paths: Vec<PathArg>,
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [common::PathArg::Burn, common::PathArg::KernelExact, common::PathArg::Kernel])]
+    paths: Vec<common::PathArg>,
 }
 
 fn main() -> ExitCode {
@@ -106,11 +96,7 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
     let device = B::Device::default();
     let mut rows = Vec::new();
     for &which in &args.paths {
-        let linear_path = match which {
-            PathArg::Kernel => LinearPath::Kernel,
-            PathArg::KernelExact => LinearPath::KernelExact,
-            PathArg::Burn => LinearPath::Burn,
-        };
+        let linear_path = LinearPath::from(which);
         let load_start = Instant::now();
         let mut model: BurnLm<B> = match (&path, args.random) {
             (Some(path), _) => {

@@ -45,6 +45,10 @@ struct Args {
     /// Quantize the model's dense (f32/f16/bf16) linear weights at load: `q8_0`.
     #[arg(long, value_parser = common::parse_quantize)]
     quantize: Option<marco::model::loader::QuantizeAtLoad>,
+    /// Which linear-layer path to run: `kernel` (the default; 8-bit activations on the CPU, as
+    /// llama.cpp), `kernel-exact` (f32 activations) or `burn` (plain burn matmul).
+    #[arg(long, value_enum, default_value_t = common::PathArg::Kernel)]
+    linear_path: common::PathArg,
     /// The prompt text.
     #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
     prompt: Option<String>,
@@ -110,9 +114,12 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
     };
     let device = B::Device::default();
     let load_start = Instant::now();
-    let mut model =
-        marco::model::load_with::<B>(&path, &device, LoadOptions { quantize: args.quantize, ..LoadOptions::default() })
-            .with_context(|| format!("cannot load the model {}", path.display()))?;
+    let mut model = marco::model::load_with::<B>(
+        &path,
+        &device,
+        LoadOptions { quantize: args.quantize, linear_path: args.linear_path.into() },
+    )
+    .with_context(|| format!("cannot load the model {}", path.display()))?;
     let load_time = load_start.elapsed();
 
     let prompt_ids: Vec<TokenId> = match (&args.prompt_ids, &args.prompt) {

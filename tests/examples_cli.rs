@@ -1,7 +1,8 @@
 //! The examples as a user meets them: built binaries run with bad input must fail with one
 //! clear line on stderr and a non-zero exit (never a panic), `custom_reward --mock` must show
-//! its verifier beating the confidence reward, and one small `reason` run on the default
-//! model must answer and write its trace and HTML tree.
+//! its verifier beating the confidence reward, one small `reason` run on the default
+//! model must answer and write its trace and HTML tree, and `generate` must teacher-force the
+//! default model as llama.cpp does.
 //!
 //! The binaries are built by `cargo build --example` (same profile and backend features as
 //! this test) into `target/<profile>/examples/`, next to this test's own folder.
@@ -201,4 +202,78 @@ fn reason_answers_on_the_default_model() {
     let page = std::fs::read_to_string(&html).expect("html written");
     assert!(page.contains("<html") && page.contains("</html>"), "not an HTML page");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `generate` as the oracle checks use it: the raw prompt text tokenised as llama.cpp does,
+/// teacher forcing through `--force-ids`, and `--json` top log-probs that match llama.cpp's
+/// (the oracle copied into `marco-model/tests/data/llamacpp/`) on the default model.
+#[test]
+fn generate_teacher_forces_like_the_llamacpp_oracle() {
+    if cfg!(feature = "cuda") {
+        eprintln!("skipping: the examples were built for CUDA (run scripts/gpu-check.sh on a GPU host)");
+        return;
+    }
+    let oracle_path =
+        concat!(env!("CARGO_MANIFEST_DIR"), "/marco-model/tests/data/llamacpp/smollm2-135m-instruct-q4_1.json");
+    let oracle: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(oracle_path).unwrap()).unwrap();
+    let ids =
+        |v: &serde_json::Value| -> Vec<u64> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect() };
+    let join = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    let (mut diff_sum, mut diff_count, mut step_count) = (0.0, 0, 0);
+    for case in oracle["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let (prompt_ids, forced) = (ids(&case["token_ids"]), ids(&case["greedy_ids"]));
+        let forced_arg = join(&forced);
+        let args = [
+            "--prompt",
+            case["text"].as_str().unwrap(),
+            "--raw",
+            "--force-ids",
+            &forced_arg,
+            "--top-logprobs",
+            "5",
+            "--linear-path",
+            "kernel-exact",
+            "--json",
+        ];
+        let r = run("generate", &args, Duration::from_secs(300));
+        assert_eq!(r.code, Some(0), "{name}: stderr: {}", r.stderr);
+        let out: serde_json::Value = serde_json::from_str(&r.stdout).expect("one JSON object");
+        assert_eq!(ids(&out["prompt_ids"]), prompt_ids, "{name}: the raw text tokenises as llama.cpp's");
+        let steps = out["steps"].as_array().unwrap();
+        assert_eq!(steps.len(), forced.len(), "{name}");
+        step_count += steps.len();
+        for (i, (step, expected)) in steps.iter().zip(case["steps"].as_array().unwrap()).enumerate() {
+            assert_eq!(step["token"].as_u64(), Some(forced[i]), "{name} step {i} feeds the forced id");
+            let top: Vec<(u64, f64)> = step["top"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+                .collect();
+            assert_eq!(top.len(), 5);
+            assert!(top.windows(2).all(|w| w[0].1 >= w[1].1), "{name} step {i}: top not sorted: {top:?}");
+            let oracle_top: Vec<(u64, f64)> = ids(&expected["top5_ids"])
+                .into_iter()
+                .zip(expected["top5_logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()))
+                .collect();
+            // 0.25, not the 0.2: see `marco-model/tests/llamacpp_oracle.rs` on the
+            // oracle's own noise.
+            if oracle_top[0].1 - oracle_top[1].1 > 0.25 {
+                assert_eq!(top[0].0, oracle_top[0].0, "{name} step {i}: top-1 differs from llama.cpp's clear choice");
+            }
+            for (id, logprob) in &oracle_top {
+                if let Some((_, ours)) = top.iter().find(|(t, _)| t == id) {
+                    diff_sum += (ours - logprob).abs();
+                    diff_count += 1;
+                }
+            }
+        }
+    }
+    assert!(diff_count >= 4 * step_count, "most of llama.cpp's top-5 are in ours: {diff_count} of {step_count} steps");
+    let mean = diff_sum / diff_count as f64;
+    assert!(mean < 0.1, "mean |Δ log-prob| against llama.cpp: {mean}");
+
+    assert_one_line_error("generate", &["--prompt-ids", "4000000000", "--raw"], "outside the vocabulary");
+    assert_one_line_error("generate", &["--prompt", "hi", "--linear-path", "fast"], "fast");
 }

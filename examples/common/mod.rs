@@ -38,6 +38,27 @@ pub enum FloatType {
     Bf16,
 }
 
+/// Which linear-layer path a model runs (`--linear-path`, `--paths`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PathArg {
+    /// The backend's own kernels for the linear layers (8-bit activations on the CPU).
+    Kernel,
+    /// The backend's own kernels with exact f32 activations.
+    KernelExact,
+    /// burn's plain `matmul` on f32 weights.
+    Burn,
+}
+
+impl From<PathArg> for marco::model::LinearPath {
+    fn from(path: PathArg) -> Self {
+        match path {
+            PathArg::Kernel => marco::model::LinearPath::Kernel,
+            PathArg::KernelExact => marco::model::LinearPath::KernelExact,
+            PathArg::Burn => marco::model::LinearPath::Burn,
+        }
+    }
+}
+
 /// A short name of [`Backend`] for summaries.
 pub fn backend_name() -> &'static str {
     if cfg!(feature = "cuda") {
