@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # marco vs llama.cpp on the same GGUF files, same machine, same run (a developer tool, not CI).
 #
-#   benches/llamacpp/compare.sh            # prefill 128 / decode 128, 2 threads, 5 repetitions
+#   benches/llamacpp/compare.sh            # prefill 128 / decode 128, 2 threads, 5 repetitions,
+#                                          # 3 alternating rounds (REPS=, ROUNDS=, THREADS=)
 #
 # llama.cpp comes from the PyPI sdist of llama-cpp-python (it vendors llama.cpp); only
 # llama-bench and llama-quantize are built (cmake from PyPI if the machine has none), and the
@@ -15,6 +16,7 @@ LLAMACPP_VERSION="${LLAMACPP_VERSION:-0.3.36}"
 CACHE="${LLAMACPP_CACHE:-$HOME/.cache/marco-llamacpp}"
 THREADS="${THREADS:-2}"
 REPS="${REPS:-5}"
+ROUNDS="${ROUNDS:-3}"
 mkdir -p "$CACHE"
 PY="${MARCO_PYTHON:-python3}"
 
@@ -58,10 +60,20 @@ run_marco() { # file -> "prefill decode" tok/s (the kernel row of decode_bench's
     awk -F'|' '/^\| / && $2 !~ /linear path/ {gsub(/ /, "", $5); gsub(/ /, "", $6); print $5, $6; exit}'
 }
 
-read -r LP32 LD32 < <(run_llama "$F32")
-read -r LP41 LD41 < <(run_llama "$Q41")
-read -r MP32 MD32 < <(run_marco "$F32")
-read -r MP41 MD41 < <(run_marco "$Q41")
+# This machine's memory bandwidth drifts by tens of percent over minutes (other tenants), so
+# the engines alternate: ROUNDS rounds of (llama.cpp, marco) on each file, medians per engine.
+median() { "$PY" -c 'import statistics, sys; print(f"{statistics.median(map(float, sys.argv[1:])):.1f}")' "$@"; }
+declare -a LP32s LD32s LP41s LD41s MP32s MD32s MP41s MD41s
+for round in $(seq "$ROUNDS"); do
+  echo "== round $round of $ROUNDS" >&2
+  read -r p d < <(run_llama "$F32"); LP32s+=("$p"); LD32s+=("$d")
+  read -r p d < <(run_marco "$F32"); MP32s+=("$p"); MD32s+=("$d")
+  read -r p d < <(run_llama "$Q41"); LP41s+=("$p"); LD41s+=("$d")
+  read -r p d < <(run_marco "$Q41"); MP41s+=("$p"); MD41s+=("$d")
+done
+LP32=$(median "${LP32s[@]}"); LD32=$(median "${LD32s[@]}"); LP41=$(median "${LP41s[@]}"); LD41=$(median "${LD41s[@]}")
+MP32=$(median "${MP32s[@]}"); MD32=$(median "${MD32s[@]}"); MP41=$(median "${MP41s[@]}"); MD41=$(median "${MD41s[@]}")
+echo "per round (llama.cpp / marco): F32 decode ${LD32s[*]} / ${MD32s[*]}; Q4_1 decode ${LD41s[*]} / ${MD41s[*]}" >&2
 ratio() { "$PY" -c "print(f'{$1/$2:.2f}')"; }
 printf '\n%-8s %-8s %14s %14s %8s\n' model phase "llama.cpp t/s" "marco t/s" ratio
 printf '%-8s %-8s %14s %14s %8s\n' F32 prefill "$LP32" "$MP32" "$(ratio "$MP32" "$LP32")"
