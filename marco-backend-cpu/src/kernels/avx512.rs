@@ -556,6 +556,9 @@ pub(super) unsafe fn interleaved_rows(
     }
 }
 
+/// How far ahead of the block being read [`interleaved_group`] prefetches, in bytes.
+const INTERLEAVED_PREFETCH_AHEAD: usize = 8192;
+
 /// Sixteen outputs (group `g`) for activation rows `r0..r0 + R`.
 ///
 /// # Safety
@@ -579,6 +582,15 @@ unsafe fn interleaved_group<const R: usize, const KIND: u8>(
     let base = unsafe { w.data.as_ptr().add(g * w.blocks * group_block) };
     for b in 0..w.blocks {
         let p = unsafe { base.add(b * group_block) };
+        // The weights stream from memory once per step. With several activation rows the
+        // kernel computes long enough per byte that the hardware prefetcher alone falls behind:
+        // fetching 8 KB ahead measured +18 % at eight rows and +7 % at one (alternating runs of
+        // `batch_bench`). A prefetch never faults, so running past the matrix is harmless.
+        let mut line = 0;
+        while line < group_block {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(INTERLEAVED_PREFETCH_AHEAD + line) as *const i8);
+            line += 64;
+        }
         let dw = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(p as *const __m256i) });
         let offset = match KIND {
             KIND_Q4_1 => _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(p.add(32) as *const __m256i) }),
@@ -617,3 +629,4 @@ unsafe fn interleaved_group<const R: usize, const KIND: u8>(
         unsafe { _mm512_storeu_ps(out.ptr.add((r0 + r) * out.n_out + g * Interleaved16::ROWS), *acc_r) };
     }
 }
+
