@@ -629,4 +629,3 @@ unsafe fn interleaved_group<const R: usize, const KIND: u8>(
         unsafe { _mm512_storeu_ps(out.ptr.add((r0 + r) * out.n_out + g * Interleaved16::ROWS), *acc_r) };
     }
 }
-

@@ -157,18 +157,51 @@ pub(crate) struct QuantizedActs {
 }
 
 impl QuantizedActs {
-    /// [`QuantizedActs::quantize`] with the SIMD code of `isa` (bit-identical results).
+    /// [`QuantizedActs::quantize`] with the SIMD code of `isa` (bit-identical results). A
+    /// batch of [`PARALLEL_QUANTIZE_MIN`] values or more is split among the pool threads
+    /// (blocks are independent, so the split does not change a bit).
     pub fn quantize_with(isa: Isa, x: &[f32], rows: usize, cols: usize) -> QuantizedActs {
-        match isa {
+        let mut acts = Self::zeroed(rows, cols);
+        let quantize_part = |x: &[f32], part: ActsMut<'_>| match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => {
-                let mut acts = Self::zeroed(rows, cols);
-                // SAFETY: `isa()` verified AVX2, FMA and F16C at run time (AVX-512 implies them).
-                unsafe { x86::quantize_acts(x, &mut acts) };
-                acts
-            }
-            _ => Self::quantize(x, rows, cols),
+            // SAFETY: `isa()` verified AVX2, FMA and F16C at run time (AVX-512 implies them);
+            // `part` has one entry per block of `x`.
+            Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::quantize_acts(x, part) },
+            _ => quantize_blocks(x, part),
+        };
+        let blocks = x.len() / QK;
+        let threads = pool::num_threads();
+        if x.len() < PARALLEL_QUANTIZE_MIN || threads == 1 {
+            quantize_part(&x[..blocks * QK], acts.parts_mut(blocks).remove(0));
+            return acts;
         }
+        let per = blocks.div_ceil(threads);
+        let parts: Vec<std::sync::Mutex<Option<ActsMut<'_>>>> =
+            acts.parts_mut(per).into_iter().map(|part| std::sync::Mutex::new(Some(part))).collect();
+        pool::run(parts.len(), &|t| {
+            let part = parts[t].lock().ok().and_then(|mut slot| slot.take());
+            if let Some(part) = part {
+                let start = t * per * QK;
+                quantize_part(&x[start..start + part.d.len() * QK], part);
+            }
+        });
+        acts
+    }
+
+    /// The blocks as consecutive mutable parts of `per` blocks each (the last may be shorter).
+    fn parts_mut(&mut self, per: usize) -> Vec<ActsMut<'_>> {
+        let blocks = self.qs.len() / QK;
+        let per = per.max(1);
+        let qs = self.qs.chunks_mut(per * QK);
+        let d = self.d[..blocks].chunks_mut(per);
+        let dsum = self.dsum[..blocks].chunks_mut(per);
+        let dsum16 = self.dsum16[..blocks].chunks_mut(per);
+        let mut parts: Vec<ActsMut<'_>> =
+            qs.zip(d).zip(dsum).zip(dsum16).map(|(((qs, d), dsum), dsum16)| ActsMut { qs, d, dsum, dsum16 }).collect();
+        if parts.is_empty() {
+            parts.push(ActsMut { qs: &mut [], d: &mut [], dsum: &mut [], dsum16: &mut [] });
+        }
+        parts
     }
 
     fn zeroed(rows: usize, cols: usize) -> QuantizedActs {
@@ -184,24 +217,44 @@ impl QuantizedActs {
 
     /// Quantizes `rows` rows of `cols` (a multiple of 32) values: per block `d = max|x| / 127`,
     /// `q = round(x / d)` (ties away from zero), as ggml's `quantize_row_q8_0` but with an f32 scale.
-    /// The portable reference of [`QuantizedActs::quantize_with`].
+    /// The portable reference of [`QuantizedActs::quantize_with`] (the tests compare them).
+    #[cfg(test)]
     pub fn quantize(x: &[f32], rows: usize, cols: usize) -> QuantizedActs {
         let mut acts = Self::zeroed(rows, cols);
-        for (b, (xb, qb)) in x.chunks_exact(QK).zip(acts.qs.chunks_exact_mut(QK)).enumerate() {
-            let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut sums = [0i32; 2];
-            for (j, (q, &v)) in qb.iter_mut().zip(xb).enumerate() {
-                let rounded = (v * inv).round().clamp(-127.0, 127.0) as i8;
-                *q = rounded;
-                sums[j / 16] += rounded as i32;
-            }
-            acts.d[b] = d;
-            acts.dsum16[b] = [d * sums[0] as f32, d * sums[1] as f32];
-            acts.dsum[b] = d * (sums[0] + sums[1]) as f32;
-        }
+        let blocks = x.len() / QK;
+        quantize_blocks(&x[..blocks * QK], acts.parts_mut(blocks).remove(0));
         acts
+    }
+}
+
+/// Consecutive blocks of a [`QuantizedActs`], borrowed for writing.
+pub(crate) struct ActsMut<'a> {
+    pub qs: &'a mut [i8],
+    pub d: &'a mut [f32],
+    pub dsum: &'a mut [f32],
+    pub dsum16: &'a mut [[f32; 2]],
+}
+
+/// Values per [`QuantizedActs::quantize_with`] call from which the pool threads share the work
+/// (eight rows of the default model's width and up: one row is ~0.1 µs, less than a handoff).
+const PARALLEL_QUANTIZE_MIN: usize = 4096;
+
+/// The portable definition of the activation quantization, for the blocks of `x` into `out`.
+fn quantize_blocks(x: &[f32], out: ActsMut<'_>) {
+    let ActsMut { qs, d: d_out, dsum: dsum_out, dsum16: dsum16_out } = out;
+    for (b, (xb, qb)) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).enumerate() {
+        let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sums = [0i32; 2];
+        for (j, (q, &v)) in qb.iter_mut().zip(xb).enumerate() {
+            let rounded = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            *q = rounded;
+            sums[j / 16] += rounded as i32;
+        }
+        d_out[b] = d;
+        dsum16_out[b] = [d * sums[0] as f32, d * sums[1] as f32];
+        dsum_out[b] = d * (sums[0] + sums[1]) as f32;
     }
 }
 
@@ -740,6 +793,12 @@ mod tests {
                 let want = QuantizedActs::quantize(&x[..n], rows, cols);
                 assert_same_acts(&QuantizedActs::quantize_with(isa, &x[..n], rows, cols), &want, &format!("{isa:?}"));
             }
+            // Large enough to be split among the pool threads, with an odd block count per row.
+            let (rows, cols) = (9, 19 * QK);
+            assert!(rows * cols >= PARALLEL_QUANTIZE_MIN);
+            let big: Vec<f32> = (0..rows * cols).map(|i| x[i % x.len()] * (1.0 + (i % 7) as f32)).collect();
+            let want = QuantizedActs::quantize(&big, rows, cols);
+            assert_same_acts(&QuantizedActs::quantize_with(isa, &big, rows, cols), &want, &format!("{isa:?} split"));
         }
     }
 

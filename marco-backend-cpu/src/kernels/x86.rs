@@ -646,16 +646,16 @@ pub(super) unsafe fn split_rows(w: &SplitBlocks, acts: &QuantizedActs, rows: usi
 /// `as i8` cast makes them; NaN inputs are ignored by the maximum as by `f32::max`.
 ///
 /// # Safety
-/// The CPU must support AVX2. `acts` must come from `QuantizedActs::zeroed(rows, cols)` with
-/// `x.len() == rows * cols`.
+/// The CPU must support AVX2. `out` holds one entry per block of 32 values of `x` (extra
+/// entries are left alone).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn quantize_acts(x: &[f32], acts: &mut QuantizedActs) {
+pub(super) unsafe fn quantize_acts(x: &[f32], out: super::ActsMut<'_>) {
     let sign = _mm256_set1_ps(-0.0);
     let half = _mm256_set1_ps(0.5);
     let one = _mm256_set1_ps(1.0);
     let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
-    let blocks = x.chunks_exact(QK).zip(acts.qs.chunks_exact_mut(QK));
-    let scales = acts.d.iter_mut().zip(acts.dsum.iter_mut()).zip(acts.dsum16.iter_mut());
+    let blocks = x.chunks_exact(QK).zip(out.qs.chunks_exact_mut(QK));
+    let scales = out.d.iter_mut().zip(out.dsum.iter_mut()).zip(out.dsum16.iter_mut());
     for ((xb, qb), ((d_out, dsum_out), dsum16_out)) in blocks.zip(scales) {
         // SAFETY: `xb` holds 32 values.
         let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(xb.as_ptr().add(8 * i)) });
