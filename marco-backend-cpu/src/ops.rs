@@ -90,7 +90,17 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<
     }
     check_len("rms_norm output", x.len(), out.len())?;
     for (row, out_row) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
-        let sum_sq: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        // Eight f64 partial sums: one dependent chain of f64 adds per row would make this
+        // latency-bound (~1 µs a row of 576).
+        let mut partial = [0.0f64; 8];
+        let chunks = row.chunks_exact(8);
+        let tail: f64 = chunks.remainder().iter().map(|&v| (v as f64) * (v as f64)).sum();
+        for chunk in chunks {
+            for (p, &v) in partial.iter_mut().zip(chunk) {
+                *p += (v as f64) * (v as f64);
+            }
+        }
+        let sum_sq = partial.iter().sum::<f64>() + tail;
         let inv_rms = (1.0 / (sum_sq / width as f64 + eps as f64).sqrt()) as f32;
         for ((o, &v), &w) in out_row.iter_mut().zip(row).zip(weight) {
             *o = v * inv_rms * w;

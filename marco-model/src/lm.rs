@@ -38,6 +38,19 @@ struct SeqState<B: KernelBackend> {
     cache: KvCache<B>,
     /// Logits of the next token, `[1, vocab]`.
     pending: Tensor<B, 2>,
+    /// Where `pending` came from when a batched step produced it: that step's number and
+    /// this sequence's row of its logits (the whole `[batch, vocab]` tensor, shared). When the
+    /// next step runs the same sequences in the same order, it takes that tensor as it is
+    /// instead of stacking the rows again.
+    pending_batch: Option<PendingBatch<B>>,
+}
+
+/// See [`SeqState::pending_batch`].
+#[derive(Debug, Clone)]
+struct PendingBatch<B: KernelBackend> {
+    step: u64,
+    row: usize,
+    logits: Tensor<B, 2>,
 }
 
 /// A burn model with its tokenizer and sequence states: marco's [`LanguageModel`] on burn.
@@ -112,6 +125,22 @@ impl<B: KernelBackend> BurnLm<B> {
         SeqId(id)
     }
 
+    /// The `[batch, vocab]` logits of the previous step when `batch` asks for exactly its
+    /// sequences, in its order (a batched decode loop): no rows need stacking then.
+    fn whole_previous_batch(&self, batch: &[StepRequest]) -> Option<Tensor<B, 2>> {
+        let first = self.seqs.get(&batch.first()?.seq.0)?.pending_batch.as_ref()?;
+        if first.logits.dims()[0] != batch.len() {
+            return None;
+        }
+        for (i, request) in batch.iter().enumerate() {
+            let source = self.seqs.get(&request.seq.0)?.pending_batch.as_ref()?;
+            if source.step != first.step || source.row != i {
+                return None;
+            }
+        }
+        Some(first.logits.clone())
+    }
+
     /// Chooses the token of every request from `logits` (`[batch, vocab]`, row i for request i).
     fn choose(&self, logits: Tensor<B, 2>, batch: &[StepRequest], lens: &[usize]) -> Result<Vec<StepOutput>> {
         let [rows, vocab] = logits.dims();
@@ -184,12 +213,17 @@ impl<B: KernelBackend> LanguageModel for BurnLm<B> {
         }
         let mut cache = self.model.new_cache();
         let pending = self.feed(&mut cache, prompt)?;
-        Ok(self.insert(SeqState { len: prompt.len(), cache, pending }))
+        Ok(self.insert(SeqState { len: prompt.len(), cache, pending, pending_batch: None }))
     }
 
     fn fork(&mut self, seq: SeqId) -> Result<SeqId> {
         let state = self.seqs.get_mut(&seq.0).ok_or(Error::UnknownSequence(seq.0))?;
-        let child = SeqState { len: state.len, cache: state.cache.fork(), pending: state.pending.clone() };
+        let child = SeqState {
+            len: state.len,
+            cache: state.cache.fork(),
+            pending: state.pending.clone(),
+            pending_batch: state.pending_batch.clone(),
+        };
         Ok(self.insert(child))
     }
 
@@ -202,6 +236,7 @@ impl<B: KernelBackend> LanguageModel for BurnLm<B> {
         let result = self.feed(&mut state.cache, tokens);
         if let Ok(pending) = &result {
             state.pending = pending.clone();
+            state.pending_batch = None;
             state.len += tokens.len();
         }
         self.seqs.insert(seq.0, state);
@@ -232,12 +267,17 @@ impl<B: KernelBackend> LanguageModel for BurnLm<B> {
             }
             lens.push(state.len);
         }
-        let pending: Vec<Tensor<B, 2>> =
-            batch.iter().filter_map(|r| self.seqs.get(&r.seq.0)).map(|s| s.pending.clone()).collect();
-        let logits = if pending.len() == 1 {
-            pending.into_iter().next().ok_or_else(|| backend_error("no row".into()))?
-        } else {
-            Tensor::cat(pending, 0)
+        let logits = match self.whole_previous_batch(batch) {
+            Some(logits) => logits,
+            None => {
+                let pending: Vec<Tensor<B, 2>> =
+                    batch.iter().filter_map(|r| self.seqs.get(&r.seq.0)).map(|s| s.pending.clone()).collect();
+                if pending.len() == 1 {
+                    pending.into_iter().next().ok_or_else(|| backend_error("no row".into()))?
+                } else {
+                    Tensor::cat(pending, 0)
+                }
+            }
         };
         let outputs = self.choose(logits, batch, &lens)?;
 
@@ -263,8 +303,10 @@ impl<B: KernelBackend> LanguageModel for BurnLm<B> {
         };
         self.tokens_computed += batch.len() as u64;
         self.forward_passes += 1;
+        let step = self.forward_passes;
         for (i, (request, mut state)) in batch.iter().zip(states).enumerate() {
             state.pending = new_logits.clone().slice([i..i + 1, 0..vocab]);
+            state.pending_batch = (batch.len() > 1).then(|| PendingBatch { step, row: i, logits: new_logits.clone() });
             state.len += 1;
             self.seqs.insert(request.seq.0, state);
         }

@@ -146,8 +146,24 @@ fn tree_matches_alone<B: KernelBackend>(lm: &mut BurnLm<B>, reference: &mut Burn
                 .iter()
                 .map(|&i| forced(branches[i].0, tokens(vocab, 1000 * round + 10 * i as u64 + step as u64, 1)[0]))
                 .collect();
+            // What each request's forced token should score: from its own pending row (a step
+            // that reuses the previous step's batch of logits must pick the right rows).
+            let expected: Vec<f64> = requests
+                .iter()
+                .map(|r| {
+                    let row = lm.pending_logits(r.seq).unwrap();
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                    let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+                    row[r.force.unwrap() as usize] as f64 - lse
+                })
+                .collect();
             let outputs = lm.step(&requests).unwrap();
-            for (&i, output) in active.iter().zip(&outputs) {
+            for ((&i, output), want) in active.iter().zip(&outputs).zip(&expected) {
+                assert!(
+                    (output.logprob as f64 - want).abs() < 1e-4,
+                    "{label}: step {step}: {} vs {want}",
+                    output.logprob
+                );
                 branches[i].1.push(vec![output.token]);
             }
             distinct += active.len() as u64;
