@@ -502,11 +502,24 @@ unsafe fn attend_head_fma(job: &HeadJob<'_>, seq: usize, h: usize) {
 }
 
 /// Turns scores into unnormalised softmax weights `e^(s - max)` in place and returns
-/// `1 / Σ weights`. Two passes: the exponentials vectorize, the (ordered) sum is cheap.
+/// `1 / Σ weights`. The exponentials vectorize; the sum runs in sixteen lanes by position
+/// (`i mod 16`, then the lanes in order), so it is one fixed order for a given length and
+/// not one long chain of dependent adds.
 #[inline(always)]
 fn softmax_weights(scores: &mut [f32], max: f32) -> f32 {
     scores.iter_mut().for_each(|s| *s = exp_f32(*s - max));
-    1.0 / scores.iter().fold(0.0, |t, &s| t + s)
+    let mut lanes = [0.0f32; 16];
+    let chunks = scores.chunks_exact(16);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &s) in lanes.iter_mut().zip(chunk) {
+            *lane += s;
+        }
+    }
+    for (lane, &s) in lanes.iter_mut().zip(tail) {
+        *lane += s;
+    }
+    1.0 / lanes.iter().fold(0.0, |t, &s| t + s)
 }
 
 /// [`attend_head`] with AVX-512 for `head_dim = 16 · C` (64 and 128): the query in `C`
@@ -550,6 +563,7 @@ unsafe fn attend_head_avx512<const C: usize>(job: &HeadJob<'_>, seq: usize, h: u
         // SAFETY: `qp` points at `head_dim = 16 C` values of this head's query.
         let q: [__m512; C] = std::array::from_fn(|c| unsafe { _mm512_loadu_ps(qp.add(16 * c)) });
         let mut max = f32::NEG_INFINITY;
+        let mut max4 = _mm_set1_ps(f32::NEG_INFINITY);
         let mut position = 0;
         for run in runs.iter() {
             let used = run.len.min(visible.saturating_sub(position));
@@ -565,17 +579,31 @@ unsafe fn attend_head_avx512<const C: usize>(job: &HeadJob<'_>, seq: usize, h: u
                         *a = _mm512_fmadd_ps(*qc, kv, *a);
                     }
                 }
-                let mut four = [0.0f32; 4];
-                // SAFETY: `four` holds four floats.
-                unsafe { _mm_storeu_ps(four.as_mut_ptr(), reduce4(&acc)) };
-                for (i, &s) in four.iter().enumerate().take(n) {
-                    scores[position + p + i] = s;
-                    max = max.max(s);
+                let sums = reduce4(&acc);
+                if n == 4 {
+                    let at = &mut scores[position + p..position + p + 4];
+                    // SAFETY: `at` holds four floats.
+                    unsafe { _mm_storeu_ps(at.as_mut_ptr(), sums) };
+                    // `maxps` returns its second operand when the first is NaN: NaN scores are
+                    // ignored, as by `f32::max`.
+                    max4 = _mm_max_ps(sums, max4);
+                } else {
+                    let mut four = [0.0f32; 4];
+                    // SAFETY: `four` holds four floats.
+                    unsafe { _mm_storeu_ps(four.as_mut_ptr(), sums) };
+                    for (i, &s) in four.iter().enumerate().take(n) {
+                        scores[position + p + i] = s;
+                        max = max.max(s);
+                    }
                 }
                 p += n;
             }
             position += run.len;
         }
+        let mut lanes = [0.0f32; 4];
+        // SAFETY: `lanes` holds four floats.
+        unsafe { _mm_storeu_ps(lanes.as_mut_ptr(), max4) };
+        let max = lanes.iter().fold(max, |m, &l| m.max(l));
         let inv_total = softmax_weights(&mut scores[..visible], max);
         let mut acc = [_mm512_setzero_ps(); C];
         let mut position = 0;

@@ -13,6 +13,9 @@ use std::cmp::Ordering;
 /// Largest k served by the single-pass buffer.
 const BUFFER_MAX_K: usize = 64;
 
+/// Values per chunk of the single pass.
+const CHUNK: usize = 32;
+
 /// The `k` largest entries of `values` as `(index, value)`, sorted by value descending (ties:
 /// lower index first). NaNs rank below every number. `k` larger than the row returns the
 /// whole row, sorted.
@@ -43,14 +46,24 @@ pub fn top_k(values: &[f32], k: usize) -> Vec<(usize, f32)> {
 
 fn top_k_buffered(values: &[f32], k: usize) -> Vec<(usize, f32)> {
     let mut best: Vec<(usize, f32)> = Vec::with_capacity(k + 1);
-    for (i, &v) in values.iter().enumerate() {
-        // Indices only grow, so an equal value never displaces an earlier one.
-        if v.is_nan() || (best.len() == k && v <= best[k - 1].1) {
-            continue;
+    for (c, chunk) in values.chunks(CHUNK).enumerate() {
+        // Once the buffer is full, a whole chunk below the k-th best (NaN compares false) is
+        // skipped with one branch: the comparisons vectorize.
+        if best.len() == k {
+            let threshold = best[k - 1].1;
+            if !chunk.iter().fold(false, |any, &v| any | (v > threshold)) {
+                continue;
+            }
         }
-        let position = best.partition_point(|&(_, b)| b >= v);
-        best.insert(position, (i, v));
-        best.truncate(k);
+        for (j, &v) in chunk.iter().enumerate() {
+            // Indices only grow, so an equal value never displaces an earlier one.
+            if v.is_nan() || (best.len() == k && v <= best[k - 1].1) {
+                continue;
+            }
+            let position = best.partition_point(|&(_, b)| b >= v);
+            best.insert(position, (c * CHUNK + j, v));
+            best.truncate(k);
+        }
     }
     if best.len() < k {
         let missing = k - best.len();
@@ -87,7 +100,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn matches_full_sort(values in proptest::collection::vec(-5i32..6, 1..300), k in 0usize..100) {
+        fn matches_full_sort(values in proptest::collection::vec(-5i32..6, 1..700), k in 0usize..100) {
             // Small integer values make many ties; 5 stands for NaN.
             let values: Vec<f32> = values.into_iter().map(|v| if v == 5 { f32::NAN } else { v as f32 * 0.5 }).collect();
             let got = top_k(&values, k);
