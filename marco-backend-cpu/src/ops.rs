@@ -445,8 +445,8 @@ pub fn attention_batch(
         let (seq, head) = (t / heads, t % heads);
         if fma {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `fma_available` checked AVX2 and FMA at run time; the lengths were
-            // checked above.
+            // SAFETY: `fma_available` checked AVX2 and FMA at run time, and `avx512` means
+            // `isa()` found AVX-512 F, BW and VL; the lengths were checked above.
             unsafe {
                 match head_dim {
                     64 if avx512 => attend_head_avx512::<4>(&job, seq, head),
@@ -531,10 +531,10 @@ fn softmax_weights(scores: &mut [f32], max: f32) -> f32 {
 /// in `C` registers.
 ///
 /// # Safety
-/// The CPU must support AVX-512 F, AVX2 and FMA; `job` passed the checks of
+/// The CPU must support AVX-512 F and VL, AVX2 and FMA; `job` passed the checks of
 /// [`attention_batch`] and `head_dim == 16 * C`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
 unsafe fn attend_head_avx512<const C: usize>(job: &HeadJob<'_>, seq: usize, h: usize) {
     use std::arch::x86_64::*;
 
@@ -564,7 +564,6 @@ unsafe fn attend_head_avx512<const C: usize>(job: &HeadJob<'_>, seq: usize, h: u
         let qp = job.q[row * row_width + h * head_dim..(row * row_width + (h + 1) * head_dim)].as_ptr();
         // SAFETY: `qp` points at `head_dim = 16 C` values of this head's query.
         let q: [__m512; C] = std::array::from_fn(|c| unsafe { _mm512_loadu_ps(qp.add(16 * c)) });
-        let mut max = f32::NEG_INFINITY;
         let mut max4 = _mm_set1_ps(f32::NEG_INFINITY);
         let mut position = 0;
         for run in runs.iter() {
@@ -581,23 +580,16 @@ unsafe fn attend_head_avx512<const C: usize>(job: &HeadJob<'_>, seq: usize, h: u
                         *a = _mm512_fmadd_ps(*qc, kv, *a);
                     }
                 }
-                let sums = reduce4(&acc);
-                if n == 4 {
-                    let at = &mut scores[position + p..position + p + 4];
-                    // SAFETY: `at` holds four floats.
-                    unsafe { _mm_storeu_ps(at.as_mut_ptr(), sums) };
-                    // `maxps` returns its second operand when the first is NaN: NaN scores are
-                    // ignored, as by `f32::max`.
-                    max4 = _mm_max_ps(sums, max4);
-                } else {
-                    let mut four = [0.0f32; 4];
-                    // SAFETY: `four` holds four floats.
-                    unsafe { _mm_storeu_ps(four.as_mut_ptr(), sums) };
-                    for (i, &s) in four.iter().enumerate().take(n) {
-                        scores[position + p + i] = s;
-                        max = max.max(s);
-                    }
-                }
+                // The first `n` lanes are real keys; the padding lanes count as -inf for the max
+                // and are not stored.
+                let real = (1u8 << n) - 1;
+                let sums = _mm_mask_mov_ps(_mm_set1_ps(f32::NEG_INFINITY), real, reduce4(&acc));
+                let at = &mut scores[position + p..position + p + n];
+                // SAFETY: the mask writes the first `n` floats, which `at` holds.
+                unsafe { _mm_mask_storeu_ps(at.as_mut_ptr(), real, sums) };
+                // `maxps` returns its second operand when the first is NaN: NaN scores are
+                // ignored, as by `f32::max`.
+                max4 = _mm_max_ps(sums, max4);
                 p += n;
             }
             position += run.len;
@@ -605,7 +597,7 @@ unsafe fn attend_head_avx512<const C: usize>(job: &HeadJob<'_>, seq: usize, h: u
         let mut lanes = [0.0f32; 4];
         // SAFETY: `lanes` holds four floats.
         unsafe { _mm_storeu_ps(lanes.as_mut_ptr(), max4) };
-        let max = lanes.iter().fold(max, |m, &l| m.max(l));
+        let max = lanes.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
         let inv_total = softmax_weights(&mut scores[..visible], max);
         let mut acc = [_mm512_setzero_ps(); C];
         let mut position = 0;

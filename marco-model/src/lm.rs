@@ -1,10 +1,11 @@
 //! [`BurnLm`]: the burn network behind marco-core's [`LanguageModel`] contract.
 //!
-//! Each sequence state holds its [`KvCache`] and the logits of its *pending* next token (a
-//! `[1, vocab]` tensor that stays on the device). [`LanguageModel::step`] stacks the pending
-//! rows of the whole batch, chooses every token from them, then feeds all chosen tokens in
-//! **one** forward pass (a ragged batch: sequences of different lengths need no padding) and
-//! stores the new pending rows.
+//! Each sequence state holds its [`KvCache`] and the logits of its *pending* next token: its
+//! row of the `[rows, vocab]` output of the forward pass that produced it, which stays on the
+//! device. [`LanguageModel::step`] takes the pending rows of the whole batch (that output as it
+//! is when the batch is exactly the previous pass's sequences in order, as in a batched decode
+//! loop; else the rows stacked), chooses every token from them, then feeds all chosen tokens
+//! in **one** forward pass (a ragged batch: sequences of different lengths need no padding).
 //!
 //! What crosses to the host per step and sequence is small: the log-sum-exp (also the NaN/inf
 //! check: any non-finite logit makes it non-finite), the top-k values and ids
@@ -36,21 +37,29 @@ const PREFILL_CHUNK: usize = 512;
 struct SeqState<B: KernelBackend> {
     len: usize,
     cache: KvCache<B>,
-    /// Logits of the next token, `[1, vocab]`.
-    pending: Tensor<B, 2>,
-    /// Where `pending` came from when a batched step produced it: that step's number and
-    /// this sequence's row of its logits (the whole `[batch, vocab]` tensor, shared). When the
-    /// next step runs the same sequences in the same order, it takes that tensor as it is
-    /// instead of stacking the rows again.
-    pending_batch: Option<PendingBatch<B>>,
+    /// Logits of the next token.
+    pending: Pending<B>,
 }
 
-/// See [`SeqState::pending_batch`].
+/// Row `row` of `logits`, the `[rows, vocab]` output of forward pass number `forward` (shared
+/// by the sequences of that pass).
 #[derive(Debug, Clone)]
-struct PendingBatch<B: KernelBackend> {
-    step: u64,
+struct Pending<B: KernelBackend> {
+    forward: u64,
     row: usize,
     logits: Tensor<B, 2>,
+}
+
+impl<B: KernelBackend> Pending<B> {
+    /// This sequence's row, `[1, vocab]`.
+    fn row_logits(&self) -> Tensor<B, 2> {
+        let [rows, vocab] = self.logits.dims();
+        if rows == 1 {
+            self.logits.clone()
+        } else {
+            self.logits.clone().slice([self.row..self.row + 1, 0..vocab])
+        }
+    }
 }
 
 /// A burn model with its tokenizer and sequence states: marco's [`LanguageModel`] on burn.
@@ -90,7 +99,7 @@ impl<B: KernelBackend> BurnLm<B> {
         let state = self.seqs.get(&seq.0).ok_or(Error::UnknownSequence(seq.0))?;
         state
             .pending
-            .clone()
+            .row_logits()
             .into_data()
             .convert::<f32>()
             .into_vec::<f32>()
@@ -102,7 +111,7 @@ impl<B: KernelBackend> BurnLm<B> {
     }
 
     /// Feeds `tokens` to `cache` in chunks and returns the logits after the last one.
-    fn feed(&mut self, cache: &mut KvCache<B>, tokens: &[TokenId]) -> Result<Tensor<B, 2>> {
+    fn feed(&mut self, cache: &mut KvCache<B>, tokens: &[TokenId]) -> Result<Pending<B>> {
         let limit = self.max_context();
         let needed = cache.len() + tokens.len();
         if needed > limit {
@@ -115,7 +124,8 @@ impl<B: KernelBackend> BurnLm<B> {
             self.tokens_computed += chunk.len() as u64;
             self.forward_passes += 1;
         }
-        last.ok_or_else(|| Error::EmptyInput("no tokens to feed".into()))
+        let logits = last.ok_or_else(|| Error::EmptyInput("no tokens to feed".into()))?;
+        Ok(Pending { forward: self.forward_passes, row: 0, logits })
     }
 
     fn insert(&mut self, state: SeqState<B>) -> SeqId {
@@ -125,20 +135,20 @@ impl<B: KernelBackend> BurnLm<B> {
         SeqId(id)
     }
 
-    /// The `[batch, vocab]` logits of the previous step when `batch` asks for exactly its
-    /// sequences, in its order (a batched decode loop): no rows need stacking then.
-    fn whole_previous_batch(&self, batch: &[StepRequest]) -> Option<Tensor<B, 2>> {
-        let first = self.seqs.get(&batch.first()?.seq.0)?.pending_batch.as_ref()?;
-        if first.logits.dims()[0] != batch.len() {
-            return None;
+    /// The `[batch, vocab]` pending logits of `batch`: one forward pass's output as it is when
+    /// `batch` is exactly that pass's sequences in order (a batched decode loop, or one
+    /// sequence after its prefill), else the rows stacked.
+    fn batch_logits(&self, batch: &[StepRequest]) -> Result<Tensor<B, 2>> {
+        let pending: Vec<&Pending<B>> =
+            batch.iter().map(|r| self.state(r.seq).map(|s| &s.pending)).collect::<Result<_>>()?;
+        let first = pending.first().ok_or_else(|| backend_error("no row".into()))?;
+        let whole = first.logits.dims()[0] == batch.len()
+            && pending.iter().enumerate().all(|(i, p)| p.forward == first.forward && p.row == i);
+        if whole {
+            return Ok(first.logits.clone());
         }
-        for (i, request) in batch.iter().enumerate() {
-            let source = self.seqs.get(&request.seq.0)?.pending_batch.as_ref()?;
-            if source.step != first.step || source.row != i {
-                return None;
-            }
-        }
-        Some(first.logits.clone())
+        let mut rows: Vec<Tensor<B, 2>> = pending.iter().map(|p| p.row_logits()).collect();
+        Ok(if rows.len() == 1 { rows.remove(0) } else { Tensor::cat(rows, 0) })
     }
 
     /// Chooses the token of every request from `logits` (`[batch, vocab]`, row i for request i).
@@ -213,17 +223,12 @@ impl<B: KernelBackend> LanguageModel for BurnLm<B> {
         }
         let mut cache = self.model.new_cache();
         let pending = self.feed(&mut cache, prompt)?;
-        Ok(self.insert(SeqState { len: prompt.len(), cache, pending, pending_batch: None }))
+        Ok(self.insert(SeqState { len: prompt.len(), cache, pending }))
     }
 
     fn fork(&mut self, seq: SeqId) -> Result<SeqId> {
         let state = self.seqs.get_mut(&seq.0).ok_or(Error::UnknownSequence(seq.0))?;
-        let child = SeqState {
-            len: state.len,
-            cache: state.cache.fork(),
-            pending: state.pending.clone(),
-            pending_batch: state.pending_batch.clone(),
-        };
+        let child = SeqState { len: state.len, cache: state.cache.fork(), pending: state.pending.clone() };
         Ok(self.insert(child))
     }
 
@@ -234,13 +239,12 @@ impl<B: KernelBackend> LanguageModel for BurnLm<B> {
         }
         let mut state = self.seqs.remove(&seq.0).ok_or(Error::UnknownSequence(seq.0))?;
         let result = self.feed(&mut state.cache, tokens);
-        if let Ok(pending) = &result {
-            state.pending = pending.clone();
-            state.pending_batch = None;
+        let result = result.map(|pending| {
+            state.pending = pending;
             state.len += tokens.len();
-        }
+        });
         self.seqs.insert(seq.0, state);
-        result.map(|_| ())
+        result
     }
 
     fn step(&mut self, batch: &[StepRequest]) -> Result<Vec<StepOutput>> {
@@ -267,18 +271,7 @@ impl<B: KernelBackend> LanguageModel for BurnLm<B> {
             }
             lens.push(state.len);
         }
-        let logits = match self.whole_previous_batch(batch) {
-            Some(logits) => logits,
-            None => {
-                let pending: Vec<Tensor<B, 2>> =
-                    batch.iter().filter_map(|r| self.seqs.get(&r.seq.0)).map(|s| s.pending.clone()).collect();
-                if pending.len() == 1 {
-                    pending.into_iter().next().ok_or_else(|| backend_error("no row".into()))?
-                } else {
-                    Tensor::cat(pending, 0)
-                }
-            }
-        };
+        let logits = self.batch_logits(batch)?;
         let outputs = self.choose(logits, batch, &lens)?;
 
         // Feed every chosen token in one forward pass.
@@ -303,10 +296,9 @@ impl<B: KernelBackend> LanguageModel for BurnLm<B> {
         };
         self.tokens_computed += batch.len() as u64;
         self.forward_passes += 1;
-        let step = self.forward_passes;
+        let forward = self.forward_passes;
         for (i, (request, mut state)) in batch.iter().zip(states).enumerate() {
-            state.pending = new_logits.clone().slice([i..i + 1, 0..vocab]);
-            state.pending_batch = (batch.len() > 1).then(|| PendingBatch { step, row: i, logits: new_logits.clone() });
+            state.pending = Pending { forward, row: i, logits: new_logits.clone() };
             state.len += 1;
             self.seqs.insert(request.seq.0, state);
         }

@@ -141,7 +141,12 @@ fn tree_matches_alone<B: KernelBackend>(lm: &mut BurnLm<B>, reference: &mut Burn
         distinct += extra.len() as u64;
         // Every branch steps together; a branch stops early so the lengths diverge further.
         for step in 0..(4 + 2 * round as usize) {
-            let active: Vec<usize> = (0..branches.len()).filter(|&i| i != 1 || step < 2).collect();
+            let mut active: Vec<usize> = (0..branches.len()).filter(|&i| i != 1 || step < 2).collect();
+            // The same sequences in the other order on odd steps: the previous step's logits are
+            // then not this batch's rows as they stand.
+            if step % 2 == 1 {
+                active.reverse();
+            }
             let requests: Vec<StepRequest> = active
                 .iter()
                 .map(|&i| forced(branches[i].0, tokens(vocab, 1000 * round + 10 * i as u64 + step as u64, 1)[0]))
