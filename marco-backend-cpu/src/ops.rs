@@ -440,6 +440,7 @@ pub fn attention_batch(
 
     let job = HeadJob { q, shape, seqs, keys_of: &keys_of, out: SendPtr(out.as_mut_ptr()) };
     let fma = fma_available();
+    #[cfg(target_arch = "x86_64")]
     let avx512 = fma && matches!(crate::kernels::isa(), crate::Isa::Avx512 | crate::Isa::Avx512Vnni);
     let task = |t: usize| {
         let (seq, head) = (t / heads, t % heads);
@@ -507,6 +508,7 @@ unsafe fn attend_head_fma(job: &HeadJob<'_>, seq: usize, h: usize) {
 /// `1 / Σ weights`. The exponentials vectorize; the sum runs in sixteen lanes by position
 /// (`i mod 16`, then the lanes in order), so it is one fixed order for a given length and
 /// not one long chain of dependent adds.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn softmax_weights(scores: &mut [f32], max: f32) -> f32 {
     scores.iter_mut().for_each(|s| *s = exp_f32(*s - max));
@@ -967,9 +969,9 @@ mod tests {
         assert!(log_sum_exp(&bad).is_nan());
         assert_eq!(log_sum_exp(&[]), f64::NEG_INFINITY);
         // Every build of the body gives the same bits.
-        let portable = log_sum_exp_body(&row);
         #[cfg(target_arch = "x86_64")]
         {
+            let portable = log_sum_exp_body(&row);
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 // SAFETY: AVX2 and FMA checked just above.
                 assert_eq!(unsafe { log_sum_exp_fma(&row) }.to_bits(), portable.to_bits());

@@ -23,7 +23,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::x86::write_rows;
+use super::write_rows;
 use super::{AlignedI8, OutPtr, QuantizedActs};
 use crate::packed::SplitBlocks;
 use crate::quant::{GgmlType, QK};

@@ -16,14 +16,17 @@
 //! The SIMD code is chosen at run time ([`isa`]): on x86-64, AVX-512 (F/BW/VL, with VNNI's
 //! `vpdpbusd` where present) for the split Q8_0/Q4_0/Q4_1 and f32 small-batch kernels (two
 //! quant blocks per register, up to eight activation rows per pass over a weight row), AVX2 +
-//! FMA + F16C for the rest and on older CPUs; otherwise a portable scalar path (written so that
-//! the compiler vectorizes it with the baseline ISA, e.g. NEON on aarch64). The activations are
-//! quantized with SIMD too, bit-identical to the portable quantizer. Work is split by output
+//! FMA + F16C for the rest and on older CPUs; on aarch64, NEON (with `sdot` where the CPU has
+//! FEAT_DotProd) for the same kernels as AVX2; otherwise a portable scalar path (written so that
+//! the compiler vectorizes it with the baseline ISA). The activations are quantized with SIMD
+//! too, bit-identical to the portable quantizer. Work is split by output
 //! features across the persistent pool of [`crate::pool`]; [`matmul_many`] runs several
 //! products that share an input as one pool job.
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -91,11 +94,16 @@ pub enum Isa {
     Avx512,
     /// [`Isa::Avx512`] plus AVX512-VNNI: `vpdpbusd` does the u8 × i8 dot products in one step.
     Avx512Vnni,
+    /// aarch64 NEON (the aarch64 baseline): 8-bit dot products with `smull` + `sadalp`.
+    Neon,
+    /// [`Isa::Neon`] plus FEAT_DotProd: `sdot` does sixteen i8 × i8 products into four i32 lanes.
+    NeonDotprod,
 }
 
 /// The instruction set detected at run time (cached after the first call). The environment
 /// variable `MARCO_KERNELS` caps it: `scalar` forces the portable path, `avx2` the AVX2 kernels,
-/// `avx512` the AVX-512 kernels without VNNI (each only where the CPU supports it).
+/// `avx512` the AVX-512 kernels without VNNI, `neon` the NEON kernels without `sdot` (each only
+/// where the CPU supports it).
 pub fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *ISA.get_or_init(|| {
@@ -104,13 +112,14 @@ pub fn isa() -> Isa {
     })
 }
 
-/// `detected` capped by a `MARCO_KERNELS` value (`scalar`, `avx2`, `avx512`; anything else
-/// leaves it as is). A cap never raises the level above what the CPU has.
+/// `detected` capped by a `MARCO_KERNELS` value (`scalar`, `avx2`, `avx512`, `neon`; anything
+/// else leaves it as is). A cap never raises the level above what the CPU has.
 fn capped_isa(cap: &str, detected: Isa) -> Isa {
     match (cap.trim().to_ascii_lowercase().as_str(), detected) {
         ("scalar", _) => Isa::Scalar,
         ("avx2", Isa::Avx512 | Isa::Avx512Vnni) => Isa::Avx2,
         ("avx512", Isa::Avx512Vnni) => Isa::Avx512,
+        ("neon", Isa::NeonDotprod) => Isa::Neon,
         _ => detected,
     }
 }
@@ -138,6 +147,14 @@ fn detect_isa() -> Isa {
             return Isa::Avx2;
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("dotprod") {
+            return Isa::NeonDotprod;
+        }
+        return Isa::Neon;
+    }
+    #[allow(unreachable_code)]
     Isa::Scalar
 }
 
@@ -167,6 +184,9 @@ impl QuantizedActs {
             // SAFETY: `isa()` verified AVX2, FMA and F16C at run time (AVX-512 implies them);
             // `part` has one entry per block of `x`.
             Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::quantize_acts(x, part) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: NEON is in the aarch64 baseline; `part` has one entry per block of `x`.
+            Isa::Neon | Isa::NeonDotprod => unsafe { neon::quantize_acts(x, part) },
             _ => quantize_blocks(x, part),
         };
         let blocks = x.len() / QK;
@@ -318,6 +338,67 @@ impl OutPtr {
     pub unsafe fn write(self, row: usize, col: usize, value: f32) {
         // SAFETY: guaranteed by the caller.
         unsafe { *self.ptr.add(row * self.n_out + col) = value }
+    }
+}
+
+/// Raw views of the quantized activations, for unchecked access in the inner loops.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
+pub(crate) struct Acts {
+    pub qs: *const i8,
+    pub d: *const f32,
+    pub dsum: *const f32,
+    pub dsum16: *const [f32; 2],
+    pub blocks: usize,
+}
+
+impl Acts {
+    pub(crate) fn new(acts: &QuantizedActs) -> Acts {
+        Acts {
+            qs: acts.qs.as_ptr(),
+            d: acts.d.as_ptr(),
+            dsum: acts.dsum.as_ptr(),
+            dsum16: acts.dsum16.as_ptr(),
+            blocks: acts.blocks,
+        }
+    }
+
+    /// Block `b` of row `r` (32 quantized values).
+    #[inline(always)]
+    pub(crate) unsafe fn block(self, r: usize, b: usize) -> *const u8 {
+        // SAFETY: the caller keeps `r` and `b` in range.
+        unsafe { self.qs.add((r * self.blocks + b) * QK) as *const u8 }
+    }
+
+    #[inline(always)]
+    pub(crate) unsafe fn scale(self, r: usize, b: usize) -> f32 {
+        // SAFETY: the caller keeps `r` and `b` in range.
+        unsafe { *self.d.add(r * self.blocks + b) }
+    }
+
+    #[inline(always)]
+    pub(crate) unsafe fn scaled_sum(self, r: usize, b: usize) -> f32 {
+        // SAFETY: the caller keeps `r` and `b` in range.
+        unsafe { *self.dsum.add(r * self.blocks + b) }
+    }
+
+    #[inline(always)]
+    pub(crate) unsafe fn scaled_sum16(self, r: usize, b: usize) -> [f32; 2] {
+        // SAFETY: the caller keeps `r` and `b` in range.
+        unsafe { *self.dsum16.add(r * self.blocks + b) }
+    }
+}
+
+/// Writes `values[r]` to `out[r0 + r, o]`.
+///
+/// # Safety
+/// The caller owns column `o`, and rows `r0..r0 + R` exist.
+#[inline(always)]
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
+pub(crate) unsafe fn write_rows<const R: usize>(out: OutPtr, r0: usize, o: usize, values: &[f32; R]) {
+    for (r, &v) in values.iter().enumerate() {
+        // SAFETY: the caller owns column `o` and rows `r0..r0 + R` exist.
+        unsafe { out.write(r0 + r, o, v) };
     }
 }
 
@@ -588,6 +669,9 @@ fn split_rows(isa: Isa, w: &SplitBlocks, acts: &QuantizedActs, rows: usize, outs
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` verified AVX2, FMA and F16C at run time.
         Isa::Avx2 => unsafe { x86::split_rows(w, acts, rows, outs, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: NEON is in the aarch64 baseline; `isa()` verified FEAT_DotProd for `sdot`.
+        Isa::Neon | Isa::NeonDotprod => unsafe { neon::split_rows(isa == Isa::NeonDotprod, w, acts, rows, outs, out) },
         _ => via_ggml_tiles(
             w.ty,
             w.blocks,
@@ -610,6 +694,9 @@ fn f32_rows(isa: Isa, w: &[f32], n_in: usize, x: &[f32], rows: usize, outs: Rang
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` verified AVX2, FMA and F16C at run time (the AVX-512 levels imply them).
         Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::f32_rows(w, n_in, x, rows, outs, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: NEON is in the aarch64 baseline.
+        Isa::Neon | Isa::NeonDotprod => unsafe { neon::f32_rows(w, n_in, x, rows, outs, out) },
         _ => scalar::f32_rows(w, n_in, x, rows, outs, out),
     }
 }
@@ -619,6 +706,11 @@ fn quantized_rows(isa: Isa, w: &BlockRows<'_>, acts: &QuantizedActs, rows: usize
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` verified AVX2, FMA and F16C at run time (the AVX-512 levels imply them).
         Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::quantized_rows(w, acts, rows, outs, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: NEON is in the aarch64 baseline; `isa()` verified FEAT_DotProd for `sdot`.
+        Isa::Neon | Isa::NeonDotprod => unsafe {
+            neon::quantized_rows(isa == Isa::NeonDotprod, w, acts, rows, outs, out)
+        },
         _ => scalar::quantized_rows(w, acts, rows, outs, out),
     }
 }
@@ -628,6 +720,9 @@ fn float_decode_rows(isa: Isa, w: &BlockRows<'_>, x: &[f32], rows: usize, outs: 
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` verified AVX2, FMA and F16C at run time (the AVX-512 levels imply them).
         Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::float_decode_rows(w, x, rows, outs, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: NEON is in the aarch64 baseline.
+        Isa::Neon | Isa::NeonDotprod => unsafe { neon::float_decode_rows(w, x, rows, outs, out) },
         _ => scalar::float_decode_rows(w, x, rows, outs, out),
     }
 }
@@ -716,6 +811,9 @@ mod tests {
 
     /// Every instruction set level this CPU can run, the portable one first.
     fn supported_isas() -> Vec<Isa> {
+        #[cfg(target_arch = "aarch64")]
+        let all = [Isa::Scalar, Isa::Neon, Isa::NeonDotprod];
+        #[cfg(not(target_arch = "aarch64"))]
         let all = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni];
         let best = all.iter().position(|&i| i == detect_isa()).unwrap_or(0);
         all[..=best].to_vec()
@@ -734,7 +832,7 @@ mod tests {
     #[test]
     fn marco_kernels_caps_the_detected_level() {
         use Isa::*;
-        for detected in [Scalar, Avx2, Avx512, Avx512Vnni] {
+        for detected in [Scalar, Avx2, Avx512, Avx512Vnni, Neon, NeonDotprod] {
             assert_eq!(capped_isa("", detected), detected);
             assert_eq!(capped_isa("auto", detected), detected);
             assert_eq!(capped_isa("scalar", detected), Scalar);
@@ -747,6 +845,10 @@ mod tests {
         assert_eq!(capped_isa("avx512", Avx512Vnni), Avx512);
         assert_eq!(capped_isa("avx512", Avx512), Avx512);
         assert_eq!(capped_isa("avx512", Avx2), Avx2);
+        assert_eq!(capped_isa("neon", NeonDotprod), Neon);
+        assert_eq!(capped_isa("neon", Neon), Neon);
+        assert_eq!(capped_isa("scalar", NeonDotprod), Scalar);
+        assert_eq!(capped_isa("avx2", NeonDotprod), NeonDotprod);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::arch::x86_64::*;
 const F32_PREFETCH_AHEAD: usize = 2048;
 use std::ops::Range;
 
-use super::{BlockRows, OutPtr, QuantizedActs};
+use super::{write_rows, Acts, BlockRows, OutPtr, QuantizedActs};
 use crate::packed::SplitBlocks;
 use crate::quant::{dequantize_into, k4_scale_min, GgmlType, QK, QK_K};
 
@@ -51,53 +51,6 @@ fn hsum(v: __m256) -> f32 {
 unsafe fn load256(p: *const u8) -> __m256i {
     // SAFETY: the caller guarantees 32 readable bytes at `p`.
     unsafe { _mm256_loadu_si256(p as *const __m256i) }
-}
-
-/// Raw views of the quantized activations, for unchecked access in the inner loops.
-#[derive(Clone, Copy)]
-struct Acts {
-    qs: *const i8,
-    d: *const f32,
-    dsum: *const f32,
-    dsum16: *const [f32; 2],
-    blocks: usize,
-}
-
-impl Acts {
-    fn new(acts: &QuantizedActs) -> Acts {
-        Acts {
-            qs: acts.qs.as_ptr(),
-            d: acts.d.as_ptr(),
-            dsum: acts.dsum.as_ptr(),
-            dsum16: acts.dsum16.as_ptr(),
-            blocks: acts.blocks,
-        }
-    }
-
-    /// Block `b` of row `r` (32 quantized values).
-    #[inline(always)]
-    unsafe fn block(self, r: usize, b: usize) -> *const u8 {
-        // SAFETY: the caller keeps `r` and `b` in range.
-        unsafe { self.qs.add((r * self.blocks + b) * QK) as *const u8 }
-    }
-
-    #[inline(always)]
-    unsafe fn scale(self, r: usize, b: usize) -> f32 {
-        // SAFETY: the caller keeps `r` and `b` in range.
-        unsafe { *self.d.add(r * self.blocks + b) }
-    }
-
-    #[inline(always)]
-    unsafe fn scaled_sum(self, r: usize, b: usize) -> f32 {
-        // SAFETY: the caller keeps `r` and `b` in range.
-        unsafe { *self.dsum.add(r * self.blocks + b) }
-    }
-
-    #[inline(always)]
-    unsafe fn scaled_sum16(self, r: usize, b: usize) -> [f32; 2] {
-        // SAFETY: the caller keeps `r` and `b` in range.
-        unsafe { *self.dsum16.add(r * self.blocks + b) }
-    }
 }
 
 /// Accumulates `dot(w, a_r[b]) · scale · d_r[b]` into `acc[r]` for the `R` rows from `r0`.
@@ -334,18 +287,6 @@ pub(super) unsafe fn quantized_rows(
             }
             r0 += 4;
         }
-    }
-}
-
-/// Writes `values[r]` to `out[r0 + r, o]`.
-///
-/// # Safety
-/// The caller owns column `o`, and rows `r0..r0 + R` exist.
-#[inline(always)]
-pub(super) unsafe fn write_rows<const R: usize>(out: OutPtr, r0: usize, o: usize, values: &[f32; R]) {
-    for (r, &v) in values.iter().enumerate() {
-        // SAFETY: the caller owns column `o` and rows `r0..r0 + R` exist.
-        unsafe { out.write(r0 + r, o, v) };
     }
 }
 
