@@ -442,25 +442,40 @@ pub fn attention_batch(
     let fma = fma_available();
     #[cfg(target_arch = "x86_64")]
     let avx512 = fma && matches!(crate::kernels::isa(), crate::Isa::Avx512 | crate::Isa::Avx512Vnni);
-    let task = |t: usize| {
-        let (seq, head) = (t / heads, t % heads);
+    let attend = |seq: usize, head: usize, scores: &mut Vec<f32>| {
         if fma {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `fma_available` checked AVX2 and FMA at run time, and `avx512` means
             // `isa()` found AVX-512 F, BW and VL; the lengths were checked above.
             unsafe {
                 match head_dim {
-                    64 if avx512 => attend_head_avx512::<4>(&job, seq, head),
-                    128 if avx512 => attend_head_avx512::<8>(&job, seq, head),
-                    _ if head_dim.is_multiple_of(8) => attend_head_avx2(&job, seq, head),
-                    _ => attend_head_fma(&job, seq, head),
+                    64 if avx512 => attend_head_avx512::<4>(&job, seq, head, scores),
+                    128 if avx512 => attend_head_avx512::<8>(&job, seq, head, scores),
+                    _ if head_dim.is_multiple_of(8) => attend_head_avx2(&job, seq, head, scores),
+                    _ => attend_head_fma(&job, seq, head, scores),
                 }
             }
         } else {
-            attend_head(&job, seq, head)
+            attend_head(&job, seq, head, scores)
         }
     };
-    let tasks = seqs.len() * heads;
+    // With enough sequences to keep the threads busy, a task is a (sequence, kv head) pair and
+    // runs the query heads that share those keys and values one after the other, so that the
+    // second and later heads find them in this core's cache instead of reading them again
+    // (often from memory: the weights streamed since the last step have evicted them). Each
+    // head's arithmetic is unchanged. Fewer sequences keep one task per query head, which
+    // balances the threads better.
+    let group = heads / kv_heads;
+    let grouped = seqs.len() * kv_heads >= GROUPED_ATTENTION_MIN_TASKS_PER_THREAD * pool::num_threads();
+    let (tasks, per_task) = if grouped { (seqs.len() * kv_heads, group) } else { (seqs.len() * heads, 1) };
+    let task = |t: usize| {
+        let (seq, first) = (t * per_task / heads, t * per_task % heads);
+        // One scores buffer per thread, reused by every task (a decode step runs thousands).
+        SCORES.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut scores) => (first..first + per_task).for_each(|head| attend(seq, head, &mut scores)),
+            Err(_) => (first..first + per_task).for_each(|head| attend(seq, head, &mut Vec::new())),
+        });
+    };
     if work >= PARALLEL_ATTENTION_MIN {
         pool::run(tasks, &task);
     } else {
@@ -468,6 +483,15 @@ pub fn attention_batch(
     }
     Ok(())
 }
+
+thread_local! {
+    /// Attention scores of the task running on this thread.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Tasks per pool thread from which [`attention_batch`] runs a (sequence, kv head) pair per task
+/// rather than a (sequence, query head) pair.
+const GROUPED_ATTENTION_MIN_TASKS_PER_THREAD: usize = 4;
 
 /// Whether the FMA build of the attention inner loops can run (x86-64 with AVX2 and FMA, and
 /// the kernels not forced to the portable path).
@@ -500,8 +524,8 @@ struct HeadJob<'a> {
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_head_fma(job: &HeadJob<'_>, seq: usize, h: usize) {
-    attend_head(job, seq, h)
+unsafe fn attend_head_fma(job: &HeadJob<'_>, seq: usize, h: usize, scores: &mut Vec<f32>) {
+    attend_head(job, seq, h, scores)
 }
 
 /// Turns scores into unnormalised softmax weights `e^(s - max)` in place and returns
@@ -537,7 +561,7 @@ fn softmax_weights(scores: &mut [f32], max: f32) -> f32 {
 /// [`attention_batch`] and `head_dim == 16 * C`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-unsafe fn attend_head_avx512<const C: usize>(job: &HeadJob<'_>, seq: usize, h: usize) {
+unsafe fn attend_head_avx512<const C: usize>(job: &HeadJob<'_>, seq: usize, h: usize, scores: &mut Vec<f32>) {
     use std::arch::x86_64::*;
 
     /// Lanes 0..4: the sums of the sixteen lanes of `acc[0]`, …, `acc[3]`.
@@ -560,7 +584,8 @@ unsafe fn attend_head_avx512<const C: usize>(job: &HeadJob<'_>, seq: usize, h: u
     let AttentionSeq { rows, runs, past } = &job.seqs[seq];
     let row_width = heads * head_dim;
     let kv_head = h / (heads / kv_heads);
-    let mut scores = vec![0.0f32; job.keys_of[seq]];
+    scores.clear();
+    scores.resize(job.keys_of[seq], 0.0);
     for (j, row) in rows.clone().enumerate() {
         let visible = past + j + 1;
         let qp = job.q[row * row_width + h * head_dim..(row * row_width + (h + 1) * head_dim)].as_ptr();
@@ -635,7 +660,7 @@ unsafe fn attend_head_avx512<const C: usize>(job: &HeadJob<'_>, seq: usize, h: u
 /// `head_dim` is a multiple of 8.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_head_avx2(job: &HeadJob<'_>, seq: usize, h: usize) {
+unsafe fn attend_head_avx2(job: &HeadJob<'_>, seq: usize, h: usize, scores: &mut Vec<f32>) {
     use std::arch::x86_64::*;
 
     #[inline(always)]
@@ -653,7 +678,8 @@ unsafe fn attend_head_avx2(job: &HeadJob<'_>, seq: usize, h: usize) {
     let row_width = heads * head_dim;
     let kv_head = h / (heads / kv_heads);
     let chunks = head_dim / 8;
-    let mut scores = vec![0.0f32; job.keys_of[seq]];
+    scores.clear();
+    scores.resize(job.keys_of[seq], 0.0);
     for (j, row) in rows.clone().enumerate() {
         let visible = past + j + 1;
         let q = job.q[row * row_width + h * head_dim..(row * row_width + (h + 1) * head_dim)].as_ptr();
@@ -729,12 +755,13 @@ unsafe fn attend_head_avx2(job: &HeadJob<'_>, seq: usize, h: usize) {
 /// Query head `h` of every new row of sequence `seq`: scores, softmax and the weighted sum of
 /// values.
 #[inline(always)]
-fn attend_head(job: &HeadJob<'_>, seq: usize, h: usize) {
+fn attend_head(job: &HeadJob<'_>, seq: usize, h: usize, scores: &mut Vec<f32>) {
     let AttentionShape { heads, kv_heads, head_dim } = job.shape;
     let AttentionSeq { rows, runs, past } = &job.seqs[seq];
     let row_width = heads * head_dim;
     let kv_head = h / (heads / kv_heads);
-    let mut scores = vec![0.0f32; job.keys_of[seq]];
+    scores.clear();
+    scores.resize(job.keys_of[seq], 0.0);
     let mut acc = vec![0.0f32; head_dim];
     for (j, row) in rows.clone().enumerate() {
         let visible = past + j + 1;
@@ -911,7 +938,9 @@ mod tests {
     #[test]
     fn batched_attention_equals_each_sequence_alone() {
         let shape = AttentionShape { heads: 4, kv_heads: 2, head_dim: 8 };
-        // (past, new rows) per sequence; enough work in total to take the parallel path.
+        // (past, new rows) per sequence; enough work in total to take the parallel path, and
+        // enough sequences × kv heads (8) for the tasks of one kv head's query heads (with up to
+        // two pool threads), which `attention` alone (2 tasks) never uses.
         let specs = [(40usize, 1usize), (3, 2), (700, 1), (0, 6)];
         let width = 4 * 8;
         let total_rows: usize = specs.iter().map(|s| s.1).sum();

@@ -157,9 +157,15 @@ impl<B: KernelBackend> BurnLm<B> {
         let device = self.model.device().clone();
         let k = batch.iter().map(|r| r.top_logprobs).max().unwrap_or(0).clamp(1, vocab);
         let (lse, top_values, top_ids) = B::lse_and_top_k(logits.clone(), k);
-        let forced: Vec<i64> = batch.iter().map(|r| r.force.unwrap_or(0) as i64).collect();
-        let forced = Tensor::<B, 2, Int>::from_data(TensorData::new(forced, [rows, 1]), &device);
-        let forced_logit = logits.clone().gather(1, forced);
+        // A gather over the whole `[rows, vocab]` logits copies them on some backends (NdArray):
+        // only pay for it when a request forces its token.
+        let forced_logit = if batch.iter().any(|r| r.force.is_some()) {
+            let forced: Vec<i64> = batch.iter().map(|r| r.force.unwrap_or(0) as i64).collect();
+            let forced = Tensor::<B, 2, Int>::from_data(TensorData::new(forced, [rows, 1]), &device);
+            logits.clone().gather(1, forced)
+        } else {
+            Tensor::zeros([rows, 1], &device)
+        };
         let k = top_values.dims()[1];
         let host = Tensor::cat(vec![lse, forced_logit, top_values], 1)
             .into_data()
