@@ -297,10 +297,23 @@ fn log_sum_exp_body(row: &[f32]) -> f64 {
     if row.is_empty() {
         return f64::NEG_INFINITY;
     }
-    // `0 * x` is 0 for finite x and NaN otherwise: one pass finds any non-finite entry.
-    let mut poison = 0.0f32;
-    let mut max = f32::NEG_INFINITY;
-    for &x in row {
+    // `0 * x` is 0 for finite x and NaN otherwise: one pass finds any non-finite entry. Sixteen
+    // independent lanes (then combined) let the pass vectorize; one running sum and maximum
+    // would be a chain of dependent operations, one element at a time. Neither result depends
+    // on the order: the sum is 0 or NaN, and the maximum of the finite values is exact.
+    let mut poison_lanes = [0.0f32; 16];
+    let mut max_lanes = [f32::NEG_INFINITY; 16];
+    let chunks = row.chunks_exact(16);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for ((poison, max), &x) in poison_lanes.iter_mut().zip(&mut max_lanes).zip(chunk) {
+            *poison += 0.0 * x;
+            *max = max.max(x);
+        }
+    }
+    let mut poison = poison_lanes.iter().fold(0.0f32, |p, &l| p + l);
+    let mut max = max_lanes.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+    for &x in rest {
         poison += 0.0 * x;
         max = max.max(x);
     }
