@@ -952,9 +952,13 @@ mod tests {
     fn batched_attention_equals_each_sequence_alone() {
         let shape = AttentionShape { heads: 4, kv_heads: 2, head_dim: 8 };
         // (past, new rows) per sequence; enough work in total to take the parallel path, and
-        // enough sequences × kv heads (8) for the tasks of one kv head's query heads (with up to
-        // two pool threads), which `attention` alone (2 tasks) never uses.
-        let specs = [(40usize, 1usize), (3, 2), (700, 1), (0, 6)];
+        // enough sequences × kv heads for the tasks of one kv head's query heads whatever the
+        // thread count, which `attention` alone (2 tasks) never uses.
+        let base = [(40usize, 1usize), (3, 2), (700, 1), (0, 6)];
+        let needed = GROUPED_ATTENTION_MIN_TASKS_PER_THREAD * pool::num_threads();
+        let specs: Vec<(usize, usize)> =
+            base.iter().copied().cycle().take(base.len().max(needed.div_ceil(shape.kv_heads))).collect();
+        assert!(specs.len() * shape.kv_heads >= needed);
         let width = 4 * 8;
         let total_rows: usize = specs.iter().map(|s| s.1).sum();
         let q = noise(11, total_rows * width);

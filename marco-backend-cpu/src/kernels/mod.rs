@@ -23,6 +23,27 @@
 //! features across the persistent pool of [`crate::pool`]; [`matmul_many`] runs several
 //! products that share an input as one pool job.
 
+/// Runs a kernel over the activation rows in groups of four (the last group holds the 1–3 rows
+/// left) and writes each group's values to output column `o`:
+/// `four_row_groups!(rows, out, o, |r0| [one, two, three, four])`, where the `R`-th expression
+/// computes the `[f32; R]` of rows `r0..r0 + R`. Must be used in an `unsafe` block whose caller
+/// owns column `o` of `out` (see [`write_rows`]).
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(unused_macros))]
+macro_rules! four_row_groups {
+    ($rows:expr, $out:expr, $o:expr, |$r0:ident| [$one:expr, $two:expr, $three:expr, $four:expr $(,)?]) => {{
+        let mut $r0 = 0;
+        while $r0 < $rows {
+            match $rows - $r0 {
+                1 => $crate::kernels::write_rows($out, $r0, $o, &$one),
+                2 => $crate::kernels::write_rows($out, $r0, $o, &$two),
+                3 => $crate::kernels::write_rows($out, $r0, $o, &$three),
+                _ => $crate::kernels::write_rows($out, $r0, $o, &$four),
+            }
+            $r0 += 4;
+        }
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "aarch64")]
@@ -150,12 +171,15 @@ fn detect_isa() -> Isa {
     #[cfg(target_arch = "aarch64")]
     {
         if std::arch::is_aarch64_feature_detected!("dotprod") {
-            return Isa::NeonDotprod;
+            Isa::NeonDotprod
+        } else {
+            Isa::Neon
         }
-        return Isa::Neon;
     }
-    #[allow(unreachable_code)]
-    Isa::Scalar
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        Isa::Scalar
+    }
 }
 
 /// Activation rows quantized to 8-bit blocks of 32 (one f32 scale per block).
@@ -670,8 +694,11 @@ fn split_rows(isa: Isa, w: &SplitBlocks, acts: &QuantizedActs, rows: usize, outs
         // SAFETY: `isa()` verified AVX2, FMA and F16C at run time.
         Isa::Avx2 => unsafe { x86::split_rows(w, acts, rows, outs, out) },
         #[cfg(target_arch = "aarch64")]
-        // SAFETY: NEON is in the aarch64 baseline; `isa()` verified FEAT_DotProd for `sdot`.
-        Isa::Neon | Isa::NeonDotprod => unsafe { neon::split_rows(isa == Isa::NeonDotprod, w, acts, rows, outs, out) },
+        // SAFETY: NEON is in the aarch64 baseline.
+        Isa::Neon => unsafe { neon::split_rows::<false>(w, acts, rows, outs, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above, and `isa()` found FEAT_DotProd for `sdot`.
+        Isa::NeonDotprod => unsafe { neon::split_rows::<true>(w, acts, rows, outs, out) },
         _ => via_ggml_tiles(
             w.ty,
             w.blocks,
@@ -707,10 +734,11 @@ fn quantized_rows(isa: Isa, w: &BlockRows<'_>, acts: &QuantizedActs, rows: usize
         // SAFETY: `isa()` verified AVX2, FMA and F16C at run time (the AVX-512 levels imply them).
         Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::quantized_rows(w, acts, rows, outs, out) },
         #[cfg(target_arch = "aarch64")]
-        // SAFETY: NEON is in the aarch64 baseline; `isa()` verified FEAT_DotProd for `sdot`.
-        Isa::Neon | Isa::NeonDotprod => unsafe {
-            neon::quantized_rows(isa == Isa::NeonDotprod, w, acts, rows, outs, out)
-        },
+        // SAFETY: NEON is in the aarch64 baseline.
+        Isa::Neon => unsafe { neon::quantized_rows::<false>(w, acts, rows, outs, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above, and `isa()` found FEAT_DotProd for `sdot`.
+        Isa::NeonDotprod => unsafe { neon::quantized_rows::<true>(w, acts, rows, outs, out) },
         _ => scalar::quantized_rows(w, acts, rows, outs, out),
     }
 }

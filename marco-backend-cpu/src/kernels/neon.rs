@@ -21,7 +21,7 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 use std::ops::Range;
 
-use super::{write_rows, Acts, BlockRows, OutPtr, QuantizedActs};
+use super::{Acts, BlockRows, OutPtr, QuantizedActs};
 use crate::packed::SplitBlocks;
 use crate::quant::{dequantize_into, k4_scale_min, read_f16, GgmlType, QK, QK_K};
 
@@ -231,13 +231,13 @@ unsafe fn split_dot<const R: usize, const KIND: u8, const SDOT: bool>(
     std::array::from_fn(|r| vaddvq_f32(vaddq_f32(vaddq_f32(acc[0][r], acc[1][r]), corr[r])) + tail[r])
 }
 
-/// The body of [`split_rows`] for one `SDOT` choice.
+/// Computes `out[r, o]` for a split Q8_0/Q4_0/Q4_1 matrix with 8-bit activations.
 ///
 /// # Safety
-/// As [`split_rows`]; with `SDOT`, as [`dot_i8`].
-#[inline]
+/// With `SDOT`, the CPU must have FEAT_DotProd. `out` must be a `[rows, n_out]` buffer whose
+/// columns `outs` belong to the caller; `acts` must hold `rows` rows of `w.blocks` blocks.
 #[target_feature(enable = "neon")]
-unsafe fn split_rows_with<const SDOT: bool>(
+pub(super) unsafe fn split_rows<const SDOT: bool>(
     w: &SplitBlocks,
     acts: &QuantizedActs,
     rows: usize,
@@ -248,18 +248,14 @@ unsafe fn split_rows_with<const SDOT: bool>(
     macro_rules! run_kind {
         ($kind:expr) => {
             for o in outs {
-                let mut r0 = 0;
-                while r0 < rows {
-                    // SAFETY: rows `r0..r0 + R` exist; output `(r, o)` belongs to this task.
-                    unsafe {
-                        match rows - r0 {
-                            1 => write_rows(out, r0, o, &split_dot::<1, { $kind }, SDOT>(w, o, raw, r0)),
-                            2 => write_rows(out, r0, o, &split_dot::<2, { $kind }, SDOT>(w, o, raw, r0)),
-                            3 => write_rows(out, r0, o, &split_dot::<3, { $kind }, SDOT>(w, o, raw, r0)),
-                            _ => write_rows(out, r0, o, &split_dot::<4, { $kind }, SDOT>(w, o, raw, r0)),
-                        }
-                    }
-                    r0 += 4;
+                // SAFETY: rows `r0..r0 + R` exist; output `(r, o)` belongs to this task.
+                unsafe {
+                    four_row_groups!(rows, out, o, |r0| [
+                        split_dot::<1, { $kind }, SDOT>(w, o, raw, r0),
+                        split_dot::<2, { $kind }, SDOT>(w, o, raw, r0),
+                        split_dot::<3, { $kind }, SDOT>(w, o, raw, r0),
+                        split_dot::<4, { $kind }, SDOT>(w, o, raw, r0),
+                    ])
                 }
             }
         };
@@ -268,30 +264,6 @@ unsafe fn split_rows_with<const SDOT: bool>(
         GgmlType::Q8_0 => run_kind!(KIND_Q8_0),
         GgmlType::Q4_0 => run_kind!(KIND_Q4_0),
         _ => run_kind!(KIND_Q4_1),
-    }
-}
-
-/// Computes `out[r, o]` for a split Q8_0/Q4_0/Q4_1 matrix with 8-bit activations.
-///
-/// # Safety
-/// With `sdot`, the CPU must have FEAT_DotProd. `out` must be a `[rows, n_out]` buffer whose
-/// columns `outs` belong to the caller; `acts` must hold `rows` rows of `w.blocks` blocks.
-#[target_feature(enable = "neon")]
-pub(super) unsafe fn split_rows(
-    sdot: bool,
-    w: &SplitBlocks,
-    acts: &QuantizedActs,
-    rows: usize,
-    outs: Range<usize>,
-    out: OutPtr,
-) {
-    // SAFETY: guaranteed by the caller.
-    unsafe {
-        if sdot {
-            split_rows_with::<true>(w, acts, rows, outs, out)
-        } else {
-            split_rows_with::<false>(w, acts, rows, outs, out)
-        }
     }
 }
 
@@ -422,13 +394,14 @@ unsafe fn q6_k_dot<const R: usize, const SDOT: bool>(w_row: *const u8, acts: Act
     std::array::from_fn(|r| vaddvq_f32(vaddq_f32(acc[0][r], acc[1][r])) + corr[r])
 }
 
-/// The body of [`quantized_rows`] for one `SDOT` choice.
+/// Computes `out[r, o]` for k-quant (Q4_K, Q6_K) weight rows with 8-bit activations; other
+/// types take the portable path.
 ///
 /// # Safety
-/// As [`quantized_rows`]; with `SDOT`, as [`dot_i8`].
-#[inline]
+/// With `SDOT`, the CPU must have FEAT_DotProd. `out` must be a `[rows, n_out]` buffer whose
+/// columns `outs` belong to the caller; `acts` must hold `rows` rows of `w.n_in` values.
 #[target_feature(enable = "neon")]
-unsafe fn quantized_rows_with<const SDOT: bool>(
+pub(super) unsafe fn quantized_rows<const SDOT: bool>(
     w: &BlockRows<'_>,
     acts: &QuantizedActs,
     rows: usize,
@@ -440,19 +413,15 @@ unsafe fn quantized_rows_with<const SDOT: bool>(
         ($dot:ident) => {
             for o in outs {
                 let w_row = w.row(o).as_ptr();
-                let mut r0 = 0;
-                while r0 < rows {
-                    // SAFETY: `w_row` is a full weight row and rows `r0..r0 + R` exist in
-                    // `acts`; output `(r, o)` belongs to this task.
-                    unsafe {
-                        match rows - r0 {
-                            1 => write_rows(out, r0, o, &$dot::<1, SDOT>(w_row, raw, r0)),
-                            2 => write_rows(out, r0, o, &$dot::<2, SDOT>(w_row, raw, r0)),
-                            3 => write_rows(out, r0, o, &$dot::<3, SDOT>(w_row, raw, r0)),
-                            _ => write_rows(out, r0, o, &$dot::<4, SDOT>(w_row, raw, r0)),
-                        }
-                    }
-                    r0 += 4;
+                // SAFETY: `w_row` is a full weight row and rows `r0..r0 + R` exist in
+                // `acts`; output `(r, o)` belongs to this task.
+                unsafe {
+                    four_row_groups!(rows, out, o, |r0| [
+                        $dot::<1, SDOT>(w_row, raw, r0),
+                        $dot::<2, SDOT>(w_row, raw, r0),
+                        $dot::<3, SDOT>(w_row, raw, r0),
+                        $dot::<4, SDOT>(w_row, raw, r0),
+                    ])
                 }
             }
         };
@@ -463,31 +432,6 @@ unsafe fn quantized_rows_with<const SDOT: bool>(
         // Q8_0/Q4_0/Q4_1 are kept split (see `split_rows`); GGUF-layout copies of them only
         // reach this from the portable tile path.
         _ => super::scalar::quantized_rows(w, acts, rows, outs, out),
-    }
-}
-
-/// Computes `out[r, o]` for k-quant (Q4_K, Q6_K) weight rows with 8-bit activations; other
-/// types take the portable path.
-///
-/// # Safety
-/// With `sdot`, the CPU must have FEAT_DotProd. `out` must be a `[rows, n_out]` buffer whose
-/// columns `outs` belong to the caller; `acts` must hold `rows` rows of `w.n_in` values.
-#[target_feature(enable = "neon")]
-pub(super) unsafe fn quantized_rows(
-    sdot: bool,
-    w: &BlockRows<'_>,
-    acts: &QuantizedActs,
-    rows: usize,
-    outs: Range<usize>,
-    out: OutPtr,
-) {
-    // SAFETY: guaranteed by the caller.
-    unsafe {
-        if sdot {
-            quantized_rows_with::<true>(w, acts, rows, outs, out)
-        } else {
-            quantized_rows_with::<false>(w, acts, rows, outs, out)
-        }
     }
 }
 
@@ -545,18 +489,14 @@ pub(super) unsafe fn f32_rows(w: &[f32], n_in: usize, x: &[f32], rows: usize, ou
     let xp = x.as_ptr();
     for o in outs {
         let w_row = w[o * n_in..(o + 1) * n_in].as_ptr();
-        let mut r0 = 0;
-        while r0 < rows {
-            // SAFETY: rows `r0..r0 + R` exist; output `(r, o)` belongs to this task.
-            unsafe {
-                match rows - r0 {
-                    1 => write_rows(out, r0, o, &f32_dot::<1, 4>(w_row, xp, n_in, r0)),
-                    2 => write_rows(out, r0, o, &f32_dot::<2, 4>(w_row, xp, n_in, r0)),
-                    3 => write_rows(out, r0, o, &f32_dot::<3, 2>(w_row, xp, n_in, r0)),
-                    _ => write_rows(out, r0, o, &f32_dot::<4, 2>(w_row, xp, n_in, r0)),
-                }
-            }
-            r0 += 4;
+        // SAFETY: rows `r0..r0 + R` exist; output `(r, o)` belongs to this task.
+        unsafe {
+            four_row_groups!(rows, out, o, |r0| [
+                f32_dot::<1, 4>(w_row, xp, n_in, r0),
+                f32_dot::<2, 4>(w_row, xp, n_in, r0),
+                f32_dot::<3, 2>(w_row, xp, n_in, r0),
+                f32_dot::<4, 2>(w_row, xp, n_in, r0),
+            ])
         }
     }
 }
@@ -646,18 +586,14 @@ pub(super) unsafe fn float_decode_rows(w: &BlockRows<'_>, x: &[f32], rows: usize
     let xp = x.as_ptr();
     for o in outs {
         let w_row = w.row(o);
-        let mut r0 = 0;
-        while r0 < rows {
-            // SAFETY: rows `r0..r0 + R` exist; output `(r, o)` belongs to this task.
-            unsafe {
-                match rows - r0 {
-                    1 => write_rows(out, r0, o, &decode_dot::<1>(w.ty, w_row, xp, n_in, r0)),
-                    2 => write_rows(out, r0, o, &decode_dot::<2>(w.ty, w_row, xp, n_in, r0)),
-                    3 => write_rows(out, r0, o, &decode_dot::<3>(w.ty, w_row, xp, n_in, r0)),
-                    _ => write_rows(out, r0, o, &decode_dot::<4>(w.ty, w_row, xp, n_in, r0)),
-                }
-            }
-            r0 += 4;
+        // SAFETY: rows `r0..r0 + R` exist; output `(r, o)` belongs to this task.
+        unsafe {
+            four_row_groups!(rows, out, o, |r0| [
+                decode_dot::<1>(w.ty, w_row, xp, n_in, r0),
+                decode_dot::<2>(w.ty, w_row, xp, n_in, r0),
+                decode_dot::<3>(w.ty, w_row, xp, n_in, r0),
+                decode_dot::<4>(w.ty, w_row, xp, n_in, r0),
+            ])
         }
     }
 }

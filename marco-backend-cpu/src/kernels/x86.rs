@@ -18,7 +18,7 @@ use std::arch::x86_64::*;
 const F32_PREFETCH_AHEAD: usize = 2048;
 use std::ops::Range;
 
-use super::{write_rows, Acts, BlockRows, OutPtr, QuantizedActs};
+use super::{Acts, BlockRows, OutPtr, QuantizedActs};
 use crate::packed::SplitBlocks;
 use crate::quant::{dequantize_into, k4_scale_min, GgmlType, QK, QK_K};
 
@@ -273,19 +273,15 @@ pub(super) unsafe fn quantized_rows(
     };
     for o in outs {
         let w_row = w.row(o).as_ptr();
-        let mut r0 = 0;
-        while r0 < rows {
-            // SAFETY: `w_row` is a full weight row and rows `r0..r0 + R` exist in `acts`;
-            // output `(r, o)` belongs to this task.
-            unsafe {
-                match rows - r0 {
-                    1 => write_rows(out, r0, o, &dot1(w_row, raw, r0)),
-                    2 => write_rows(out, r0, o, &dot2(w_row, raw, r0)),
-                    3 => write_rows(out, r0, o, &dot3(w_row, raw, r0)),
-                    _ => write_rows(out, r0, o, &dot4(w_row, raw, r0)),
-                }
-            }
-            r0 += 4;
+        // SAFETY: `w_row` is a full weight row and rows `r0..r0 + R` exist in `acts`;
+        // output `(r, o)` belongs to this task.
+        unsafe {
+            four_row_groups!(rows, out, o, |r0| [
+                dot1(w_row, raw, r0),
+                dot2(w_row, raw, r0),
+                dot3(w_row, raw, r0),
+                dot4(w_row, raw, r0),
+            ])
         }
     }
 }
@@ -350,18 +346,14 @@ pub(super) unsafe fn f32_rows(w: &[f32], n_in: usize, x: &[f32], rows: usize, ou
     let xp = x.as_ptr();
     for o in outs {
         let w_row = w[o * n_in..(o + 1) * n_in].as_ptr();
-        let mut r0 = 0;
-        while r0 < rows {
-            // SAFETY: rows `r0..r0 + R` exist; output `(r, o)` belongs to this task.
-            unsafe {
-                match rows - r0 {
-                    1 => write_rows(out, r0, o, &f32_dot::<1, 4>(w_row, xp, n_in, r0)),
-                    2 => write_rows(out, r0, o, &f32_dot::<2, 2>(w_row, xp, n_in, r0)),
-                    3 => write_rows(out, r0, o, &f32_dot::<3, 1>(w_row, xp, n_in, r0)),
-                    _ => write_rows(out, r0, o, &f32_dot::<4, 1>(w_row, xp, n_in, r0)),
-                }
-            }
-            r0 += 4;
+        // SAFETY: rows `r0..r0 + R` exist; output `(r, o)` belongs to this task.
+        unsafe {
+            four_row_groups!(rows, out, o, |r0| [
+                f32_dot::<1, 4>(w_row, xp, n_in, r0),
+                f32_dot::<2, 2>(w_row, xp, n_in, r0),
+                f32_dot::<3, 1>(w_row, xp, n_in, r0),
+                f32_dot::<4, 1>(w_row, xp, n_in, r0),
+            ])
         }
     }
 }
@@ -440,18 +432,14 @@ pub(super) unsafe fn float_decode_rows(w: &BlockRows<'_>, x: &[f32], rows: usize
     let xp = x.as_ptr();
     for o in outs {
         let w_row = w.row(o).as_ptr();
-        let mut r0 = 0;
-        while r0 < rows {
-            // SAFETY: rows `r0..r0 + R` exist; output `(r, o)` belongs to this task.
-            unsafe {
-                match rows - r0 {
-                    1 => write_rows(out, r0, o, &decode_dot::<1>(w.ty, w_row, xp, n_in, r0)),
-                    2 => write_rows(out, r0, o, &decode_dot::<2>(w.ty, w_row, xp, n_in, r0)),
-                    3 => write_rows(out, r0, o, &decode_dot::<3>(w.ty, w_row, xp, n_in, r0)),
-                    _ => write_rows(out, r0, o, &decode_dot::<4>(w.ty, w_row, xp, n_in, r0)),
-                }
-            }
-            r0 += 4;
+        // SAFETY: rows `r0..r0 + R` exist; output `(r, o)` belongs to this task.
+        unsafe {
+            four_row_groups!(rows, out, o, |r0| [
+                decode_dot::<1>(w.ty, w_row, xp, n_in, r0),
+                decode_dot::<2>(w.ty, w_row, xp, n_in, r0),
+                decode_dot::<3>(w.ty, w_row, xp, n_in, r0),
+                decode_dot::<4>(w.ty, w_row, xp, n_in, r0),
+            ])
         }
     }
 }
@@ -557,18 +545,14 @@ pub(super) unsafe fn split_rows(w: &SplitBlocks, acts: &QuantizedActs, rows: usi
     macro_rules! run_kind {
         ($kind:expr) => {
             for o in outs {
-                let mut r0 = 0;
-                while r0 < rows {
-                    // SAFETY: rows `r0..r0 + R` exist; output `(r, o)` belongs to this task.
-                    unsafe {
-                        match rows - r0 {
-                            1 => write_rows(out, r0, o, &split_dot::<1, { $kind }>(w, o, raw, r0)),
-                            2 => write_rows(out, r0, o, &split_dot::<2, { $kind }>(w, o, raw, r0)),
-                            3 => write_rows(out, r0, o, &split_dot::<3, { $kind }>(w, o, raw, r0)),
-                            _ => write_rows(out, r0, o, &split_dot::<4, { $kind }>(w, o, raw, r0)),
-                        }
-                    }
-                    r0 += 4;
+                // SAFETY: rows `r0..r0 + R` exist; output `(r, o)` belongs to this task.
+                unsafe {
+                    four_row_groups!(rows, out, o, |r0| [
+                        split_dot::<1, { $kind }>(w, o, raw, r0),
+                        split_dot::<2, { $kind }>(w, o, raw, r0),
+                        split_dot::<3, { $kind }>(w, o, raw, r0),
+                        split_dot::<4, { $kind }>(w, o, raw, r0),
+                    ])
                 }
             }
         };
