@@ -4,6 +4,12 @@
 //! `CudaDevice`; marco-model implements its kernel seam for them. Building needs no GPU and no
 //! CUDA toolkit (cubecl compiles kernels at run time through the driver's NVRTC).
 //!
+//! burn-cuda's `matmul` runs f32 products on the tensor cores in TF32 (inputs rounded to a
+//! 10-bit mantissa: logits move by ~5e-3), and burn 0.21 has no switch to turn that off.
+//! [`matmul_exact`] launches cubek's register-tiled ("unit") matmul instead, which keeps f32
+//! inputs in f32; marco-model runs the f32 CUDA backend's linear layers and attention through
+//! it, and keeps burn's tensor-core matmul for bf16.
+//!
 //! Running does need the driver, and cudarc panics when `libcuda.so` is missing. Call
 //! [`cuda_available`] first: it `dlopen`s the driver library itself, asks it for devices, and
 //! answers `false` on any failure, so that tests and examples can skip with a clear message
@@ -12,6 +18,11 @@
 
 #[cfg(feature = "cuda")]
 pub use burn_cuda::{Cuda, CudaDevice};
+
+#[cfg(feature = "cuda")]
+mod exact_matmul;
+#[cfg(feature = "cuda")]
+pub use exact_matmul::{matmul_exact, ExactMatmulError};
 
 /// Why CUDA cannot be used on this machine.
 #[derive(Debug, Clone, PartialEq, Eq)]

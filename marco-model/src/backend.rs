@@ -9,7 +9,9 @@
 //!   ggml-quantised rows, read by a GEMV/GEMM with runtime SIMD dispatch), run directly on the
 //!   primitive's host buffer; top-k is a partial selection on that buffer (the "device" is the
 //!   host, so nothing is copied), and the log-sum-exp accumulates in f64.
-//! - `Cuda` (feature `cuda`): weights are burn tensors and the kernel is burn's `matmul`.
+//! - `Cuda` (feature `cuda`): weights are burn tensors; in f32 the products run in exact f32
+//!   (`marco_backend_cuda::matmul_exact`: burn's own `matmul` uses TF32 tensor cores), in bf16 on
+//!   burn's `matmul`.
 //!
 //! The same network can always run on burn's plain ops instead ([`LinearPath::Burn`]): the
 //! model then holds `[in, out]` burn tensors and multiplies with `matmul`. Tests check both
@@ -170,7 +172,13 @@ pub trait KernelBackend: Backend {
     /// sequence's result must not depend on the rest of the batch or on how its positions are
     /// cut into runs, so that forked and batched sequences compute what they would alone.
     fn attention(q: Tensor<Self, 3>, seqs: &[SequenceKv<Self>], shape: AttentionShape) -> Tensor<Self, 2> {
-        layer_ops::attention_batch(q, seqs, shape)
+        layer_ops::attention_batch(q, seqs, shape, Self::batched_matmul)
+    }
+
+    /// A batched matrix product `[b, m, k] · [b, k, n]` (the default attention's scores and
+    /// weighted values). The default is burn's `matmul`.
+    fn batched_matmul(lhs: Tensor<Self, 3>, rhs: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        lhs.matmul(rhs)
     }
 
     /// Bytes the weight occupies.
@@ -525,7 +533,7 @@ mod cpu {
 
         fn attention(q: Tensor<Self, 3>, seqs: &[SequenceKv<Self>], shape: AttentionShape) -> Tensor<Self, 2> {
             let rows = q.dims()[0];
-            let fallback = || layer_ops::attention_batch(q.clone(), seqs, shape);
+            let fallback = || layer_ops::attention_batch(q.clone(), seqs, shape, Self::batched_matmul);
             let Some(qp) = primitive(&q) else { return fallback() };
             // Shared handles of every run's buffers, then borrowed views of them.
             let mut prims = Vec::with_capacity(seqs.len());
@@ -628,23 +636,43 @@ pub use cpu::CpuLinear;
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    //! CUDA: burn's own matmul on `[in, out]` tensors; top-k sorted on the device.
+    //! CUDA: weights are `[in, out]` burn tensors. In f32 the linear layers and attention's
+    //! products run through [`marco_backend_cuda::matmul_exact`] (f32 fused multiply-adds;
+    //! burn's own `matmul` would round the inputs to TF32 on the tensor cores); in bf16 they run
+    //! on burn's `matmul` (the tensor cores, as bf16 checkpoints are meant to run). Top-k is
+    //! sorted on the device.
 
-    use burn::tensor::{bf16, Tensor};
+    use burn::tensor::{bf16, Tensor, TensorPrimitive};
     use burn_cuda::{Cuda, CudaDevice};
 
     use super::{dense_in_out, HostWeight, KernelBackend};
     use crate::error::Result;
 
+    /// `lhs · rhs` in exact f32 on the device. Where no exact routine accepts the problem
+    /// (none is known: cubek's naive kernel takes any shape), burn's `matmul` runs instead.
+    fn exact_f32<const D: usize>(lhs: Tensor<Cuda, D>, rhs: Tensor<Cuda, D>) -> Tensor<Cuda, D> {
+        let primitive = |t: Tensor<Cuda, D>| match t.into_primitive() {
+            TensorPrimitive::Float(p) => p,
+            TensorPrimitive::QFloat(p) => p,
+        };
+        match marco_backend_cuda::matmul_exact(primitive(lhs.clone()), primitive(rhs.clone())) {
+            Ok(out) => Tensor::from_primitive(TensorPrimitive::Float(out)),
+            Err(error) => {
+                tracing::warn!(%error, "exact f32 matmul unavailable: burn's TF32 matmul runs instead");
+                lhs.matmul(rhs)
+            }
+        }
+    }
+
     /// One implementation per float type: `Cuda` (f32) and `Cuda<bf16>` (weights, activations
     /// and KV in bf16, as Marco-o1's checkpoint is stored; host data converts on upload).
     macro_rules! cuda_kernel_backend {
-        ($float:ty) => {
+        ($float:ty, $name:literal, $matmul2:expr, $matmul3:expr) => {
             impl KernelBackend for Cuda<$float> {
                 type LinearWeight = Tensor<Cuda<$float>, 2>;
 
                 fn kernel_name() -> &'static str {
-                    concat!("burn-cuda-matmul-", stringify!($float))
+                    $name
                 }
 
                 fn linear_weight(
@@ -663,7 +691,11 @@ mod cuda {
                 }
 
                 fn kernel_linear(x: Tensor<Self, 2>, weight: &Self::LinearWeight) -> Tensor<Self, 2> {
-                    x.matmul(weight.clone())
+                    $matmul2(x, weight.clone())
+                }
+
+                fn batched_matmul(lhs: Tensor<Self, 3>, rhs: Tensor<Self, 3>) -> Tensor<Self, 3> {
+                    $matmul3(lhs, rhs)
                 }
 
                 fn linear_weight_bytes(weight: &Self::LinearWeight) -> usize {
@@ -673,6 +705,6 @@ mod cuda {
         };
     }
 
-    cuda_kernel_backend!(f32);
-    cuda_kernel_backend!(bf16);
+    cuda_kernel_backend!(f32, "cubek-unit-matmul-f32", exact_f32::<2>, exact_f32::<3>);
+    cuda_kernel_backend!(bf16, "burn-cuda-matmul-bf16", Tensor::matmul, Tensor::matmul);
 }

@@ -39,6 +39,10 @@ pub(crate) fn swiglu<B: KernelBackend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> 
     silu(gate) * up
 }
 
+/// A batched matrix product `[b, m, k] · [b, k, n]`: burn's `matmul` on the plain path,
+/// [`KernelBackend::batched_matmul`] on the kernel paths.
+pub(crate) type Matmul3<B> = fn(Tensor<B, 3>, Tensor<B, 3>) -> Tensor<B, 3>;
+
 /// Causal grouped-query attention of `q` (`[n, heads, head_dim]`, rotated and scaled) against
 /// `runs` (whose lengths add up to `past + n`); returns `[n, heads * head_dim]`.
 pub(crate) fn attention<B: KernelBackend>(
@@ -46,6 +50,7 @@ pub(crate) fn attention<B: KernelBackend>(
     runs: &[KvRun<B>],
     past: usize,
     shape: AttentionShape,
+    matmul: Matmul3<B>,
 ) -> Tensor<B, 2> {
     let AttentionShape { heads, kv_heads, head_dim: dim } = shape;
     let group = heads / kv_heads;
@@ -70,7 +75,7 @@ pub(crate) fn attention<B: KernelBackend>(
             (Tensor::cat(ks, 1), Tensor::cat(vs, 1))
         }
     };
-    let mut scores = q.matmul(keys_all.swap_dims(1, 2));
+    let mut scores = matmul(q, keys_all.swap_dims(1, 2));
     let keys = past + n;
     if n > 1 {
         // Causal mask over the new positions: row j sees keys 0..=past + j.
@@ -83,7 +88,7 @@ pub(crate) fn attention<B: KernelBackend>(
         let mask = Tensor::<B, 4>::from_data(TensorData::new(mask, [1, 1, n, keys]), &device);
         scores = (scores.reshape([kv_heads, group, n, keys]) + mask).reshape([kv_heads, group * n, keys]);
     }
-    let out = softmax(scores, 2).matmul(values_all);
+    let out = matmul(softmax(scores, 2), values_all);
     // [kv_heads, group * n, dim] -> [n, heads * dim]
     if n == 1 {
         out.reshape([1, heads * dim])
@@ -98,6 +103,7 @@ pub(crate) fn attention_batch<B: KernelBackend>(
     q: Tensor<B, 3>,
     seqs: &[SequenceKv<B>],
     shape: AttentionShape,
+    matmul: Matmul3<B>,
 ) -> Tensor<B, 2> {
     let [rows, heads, dim] = q.dims();
     let mut outputs: Vec<Tensor<B, 2>> = seqs
@@ -105,7 +111,7 @@ pub(crate) fn attention_batch<B: KernelBackend>(
         .map(|seq| {
             let q_seq =
                 if seq.rows.len() == rows { q.clone() } else { q.clone().slice([seq.rows.clone(), 0..heads, 0..dim]) };
-            attention(q_seq, &seq.runs, seq.past, shape)
+            attention(q_seq, &seq.runs, seq.past, shape, matmul)
         })
         .collect();
     if outputs.len() == 1 {

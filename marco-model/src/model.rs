@@ -450,7 +450,7 @@ impl<B: KernelBackend> Transformer<B> {
             seqs.push(SequenceKv { rows, runs: item.cache.runs(index, n), past });
         }
         match self.path {
-            LinearPath::Burn => layer_ops::attention_batch(q, &seqs, shape),
+            LinearPath::Burn => layer_ops::attention_batch(q, &seqs, shape, Tensor::matmul),
             LinearPath::Kernel | LinearPath::KernelExact => <B as KernelBackend>::attention(q, &seqs, shape),
         }
     }
