@@ -94,14 +94,16 @@ impl SelfConsistency {
             return Ok((NodeId::ROOT, 0.0));
         }
         let count = self.config.samples.min(engine.nodes_left()).min(engine.rollouts_left());
-        if count < self.config.samples {
-            let reason = if engine.nodes_left() < self.config.samples {
+        // The node or rollout cap is recorded after the walk: where the token or time budget runs
+        // out during the walk (the walk records it), some samples get no token and that budget is
+        // the reason the search stopped.
+        let capped = (count < self.config.samples).then(|| {
+            if engine.nodes_left() < self.config.samples {
                 StopReason::NodeBudget
             } else {
                 StopReason::RolloutBudget
-            };
-            engine.stop_with(reason);
-        }
+            }
+        });
         let group = if count > 1 { engine.sibling_group(NodeId::ROOT) } else { None };
         let mut walkers = Vec::with_capacity(count);
         for i in 0..count {
@@ -119,6 +121,9 @@ impl SelfConsistency {
                 }
                 None => engine.tracker.rollouts -= 1,
             }
+        }
+        if let Some(reason) = capped {
+            engine.stop_with(reason);
         }
         observer.on_progress(&engine.progress());
         let finished: Vec<(NodeId, f64)> =

@@ -496,3 +496,25 @@ fn a_model_error_is_returned_and_leaks_no_sequence() {
         }
     }
 }
+
+/// Found by `policies_keep_their_invariants`: five samples capped at two rollouts, with a
+/// one-token budget. The second sample gets no token, so one rollout is made and the token
+/// budget, not the rollout budget, is what stopped the search.
+#[test]
+fn self_consistency_names_the_budget_that_stopped_it() {
+    let spec = Spec {
+        model: ModelSpec { seed: 0, sharpness: 0.5, typical_length: 3, max_context: 4096 },
+        policy: PolicySpec::SelfConsistency { samples: 5 },
+        generation: GenerationConfig::default()
+            .with_granularity(Granularity::Token)
+            .with_sampling(SamplingParams { temperature: 0.0, top_k: 0, top_p: 0.95, seed: 0 })
+            .with_max_depth(1)
+            .with_distinct_first_tokens(false),
+        budget: Budget { max_generated_tokens: Some(1), max_nodes: None, max_rollouts: Some(2), max_time: None },
+        reflection: false,
+    };
+    let (o, rounds, model) = run(&spec);
+    assert_eq!(o.stats.rollouts, 1);
+    assert_eq!(o.stats.stop_reason, StopReason::TokenBudget);
+    check_invariants(&spec, &o, rounds.as_ref(), &model);
+}
