@@ -14,6 +14,11 @@
 //! tokens to fork `i`, so the batch is ragged, as in a search. Then every sequence decodes
 //! `--gen-tokens` greedy tokens (top-5 log-probabilities reported, as the search asks), all
 //! sequences in one step call per token. Only the decode is timed.
+//!
+//! The batch sizes take turns: each of the `--runs` rounds runs every batch size once, so that
+//! a machine whose speed drifts over seconds slows all of them alike. The table gives each
+//! batch size's median rate and, as "× batch 1", the median over the rounds of its rate
+//! divided by the same round's batch-1 rate.
 
 mod common;
 
@@ -45,7 +50,7 @@ struct Args {
     /// Tokens each sequence decodes per run.
     #[arg(long, default_value_t = 32)]
     gen_tokens: usize,
-    /// Timed runs per batch size (after one warm-up run).
+    /// Timed rounds; each runs every batch size once (after one warm-up run of each).
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Float type of weights, activations and KV; bf16 needs `--features cuda`.
@@ -126,18 +131,35 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
     if prompt.len() + 4 + args.gen_tokens > model.max_context() {
         bail!("{} tokens exceed the model's context of {}", prompt.len() + 4 + args.gen_tokens, model.max_context());
     }
-    let mut rows = Vec::new();
     for &batch in &args.batches {
         one_run(&mut model, &prompt, batch, args.gen_tokens.min(4))?;
-        let mut rates = Vec::new();
-        for _ in 0..args.runs {
-            let seconds = one_run(&mut model, &prompt, batch, args.gen_tokens)?;
-            rates.push((batch * args.gen_tokens) as f64 / seconds);
-        }
-        rows.push((batch, common::median(&mut rates)));
     }
+    // rates[b][r]: batch size `b`'s rate in round `r`.
+    let mut rates = vec![Vec::with_capacity(args.runs); args.batches.len()];
+    for _ in 0..args.runs {
+        for (b, &batch) in args.batches.iter().enumerate() {
+            let seconds = one_run(&mut model, &prompt, batch, args.gen_tokens)?;
+            rates[b].push((batch * args.gen_tokens) as f64 / seconds);
+        }
+    }
+    let single = args.batches.iter().position(|&b| b == 1);
+    let rows: Vec<(usize, f64, f64)> = args
+        .batches
+        .iter()
+        .zip(&rates)
+        .map(|(&batch, rates_b)| {
+            let ratio = match single {
+                Some(one) => {
+                    let mut ratios: Vec<f64> = rates_b.iter().zip(&rates[one]).map(|(r, base)| r / base).collect();
+                    common::median(&mut ratios)
+                }
+                None => f64::NAN,
+            };
+            (batch, common::median(&mut rates_b.clone()), ratio)
+        })
+        .collect();
     println!(
-        "model: {model_name} · backend: {} ({}, {:?}) · prompt {} tokens shared, {} greedy tokens per sequence, median of {} runs",
+        "model: {model_name} · backend: {} ({}, {:?}) · prompt {} tokens shared, {} greedy tokens per sequence, median of {} interleaved rounds",
         common::backend_name(),
         B::kernel_name(),
         args.dtype,
@@ -147,13 +169,11 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
     );
     println!("| sequences | aggregate tok/s | ms per step | tok/s per sequence | × batch 1 |");
     println!("|---:|---:|---:|---:|---:|");
-    let base = rows.first().map(|&(b, r)| if b == 1 { r } else { f64::NAN }).unwrap_or(f64::NAN);
-    for (batch, rate) in rows {
+    for (batch, rate, ratio) in rows {
         println!(
-            "| {batch} | {rate:.1} | {:.1} | {:.1} | {:.2} |",
+            "| {batch} | {rate:.1} | {:.1} | {:.1} | {ratio:.2} |",
             1000.0 * batch as f64 / rate,
-            rate / batch as f64,
-            rate / base
+            rate / batch as f64
         );
     }
     Ok(())
