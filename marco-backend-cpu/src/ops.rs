@@ -950,23 +950,31 @@ mod tests {
 
     #[test]
     fn batched_attention_equals_each_sequence_alone() {
-        let shape = AttentionShape { heads: 4, kv_heads: 2, head_dim: 8 };
+        // Groups of 2, 3 and 4 query heads per kv head, at the AVX-512 widths (64 and 128) and a
+        // narrow width for the other kernels: a task of the batch runs a group's heads, where
+        // `attention` alone runs one head per task.
+        for (heads, kv_heads, head_dim) in [(4, 2, 8), (6, 2, 64), (9, 3, 64), (8, 2, 64), (8, 2, 128), (6, 2, 128)] {
+            batched_attention_equals_each_sequence_alone_with(AttentionShape { heads, kv_heads, head_dim });
+        }
+    }
+
+    fn batched_attention_equals_each_sequence_alone_with(shape: AttentionShape) {
+        let (width, kv_width) = (shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim);
         // (past, new rows) per sequence; enough work in total to take the parallel path, and
         // enough sequences × kv heads for the tasks of one kv head's query heads whatever the
-        // thread count, which `attention` alone (2 tasks) never uses.
+        // thread count, which `attention` alone (one task per head) never uses.
         let base = [(40usize, 1usize), (3, 2), (700, 1), (0, 6)];
         let needed = GROUPED_ATTENTION_MIN_TASKS_PER_THREAD * pool::num_threads();
         let specs: Vec<(usize, usize)> =
             base.iter().copied().cycle().take(base.len().max(needed.div_ceil(shape.kv_heads))).collect();
         assert!(specs.len() * shape.kv_heads >= needed);
-        let width = 4 * 8;
         let total_rows: usize = specs.iter().map(|s| s.1).sum();
         let q = noise(11, total_rows * width);
         let caches: Vec<(Vec<f32>, Vec<f32>, usize)> = specs
             .iter()
             .enumerate()
             .map(|(i, &(past, n))| {
-                (noise(20 + i as u64, 2 * (past + n) * 8), noise(30 + i as u64, 2 * (past + n) * 8), past + n)
+                (noise(20 + i as u64, (past + n) * kv_width), noise(30 + i as u64, (past + n) * kv_width), past + n)
             })
             .collect();
         let runs: Vec<[KvRun<'_>; 1]> =
@@ -984,7 +992,7 @@ mod tests {
             let mut alone = vec![0.0f32; n * width];
             let q_rows = &q[seq.rows.start * width..seq.rows.end * width];
             attention(q_rows, n, shape, seq.runs, seq.past, &mut alone).unwrap();
-            assert_eq!(&batched[seq.rows.start * width..seq.rows.end * width], &alone[..]);
+            assert_eq!(&batched[seq.rows.start * width..seq.rows.end * width], &alone[..], "{shape:?}");
         }
         // Overlapping row ranges are refused (the tasks would write the same rows).
         let overlapping = [seqs[0].clone(), AttentionSeq { rows: 0..2, ..seqs[1].clone() }];
