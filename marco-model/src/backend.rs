@@ -639,14 +639,16 @@ mod cuda {
     //! CUDA: weights are `[in, out]` burn tensors. In f32 the linear layers and attention's
     //! products run through [`marco_backend_cuda::matmul_exact`] (f32 fused multiply-adds;
     //! burn's own `matmul` would round the inputs to TF32 on the tensor cores); in bf16 they run
-    //! on burn's `matmul` (the tensor cores, as bf16 checkpoints are meant to run). Top-k is
-    //! sorted on the device.
+    //! on burn's `matmul` (the tensor cores, as bf16 checkpoints are meant to run). A decode
+    //! step's attention runs for all sequences at once (padded and masked). Top-k is sorted on
+    //! the device.
 
     use burn::tensor::{bf16, Tensor, TensorPrimitive};
     use burn_cuda::{Cuda, CudaDevice};
 
-    use super::{dense_in_out, HostWeight, KernelBackend};
+    use super::{dense_in_out, AttentionShape, HostWeight, KernelBackend, SequenceKv};
     use crate::error::Result;
+    use crate::layer_ops;
 
     /// `lhs · rhs` in exact f32 on the device. Where no exact routine accepts the problem
     /// (none is known: cubek's naive kernel takes any shape), burn's `matmul` runs instead.
@@ -696,6 +698,16 @@ mod cuda {
 
                 fn batched_matmul(lhs: Tensor<Self, 3>, rhs: Tensor<Self, 3>) -> Tensor<Self, 3> {
                     $matmul3(lhs, rhs)
+                }
+
+                /// A decode step's attention as one set of kernels for the whole batch (keys
+                /// and values zero-padded to the longest sequence and masked); prefill rows
+                /// run sequence by sequence.
+                fn attention(q: Tensor<Self, 3>, seqs: &[SequenceKv<Self>], shape: AttentionShape) -> Tensor<Self, 2> {
+                    match layer_ops::attention_decode_padded(q.clone(), seqs, shape, Self::batched_matmul) {
+                        Some(out) => out,
+                        None => layer_ops::attention_batch(q, seqs, shape, Self::batched_matmul),
+                    }
                 }
 
                 fn linear_weight_bytes(weight: &Self::LinearWeight) -> usize {

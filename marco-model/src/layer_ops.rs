@@ -121,6 +121,71 @@ pub(crate) fn attention_batch<B: KernelBackend>(
     }
 }
 
+/// [`attention_batch`] for a decode step (each sequence one new row, `q` row `i` being sequence
+/// `i`'s) as one set of products for the whole batch: every sequence's keys and values are
+/// gathered into `[sequences · kv_heads, longest, head_dim]`, zero-padded, and the padded
+/// positions masked out of the softmax (their weights are exactly 0). On a backend where each
+/// op is a kernel launch (CUDA without fusion) this replaces a dozen launches per sequence by a
+/// few; the masked padding changes nothing but the products' summation order. `None` where a
+/// sequence has other than one new row, or the batch has a single sequence.
+pub(crate) fn attention_decode_padded<B: KernelBackend>(
+    q: Tensor<B, 3>,
+    seqs: &[SequenceKv<B>],
+    shape: AttentionShape,
+    matmul: Matmul3<B>,
+) -> Option<Tensor<B, 2>> {
+    let AttentionShape { heads, kv_heads, head_dim: dim } = shape;
+    let sequences = seqs.len();
+    if sequences < 2 || q.dims()[0] != sequences || seqs.iter().enumerate().any(|(i, seq)| seq.rows != (i..i + 1)) {
+        return None;
+    }
+    let lens: Vec<usize> = seqs.iter().map(|seq| seq.past + 1).collect();
+    let longest = lens.iter().copied().max()?;
+    let device = q.device();
+    // One zero buffer, sliced for each sequence's padding.
+    let padding =
+        (lens.iter().any(|&len| len < longest)).then(|| Tensor::<B, 3>::zeros([kv_heads, longest, dim], &device));
+    let (mut ks, mut vs) = (Vec::new(), Vec::new());
+    for (seq, &len) in seqs.iter().zip(&lens) {
+        for run in &seq.runs {
+            let kv = run.used();
+            ks.push(kv.k);
+            vs.push(kv.v);
+        }
+        if let (Some(zeros), true) = (&padding, len < longest) {
+            let pad = zeros.clone().slice([0..kv_heads, 0..longest - len, 0..dim]);
+            ks.push(pad.clone());
+            vs.push(pad);
+        }
+    }
+    // [kv_heads, sequences · longest, dim] -> [sequences · kv_heads, longest, dim]
+    let gather = |parts: Vec<Tensor<B, 3>>| {
+        Tensor::cat(parts, 1).reshape([kv_heads, sequences, longest, dim]).swap_dims(0, 1).reshape([
+            sequences * kv_heads,
+            longest,
+            dim,
+        ])
+    };
+    let (keys, values) = (gather(ks), gather(vs));
+    // [sequences, heads, dim] -> [sequences · kv_heads, group, dim]: query head h reads kv head
+    // h / group.
+    let q = q.reshape([sequences * kv_heads, heads / kv_heads, dim]);
+    let mut scores = matmul(q, keys.swap_dims(1, 2));
+    if padding.is_some() {
+        let mut mask = vec![0.0f32; sequences * longest];
+        for (i, &len) in lens.iter().enumerate() {
+            mask[i * longest + len..(i + 1) * longest].fill(f32::NEG_INFINITY);
+        }
+        let mask = Tensor::<B, 3>::from_data(TensorData::new(mask, [sequences, 1, longest]), &device);
+        scores = (scores.reshape([sequences, heads, longest]) + mask).reshape([
+            sequences * kv_heads,
+            heads / kv_heads,
+            longest,
+        ]);
+    }
+    Some(matmul(softmax(scores, 2), values).reshape([sequences, heads * dim]))
+}
+
 /// Writes rows `rows` of `new` (`[total, kv_heads, head_dim]`) into `buffer` (`[kv_heads,
 /// capacity, head_dim]`) at positions `at..at + rows.len()`.
 pub(crate) fn write_kv<B: KernelBackend>(
@@ -133,4 +198,59 @@ pub(crate) fn write_kv<B: KernelBackend>(
     let n = rows.len();
     let part = if n == total { new.clone() } else { new.clone().slice([rows, 0..kv_heads, 0..dim]) };
     buffer.slice_assign([0..kv_heads, at..at + n, 0..dim], part.swap_dims(0, 1))
+}
+
+#[cfg(all(test, feature = "cpu"))]
+mod tests {
+    use burn::tensor::{Distribution, Tensor};
+    use burn_ndarray::NdArray;
+
+    use super::*;
+
+    type B = NdArray;
+
+    fn random(dims: [usize; 3]) -> Tensor<B, 3> {
+        Tensor::random(dims, Distribution::Normal(0.0, 1.0), &Default::default())
+    }
+
+    /// The padded decode path against the per-sequence one, on sequences of different lengths
+    /// made of one to three runs (shared prefixes and tails), with burn's plain ops.
+    #[test]
+    fn padded_decode_attention_equals_per_sequence_attention() {
+        let shape = AttentionShape { heads: 6, kv_heads: 2, head_dim: 16 };
+        let run = |len: usize, capacity: usize| KvRun {
+            k: random([shape.kv_heads, capacity, shape.head_dim]),
+            v: random([shape.kv_heads, capacity, shape.head_dim]),
+            len,
+        };
+        let shared = run(5, 5);
+        let seqs: Vec<SequenceKv<B>> = [
+            vec![run(1, 4)],
+            vec![shared.clone(), run(3, 8)],
+            vec![shared.clone(), run(2, 2), run(9, 12)],
+            vec![shared, run(1, 1)],
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, runs)| {
+            let past = runs.iter().map(|r| r.len).sum::<usize>() - 1;
+            SequenceKv { rows: i..i + 1, runs, past }
+        })
+        .collect();
+        let q = random([seqs.len(), shape.heads, shape.head_dim]);
+        let per_sequence: Vec<f32> =
+            attention_batch(q.clone(), &seqs, shape, Tensor::matmul).into_data().to_vec().unwrap_or_default();
+        let padded: Vec<f32> = attention_decode_padded(q.clone(), &seqs, shape, Tensor::matmul)
+            .map(|t| t.into_data().to_vec().unwrap_or_default())
+            .unwrap_or_default();
+        assert_eq!(padded.len(), seqs.len() * shape.heads * shape.head_dim);
+        let worst = per_sequence.iter().zip(&padded).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-5, "padded decode attention differs by {worst}");
+        // Prefill rows and single sequences take the per-sequence path.
+        assert!(
+            attention_decode_padded(q.clone().slice([0..1, 0..6, 0..16]), &seqs[..1], shape, Tensor::matmul).is_none()
+        );
+        let two_rows = [SequenceKv { rows: 0..2, ..seqs[2].clone() }, SequenceKv { rows: 2..3, ..seqs[3].clone() }];
+        assert!(attention_decode_padded(q.slice([0..3, 0..6, 0..16]), &two_rows, shape, Tensor::matmul).is_none());
+    }
 }
