@@ -128,6 +128,7 @@ pub(crate) fn attention_batch<B: KernelBackend>(
 /// op is a kernel launch (CUDA without fusion) this replaces a dozen launches per sequence by a
 /// few; the masked padding changes nothing but the products' summation order. `None` where a
 /// sequence has other than one new row, or the batch has a single sequence.
+#[cfg(any(feature = "cuda", all(test, feature = "cpu")))]
 pub(crate) fn attention_decode_padded<B: KernelBackend>(
     q: Tensor<B, 3>,
     seqs: &[SequenceKv<B>],
