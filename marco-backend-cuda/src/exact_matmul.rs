@@ -11,26 +11,16 @@
 use burn_cubecl::kernel::matmul::init_matmul_output;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
-use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems, MatmulSetupError};
+use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
 use cubek::matmul::launch::{launch_ref, Strategy};
 use cubek::std::InputBinding;
 
-/// Why [`matmul_exact`] could not launch: both routines declined the problem.
-#[derive(Debug)]
-pub struct ExactMatmulError(pub MatmulSetupError);
-
-impl std::fmt::Display for ExactMatmulError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "no exact f32 matmul routine accepts this problem: {:?}", self.0)
-    }
-}
-
-impl std::error::Error for ExactMatmulError {}
+use crate::CudaError;
 
 /// `lhs · rhs` (batched over leading dimensions, as burn's `matmul`) with f32 inputs kept in
 /// f32: no tensor cores, no TF32. Both operands must have the same float type; the result has
 /// it too.
-pub fn matmul_exact<R: CubeRuntime>(lhs: CubeTensor<R>, rhs: CubeTensor<R>) -> Result<CubeTensor<R>, ExactMatmulError> {
+pub fn matmul_exact<R: CubeRuntime>(lhs: CubeTensor<R>, rhs: CubeTensor<R>) -> Result<CubeTensor<R>, CudaError> {
     let dtype = lhs.dtype;
     let out = init_matmul_output(&lhs, &rhs, dtype);
     let client = out.client.clone();
@@ -50,7 +40,7 @@ pub fn matmul_exact<R: CubeRuntime>(lhs: CubeTensor<R>, rhs: CubeTensor<R>) -> R
         Ok(()) => Ok(out),
         Err(_) => match launch(&Strategy::Naive) {
             Ok(()) => Ok(out),
-            Err(e) => Err(ExactMatmulError(e)),
+            Err(e) => Err(CudaError::MatmulUnavailable(format!("{e:?}"))),
         },
     }
 }

@@ -22,36 +22,31 @@ pub use burn_cuda::{Cuda, CudaDevice};
 #[cfg(feature = "cuda")]
 mod exact_matmul;
 #[cfg(feature = "cuda")]
-pub use exact_matmul::{matmul_exact, ExactMatmulError};
+pub use exact_matmul::matmul_exact;
 
-/// Why CUDA cannot be used on this machine.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CudaUnavailable {
+/// What can go wrong in this crate: the driver probe (why CUDA cannot be used on this machine)
+/// and the exact matrix product.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CudaError {
     /// No driver library (`libcuda.so.1` / `libcuda.so`) could be loaded.
+    #[error("no CUDA driver ({0})")]
     NoDriver(String),
     /// The driver loaded but lacks an entry point marco needs.
+    #[error("the CUDA driver has no {0}")]
     MissingSymbol(String),
     /// `cuInit` failed with this CUresult code.
+    #[error("cuInit failed with CUresult {0}")]
     InitFailed(i32),
     /// The driver reports no device.
+    #[error("the CUDA driver reports no device")]
     NoDevice,
+    /// No exact f32 matmul routine accepts the problem (cubek's reason).
+    #[error("no exact f32 matmul routine accepts this problem: {0}")]
+    MatmulUnavailable(String),
 }
-
-impl std::fmt::Display for CudaUnavailable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CudaUnavailable::NoDriver(e) => write!(f, "no CUDA driver ({e})"),
-            CudaUnavailable::MissingSymbol(s) => write!(f, "the CUDA driver has no {s}"),
-            CudaUnavailable::InitFailed(code) => write!(f, "cuInit failed with CUresult {code}"),
-            CudaUnavailable::NoDevice => write!(f, "the CUDA driver reports no device"),
-        }
-    }
-}
-
-impl std::error::Error for CudaUnavailable {}
 
 /// Probes the CUDA driver: `Ok(device count)` when at least one device can be used.
-pub fn probe_cuda() -> Result<usize, CudaUnavailable> {
+pub fn probe_cuda() -> Result<usize, CudaError> {
     type CuInit = unsafe extern "C" fn(flags: u32) -> i32;
     type CuDeviceGetCount = unsafe extern "C" fn(count: *mut i32) -> i32;
     // Every name tried and why it failed: the first (`libcuda.so.1`) is the one that matters
@@ -71,26 +66,26 @@ pub fn probe_cuda() -> Result<usize, CudaUnavailable> {
         // SAFETY: the symbol types match the CUDA driver API declarations of cuInit and
         // cuDeviceGetCount (CUresult is a C int).
         let init: libloading::Symbol<'_, CuInit> =
-            unsafe { library.get(b"cuInit\0") }.map_err(|_| CudaUnavailable::MissingSymbol("cuInit".into()))?;
+            unsafe { library.get(b"cuInit\0") }.map_err(|_| CudaError::MissingSymbol("cuInit".into()))?;
         // SAFETY: as above.
         let count: libloading::Symbol<'_, CuDeviceGetCount> = unsafe { library.get(b"cuDeviceGetCount\0") }
-            .map_err(|_| CudaUnavailable::MissingSymbol("cuDeviceGetCount".into()))?;
+            .map_err(|_| CudaError::MissingSymbol("cuDeviceGetCount".into()))?;
         // SAFETY: cuInit takes flags (must be 0) and returns a status code.
         let status = unsafe { init(0) };
         if status != 0 {
-            return Err(CudaUnavailable::InitFailed(status));
+            return Err(CudaError::InitFailed(status));
         }
         let mut devices: i32 = 0;
         // SAFETY: cuDeviceGetCount writes one int through a valid pointer.
         let status = unsafe { count(&mut devices) };
         if status != 0 || devices <= 0 {
-            return Err(CudaUnavailable::NoDevice);
+            return Err(CudaError::NoDevice);
         }
         // Keep the driver loaded: unloading it under a later cudarc user is not worth the risk.
         std::mem::forget(library);
         return Ok(devices as usize);
     }
-    Err(CudaUnavailable::NoDriver(errors.join("; ")))
+    Err(CudaError::NoDriver(errors.join("; ")))
 }
 
 /// Whether a CUDA driver with at least one device is present. Never panics.

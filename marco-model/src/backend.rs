@@ -29,7 +29,7 @@ use crate::layer_ops;
 /// Probes the CUDA driver without panicking (cudarc panics when `libcuda.so` is missing): call
 /// before running on [`burn_cuda::Cuda`].
 #[cfg(feature = "cuda")]
-pub use marco_backend_cuda::{cuda_available, probe_cuda, CudaUnavailable};
+pub use marco_backend_cuda::{cuda_available, probe_cuda, CudaError};
 
 /// burn's CUDA backend in bf16 (weights, activations and KV), which [`KernelBackend`] is
 /// implemented for beside the f32 `burn_cuda::Cuda`.
