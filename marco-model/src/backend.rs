@@ -171,8 +171,15 @@ pub trait KernelBackend: Backend {
     /// to `past + new rows`, the new positions last). Returns `[rows, heads * head_dim]`. A
     /// sequence's result must not depend on the rest of the batch or on how its positions are
     /// cut into runs, so that forked and batched sequences compute what they would alone.
+    ///
+    /// The default runs a decode step (one new row per sequence) for the whole batch in one set
+    /// of burn ops (keys and values padded to the longest sequence and masked), where each op is
+    /// a kernel launch on a GPU backend, and other batches sequence by sequence.
     fn attention(q: Tensor<Self, 3>, seqs: &[SequenceKv<Self>], shape: AttentionShape) -> Tensor<Self, 2> {
-        layer_ops::attention_batch(q, seqs, shape, Self::batched_matmul)
+        match layer_ops::attention_decode_padded(q.clone(), seqs, shape, Self::batched_matmul) {
+            Some(out) => out,
+            None => layer_ops::attention_batch(q, seqs, shape, Self::batched_matmul),
+        }
     }
 
     /// A batched matrix product `[b, m, k] · [b, k, n]` (the default attention's scores and
@@ -639,25 +646,23 @@ mod cuda {
     //! CUDA: weights are `[in, out]` burn tensors. In f32 the linear layers and attention's
     //! products run through [`marco_backend_cuda::matmul_exact`] (f32 fused multiply-adds;
     //! burn's own `matmul` would round the inputs to TF32 on the tensor cores); in bf16 they run
-    //! on burn's `matmul` (the tensor cores, as bf16 checkpoints are meant to run). A decode
-    //! step's attention runs for all sequences at once (padded and masked). Top-k is sorted on
-    //! the device.
+    //! on burn's `matmul` (the tensor cores, as bf16 checkpoints are meant to run). Attention is
+    //! the trait's default (a decode step for all sequences at once). Top-k is sorted on the
+    //! device.
 
     use burn::tensor::{bf16, Tensor, TensorPrimitive};
     use burn_cuda::{Cuda, CudaDevice};
 
-    use super::{dense_in_out, AttentionShape, HostWeight, KernelBackend, SequenceKv};
+    use super::{dense_in_out, HostWeight, KernelBackend};
     use crate::error::Result;
-    use crate::layer_ops;
 
     /// `lhs · rhs` in exact f32 on the device. Where no exact routine accepts the problem
     /// (none is known: cubek's naive kernel takes any shape), burn's `matmul` runs instead.
     fn exact_f32<const D: usize>(lhs: Tensor<Cuda, D>, rhs: Tensor<Cuda, D>) -> Tensor<Cuda, D> {
-        let primitive = |t: Tensor<Cuda, D>| match t.into_primitive() {
-            TensorPrimitive::Float(p) => p,
-            TensorPrimitive::QFloat(p) => p,
-        };
-        match marco_backend_cuda::matmul_exact(primitive(lhs.clone()), primitive(rhs.clone())) {
+        match marco_backend_cuda::matmul_exact(
+            lhs.clone().into_primitive().tensor(),
+            rhs.clone().into_primitive().tensor(),
+        ) {
             Ok(out) => Tensor::from_primitive(TensorPrimitive::Float(out)),
             Err(error) => {
                 tracing::warn!(%error, "exact f32 matmul unavailable: burn's TF32 matmul runs instead");
@@ -698,16 +703,6 @@ mod cuda {
 
                 fn batched_matmul(lhs: Tensor<Self, 3>, rhs: Tensor<Self, 3>) -> Tensor<Self, 3> {
                     $matmul3(lhs, rhs)
-                }
-
-                /// A decode step's attention as one set of kernels for the whole batch (keys
-                /// and values zero-padded to the longest sequence and masked); prefill rows
-                /// run sequence by sequence.
-                fn attention(q: Tensor<Self, 3>, seqs: &[SequenceKv<Self>], shape: AttentionShape) -> Tensor<Self, 2> {
-                    match layer_ops::attention_decode_padded(q.clone(), seqs, shape, Self::batched_matmul) {
-                        Some(out) => out,
-                        None => layer_ops::attention_batch(q, seqs, shape, Self::batched_matmul),
-                    }
                 }
 
                 fn linear_weight_bytes(weight: &Self::LinearWeight) -> usize {

@@ -127,8 +127,8 @@ pub(crate) fn attention_batch<B: KernelBackend>(
 /// positions masked out of the softmax (their weights are exactly 0). On a backend where each
 /// op is a kernel launch (CUDA without fusion) this replaces a dozen launches per sequence by a
 /// few; the masked padding changes nothing but the products' summation order. `None` where a
-/// sequence has other than one new row, or the batch has a single sequence.
-#[cfg(any(feature = "cuda", all(test, feature = "cpu")))]
+/// sequence has other than one new row, or the batch has a single sequence. The default of
+/// [`KernelBackend::attention`].
 pub(crate) fn attention_decode_padded<B: KernelBackend>(
     q: Tensor<B, 3>,
     seqs: &[SequenceKv<B>],
@@ -153,7 +153,7 @@ pub(crate) fn attention_decode_padded<B: KernelBackend>(
             ks.push(kv.k);
             vs.push(kv.v);
         }
-        if let (Some(zeros), true) = (&padding, len < longest) {
+        if let Some(zeros) = padding.as_ref().filter(|_| len < longest) {
             let pad = zeros.clone().slice([0..kv_heads, 0..longest - len, 0..dim]);
             ks.push(pad.clone());
             vs.push(pad);
@@ -202,6 +202,7 @@ pub(crate) fn write_kv<B: KernelBackend>(
 }
 
 #[cfg(all(test, feature = "cpu"))]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use burn::tensor::{Distribution, Tensor};
     use burn_ndarray::NdArray;
@@ -240,11 +241,11 @@ mod tests {
         .collect();
         let q = random([seqs.len(), shape.heads, shape.head_dim]);
         let per_sequence: Vec<f32> =
-            attention_batch(q.clone(), &seqs, shape, Tensor::matmul).into_data().to_vec().unwrap_or_default();
-        let padded: Vec<f32> = attention_decode_padded(q.clone(), &seqs, shape, Tensor::matmul)
-            .map(|t| t.into_data().to_vec().unwrap_or_default())
-            .unwrap_or_default();
-        assert_eq!(padded.len(), seqs.len() * shape.heads * shape.head_dim);
+            attention_batch(q.clone(), &seqs, shape, Tensor::matmul).into_data().to_vec().unwrap();
+        let padded: Vec<f32> =
+            attention_decode_padded(q.clone(), &seqs, shape, Tensor::matmul).unwrap().into_data().to_vec().unwrap();
+        assert_eq!(per_sequence.len(), seqs.len() * shape.heads * shape.head_dim);
+        assert_eq!(padded.len(), per_sequence.len());
         let worst = per_sequence.iter().zip(&padded).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         assert!(worst < 1e-5, "padded decode attention differs by {worst}");
         // Prefill rows and single sequences take the per-sequence path.
