@@ -207,8 +207,14 @@ pub fn exp_f32(x: f32) -> f32 {
     // ln 2 split in a part exact in f32 and the rest (Cody–Waite).
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5 · 2^23 rounds to an integer (to nearest, ties to even) held in the low
+    // mantissa bits: `k` as a float and as an integer without a float-to-int conversion, whose
+    // saturating Rust semantics (`as i32`) compile to scalar code and stop the vectorization.
+    const ROUNDER: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let k = (x * LOG2E).round();
+    let shifted = x * LOG2E + ROUNDER;
+    let k = shifted - ROUNDER;
+    let k_int = shifted.to_bits().wrapping_sub(ROUNDER.to_bits()) as i32;
     let r = x - k * LN2_HI - k * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -217,8 +223,9 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e_r = p * r * r + r + 1.0;
-    // 2^k by building the exponent field directly (k is in [-126, 127] after the clamp).
-    e_r * f32::from_bits(((k as i32 + 127) as u32) << 23)
+    // 2^k by building the exponent field directly (k is in [-126, 127] after the clamp; for a
+    // NaN `x` the field is garbage and `e_r` NaN, so the result is NaN).
+    e_r * f32::from_bits((k_int.wrapping_add(127) as u32) << 23)
 }
 
 /// `ln Σ e^{x_i}` of a row (max-shifted; terms in f32, summed in f64 so that a 150k-entry
@@ -297,31 +304,30 @@ fn log_sum_exp_body(row: &[f32]) -> f64 {
     if row.is_empty() {
         return f64::NEG_INFINITY;
     }
-    // `0 * x` is 0 for finite x and NaN otherwise: one pass finds any non-finite entry. Sixteen
-    // independent lanes (then combined) let the pass vectorize; one running sum and maximum
-    // would be a chain of dependent operations, one element at a time. Neither result depends
-    // on the order: the sum is 0 or NaN, and the maximum of the finite values is exact.
-    let mut poison_lanes = [0.0f32; 16];
+    // The maximum in sixteen independent lanes (then combined), so that the pass vectorizes;
+    // one running maximum would be a chain of dependent operations. A compare and select
+    // (`maxps`) rather than `f32::max`, whose NaN rule keeps the loop scalar: the maximum of
+    // the finite values is exact in any order, and non-finite entries are caught below.
     let mut max_lanes = [f32::NEG_INFINITY; 16];
     let chunks = row.chunks_exact(16);
     let rest = chunks.remainder();
     for chunk in chunks {
-        for ((poison, max), &x) in poison_lanes.iter_mut().zip(&mut max_lanes).zip(chunk) {
-            *poison += 0.0 * x;
-            *max = max.max(x);
+        for (max, &x) in max_lanes.iter_mut().zip(chunk) {
+            *max = if x > *max { x } else { *max };
         }
     }
-    let mut poison = poison_lanes.iter().fold(0.0f32, |p, &l| p + l);
-    let mut max = max_lanes.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+    let mut max = max_lanes.iter().fold(f32::NEG_INFINITY, |m, &l| if l > m { l } else { m });
     for &x in rest {
-        poison += 0.0 * x;
-        max = max.max(x);
+        max = if x > max { x } else { max };
     }
-    if !poison.is_finite() || !max.is_finite() {
+    // `+inf` makes the maximum infinite, as does a row of only NaN and `-inf`.
+    if !max.is_finite() {
         return f64::NAN;
     }
     // f32 lanes (twice the vector width of f64) over blocks of 256 values, each block's lanes
-    // added into f64: a block's f32 rounding stays below 256 · 2^-24 of its sum.
+    // added into f64: a block's f32 rounding stays below 256 · 2^-24 of its sum. Each term
+    // carries `0 · x`, which is 0 for finite x and NaN for NaN or `-inf` (a NaN's exponential
+    // is NaN too), so any non-finite entry makes the sum NaN; adding 0 to a term changes nothing.
     let mut sum = 0.0f64;
     let blocks = row.chunks_exact(256);
     let tail = blocks.remainder();
@@ -329,13 +335,13 @@ fn log_sum_exp_body(row: &[f32]) -> f64 {
         let mut partial = [0.0f32; 16];
         for chunk in block.chunks_exact(16) {
             for (acc, &x) in partial.iter_mut().zip(chunk) {
-                *acc += exp_f32(x - max);
+                *acc += exp_f32(x - max) + 0.0 * x;
             }
         }
         sum += partial.iter().map(|&p| p as f64).sum::<f64>();
     }
     for &x in tail {
-        sum += exp_f32(x - max) as f64;
+        sum += (exp_f32(x - max) + 0.0 * x) as f64;
     }
     max as f64 + sum.ln()
 }
@@ -1021,6 +1027,18 @@ mod tests {
         assert!(log_sum_exp(&bad).is_nan());
         bad[1234] = f32::INFINITY;
         assert!(log_sum_exp(&bad).is_nan());
+        bad[1234] = f32::NEG_INFINITY;
+        assert!(log_sum_exp(&bad).is_nan());
+        // The same in the last, partial block (49_157 = 192 · 256 + 5) and in its last lane.
+        for at in [49_153, 49_156] {
+            for poison in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut bad = row.clone();
+                bad[at] = poison;
+                assert!(log_sum_exp(&bad).is_nan(), "{poison} at {at}");
+            }
+        }
+        assert!(log_sum_exp(&[f32::NAN; 40]).is_nan());
+        assert!(log_sum_exp(&[f32::NEG_INFINITY; 40]).is_nan());
         assert_eq!(log_sum_exp(&[]), f64::NEG_INFINITY);
         // Every build of the body gives the same bits.
         #[cfg(target_arch = "x86_64")]

@@ -134,6 +134,10 @@ pub struct KvCache<B: Backend> {
     tail_len: usize,
     tail_capacity: usize,
     resize: ResizeKv<B>,
+    /// An empty tensor that stands in for a tail buffer while [`KvCache::write_with`] has it
+    /// out: cloning it is a reference count, where making an empty tensor costs an allocation
+    /// per layer, part and step.
+    placeholder: Tensor<B, 3>,
 }
 
 /// Makes a buffer `[kv_heads, capacity, head_dim]` whose first `used` positions are copied from
@@ -186,6 +190,7 @@ impl<B: Backend> KvCache<B> {
             tail_len: 0,
             tail_capacity: 0,
             resize,
+            placeholder: Tensor::empty([0, 0, 0], device),
         }
     }
 
@@ -234,10 +239,9 @@ impl<B: Backend> KvCache<B> {
     pub fn write_with(&mut self, layer: usize, mut write: impl FnMut(Tensor<B, 3>, usize, KvPart) -> Tensor<B, 3>) {
         let at = self.tail_len;
         if let Some(slot) = self.tail.get_mut(layer) {
-            let empty = || Tensor::<B, 3>::empty([0, 0, 0], &self.device);
-            let k = std::mem::replace(&mut slot.k, empty());
+            let k = std::mem::replace(&mut slot.k, self.placeholder.clone());
             slot.k = write(k, at, KvPart::Keys);
-            let v = std::mem::replace(&mut slot.v, empty());
+            let v = std::mem::replace(&mut slot.v, self.placeholder.clone());
             slot.v = write(v, at, KvPart::Values);
         }
     }
@@ -302,6 +306,7 @@ impl<B: Backend> KvCache<B> {
             tail_len: 0,
             tail_capacity: 0,
             resize: self.resize,
+            placeholder: self.placeholder.clone(),
         }
     }
 
