@@ -317,7 +317,14 @@ mod cpu {
 
     /// The values of an f32 primitive (borrowed when contiguous).
     fn values(p: &NdArrayTensor) -> Option<Cow<'_, [f32]>> {
-        marco_backend_cpu::ndarray_f32_values(p).ok().map(|(_, v)| v)
+        // Not `ndarray_f32_values`: its shape vector is an allocation per call, and a decode
+        // step makes thousands of these calls (every cached run of every sequence and layer).
+        let NdArrayTensor::F32(storage) = p else { return None };
+        let view = storage.view();
+        Some(match view.to_slice() {
+            Some(slice) => Cow::Borrowed(slice),
+            None => Cow::Owned(view.iter().copied().collect()),
+        })
     }
 
     /// Runs `f` on the row-major f32 contents of an NdArray tensor without copying when the
