@@ -53,6 +53,7 @@ mod scalar;
 mod x86;
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::packed::{Interleaved16, PackedMatrix, SplitBlocks, Storage};
 use crate::quant::{GgmlType, QK};
@@ -203,16 +204,7 @@ impl QuantizedActs {
     /// (blocks are independent, so the split does not change a bit).
     pub fn quantize_with(isa: Isa, x: &[f32], rows: usize, cols: usize) -> QuantizedActs {
         let mut acts = Self::zeroed(rows, cols);
-        let quantize_part = |x: &[f32], part: ActsMut<'_>| match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `isa()` verified AVX2, FMA and F16C at run time (AVX-512 implies them);
-            // `part` has one entry per block of `x`.
-            Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::quantize_acts(x, part) },
-            #[cfg(target_arch = "aarch64")]
-            // SAFETY: NEON is in the aarch64 baseline; `part` has one entry per block of `x`.
-            Isa::Neon | Isa::NeonDotprod => unsafe { neon::quantize_acts(x, part) },
-            _ => quantize_blocks(x, part),
-        };
+        let quantize_part = |x: &[f32], part: ActsMut<'_>| quantize_part(isa, x, part);
         let blocks = x.len() / QK;
         let threads = pool::num_threads();
         if x.len() < PARALLEL_QUANTIZE_MIN || threads == 1 {
@@ -268,6 +260,63 @@ impl QuantizedActs {
         let blocks = x.len() / QK;
         quantize_blocks(&x[..blocks * QK], acts.parts_mut(blocks).remove(0));
         acts
+    }
+}
+
+/// Quantizes the blocks of `x` into `part` (one entry per block) with the SIMD code of `isa`.
+fn quantize_part(isa: Isa, x: &[f32], part: ActsMut<'_>) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` verified AVX2, FMA and F16C at run time (AVX-512 implies them);
+        // `part` has one entry per block of `x`.
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::quantize_acts(x, part) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: NEON is in the aarch64 baseline; `part` has one entry per block of `x`.
+        Isa::Neon | Isa::NeonDotprod => unsafe { neon::quantize_acts(x, part) },
+        _ => quantize_blocks(x, part),
+    }
+}
+
+/// The buffers of a [`QuantizedActs`] as raw pointers, for the tasks of one pool job that
+/// quantize disjoint block ranges of it before other tasks of the job read it.
+#[derive(Clone, Copy)]
+struct RawActs {
+    qs: *mut i8,
+    d: *mut f32,
+    dsum: *mut f32,
+    dsum16: *mut [f32; 2],
+}
+
+// SAFETY: each task writes its own block range, and readers wait for every writer (see
+// `matmul_many`).
+unsafe impl Send for RawActs {}
+unsafe impl Sync for RawActs {}
+
+impl RawActs {
+    fn new(acts: &mut QuantizedActs) -> RawActs {
+        RawActs {
+            qs: acts.qs.as_mut_ptr(),
+            d: acts.d.as_mut_ptr(),
+            dsum: acts.dsum.as_mut_ptr(),
+            dsum16: acts.dsum16.as_mut_ptr(),
+        }
+    }
+
+    /// Blocks `blocks` as an [`ActsMut`].
+    ///
+    /// # Safety
+    /// The blocks exist, and nothing else reads or writes them while the result lives.
+    unsafe fn part<'a>(self, blocks: Range<usize>) -> ActsMut<'a> {
+        let n = blocks.len();
+        // SAFETY: the caller's contract.
+        unsafe {
+            ActsMut {
+                qs: std::slice::from_raw_parts_mut(self.qs.add(blocks.start * QK), n * QK),
+                d: std::slice::from_raw_parts_mut(self.d.add(blocks.start), n),
+                dsum: std::slice::from_raw_parts_mut(self.dsum.add(blocks.start), n),
+                dsum16: std::slice::from_raw_parts_mut(self.dsum16.add(blocks.start), n),
+            }
+        }
     }
 }
 
@@ -483,8 +532,6 @@ pub fn matmul_many(
     }
     let isa = isa();
     let plans: Vec<Plan<'_>> = weights.iter().map(|w| Plan::new(w, rows, options)).collect();
-    // One quantization of the activations serves every product that uses them.
-    let acts = plans.iter().any(Plan::needs_quantized_acts).then(|| QuantizedActs::quantize_with(isa, x, rows, n_in));
     let out_ptrs: Vec<OutPtr> = weights
         .iter()
         .zip(outs.iter_mut())
@@ -496,6 +543,12 @@ pub fn matmul_many(
         let (align, min_len) = plan.task_granularity();
         tasks.extend(split_outputs(w.out_features(), align, min_len, options.parallel).into_iter().map(|r| (i, r)));
     }
+    // One quantization of the activations serves every product that uses them.
+    let needs_acts = plans.iter().any(Plan::needs_quantized_acts);
+    if needs_acts && tasks.len() > 1 && x.len() >= PARALLEL_QUANTIZE_MIN && pool::num_threads() > 1 {
+        return quantize_and_multiply(isa, x, rows, n_in, &plans, &tasks, &out_ptrs);
+    }
+    let acts = needs_acts.then(|| QuantizedActs::quantize_with(isa, x, rows, n_in));
     let run_one = |t: usize| {
         let (i, range) = tasks[t].clone();
         plans[i].run(isa, x, rows, n_in, acts.as_ref(), range, out_ptrs[i]);
@@ -506,6 +559,65 @@ pub fn matmul_many(
         n => pool::run(n, &run_one),
     }
     Ok(())
+}
+
+/// [`matmul_many`]'s products with the activations quantized in the same pool job (one handoff
+/// to the workers instead of two): the job's first tasks quantize a share of the blocks each
+/// (what [`QuantizedActs::quantize_with`] would split among the threads, so the same bits), and
+/// each product task waits until they are all done. Tasks are claimed in order, so by the time
+/// a thread waits, every quantization task has been claimed by a thread that is running it.
+fn quantize_and_multiply(
+    isa: Isa,
+    x: &[f32],
+    rows: usize,
+    n_in: usize,
+    plans: &[Plan<'_>],
+    tasks: &[(usize, Range<usize>)],
+    out_ptrs: &[OutPtr],
+) -> Result<(), KernelError> {
+    let mut acts = QuantizedActs::zeroed(rows, n_in);
+    let raw = RawActs::new(&mut acts);
+    let blocks = x.len() / QK;
+    let per = blocks.div_ceil(pool::num_threads()).max(1);
+    let quantize_tasks = blocks.div_ceil(per);
+    let quantized = AtomicUsize::new(0);
+    // Read only after every quantization task has finished writing (the `Acquire` below).
+    let acts_ptr: *const QuantizedActs = &acts;
+    let acts_ptr = ActsPtr(acts_ptr);
+    pool::run(quantize_tasks + tasks.len(), &|t| {
+        if t < quantize_tasks {
+            let part = t * per..((t + 1) * per).min(blocks);
+            // SAFETY: task `t` alone writes blocks `part`, which exist; no product task reads
+            // them before `quantized` counts this task.
+            let acts_part = unsafe { raw.part(part.clone()) };
+            quantize_part(isa, &x[part.start * QK..part.end * QK], acts_part);
+            quantized.fetch_add(1, Ordering::Release);
+            return;
+        }
+        while quantized.load(Ordering::Acquire) < quantize_tasks {
+            std::hint::spin_loop();
+        }
+        // SAFETY: every writer has finished (the load above), `acts` outlives the job, and
+        // nothing writes it any more.
+        let acts = unsafe { &*acts_ptr.get() };
+        let (i, range) = tasks[t - quantize_tasks].clone();
+        plans[i].run(isa, x, rows, n_in, Some(acts), range, out_ptrs[i]);
+    });
+    Ok(())
+}
+
+/// A shared pointer to the activations of [`quantize_and_multiply`].
+#[derive(Clone, Copy)]
+struct ActsPtr(*const QuantizedActs);
+
+// SAFETY: dereferenced only after the writers are done (see `quantize_and_multiply`).
+unsafe impl Send for ActsPtr {}
+unsafe impl Sync for ActsPtr {}
+
+impl ActsPtr {
+    fn get(self) -> *const QuantizedActs {
+        self.0
+    }
 }
 
 /// Checks that a `[rows, width]` buffer holds `len` elements.
@@ -1060,6 +1172,48 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn quantizing_inside_the_product_job_changes_no_bit() {
+        // Decode-sized batches (8 and 9 rows of 576 and 1536 values: past
+        // `PARALLEL_QUANTIZE_MIN`), weights of every kind the interleaved and split kernels take.
+        let mut next = xorshift(0x5EED_F00D_1234_5678);
+        for (ty, n_out, n_in) in [(GgmlType::Q4_1, 576, 576), (GgmlType::Q8_0, 200, 1536), (GgmlType::Q4_0, 64, 576)] {
+            let size = crate::quant::row_bytes(ty, n_in).unwrap_or(0) * n_out;
+            let mut data: Vec<u8> = (0..size).map(|_| next() as u8).collect();
+            let fields: &[usize] = if ty == GgmlType::Q4_1 { &[0, 2] } else { &[0] };
+            for block in data.chunks_exact_mut(ty.type_size()) {
+                for &f in fields {
+                    block[f..f + 2].copy_from_slice(&half::f16::from_f32(0.01).to_bits().to_le_bytes());
+                }
+            }
+            let w = PackedMatrix::from_ggml(ty, &data, n_out, n_in).unwrap();
+            for rows in [8usize, 9] {
+                let x: Vec<f32> = (0..rows * n_in).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
+                assert!(x.len() >= PARALLEL_QUANTIZE_MIN);
+                let options = MatmulOptions::default();
+                let plans = [Plan::new(&w, rows, options)];
+                let (align, min_len) = plans[0].task_granularity();
+                let tasks: Vec<(usize, Range<usize>)> =
+                    split_outputs(n_out, align, min_len, true).into_iter().map(|r| (0, r)).collect();
+                let isa = isa();
+                // Two jobs: the activations quantized first, then the products.
+                let mut want = vec![f32::NAN; rows * n_out];
+                let acts = QuantizedActs::quantize_with(isa, &x, rows, n_in);
+                let out = OutPtr { ptr: want.as_mut_ptr(), n_out };
+                for (_, range) in &tasks {
+                    plans[0].run(isa, &x, rows, n_in, Some(&acts), range.clone(), out);
+                }
+                // One job.
+                let mut got = vec![f32::NAN; rows * n_out];
+                let out = [OutPtr { ptr: got.as_mut_ptr(), n_out }];
+                quantize_and_multiply(isa, &x, rows, n_in, &plans, &tasks, &out).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+                assert_eq!(bits(&got), bits(&want), "{ty} rows {rows}");
+                assert!(got.iter().all(|v| v.is_finite()));
             }
         }
     }
