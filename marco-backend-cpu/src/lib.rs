@@ -64,7 +64,8 @@ mod topk;
 pub use burn_ndarray::NdArrayTensor;
 pub use error::KernelError;
 pub use kernels::{
-    isa, matmul, matmul_many, matmul_with, ActivationMode, Isa, MatmulOptions, SMALL_BATCH_MAX, SMALL_BATCH_MAX_F32,
+    isa, matmul, matmul_many, matmul_swiglu, matmul_with, ActivationMode, Isa, MatmulOptions, SMALL_BATCH_MAX,
+    SMALL_BATCH_MAX_F32,
 };
 pub use ndarray_glue::{
     embedding_ndarray, linear_ndarray, linear_ndarray_with, ndarray_f32_values, ndarray_from_f32, top_k_ndarray,

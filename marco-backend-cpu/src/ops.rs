@@ -151,18 +151,7 @@ pub fn rope(
 /// `gate[i] = silu(gate[i]) · up[i]` in place (`silu(g) = g / (1 + e^{−g})`).
 pub fn swiglu(gate: &mut [f32], up: &[f32]) -> Result<(), KernelError> {
     check_len("swiglu up", gate.len(), up.len())?;
-    let fma = fma_available();
-    let apply = |gate: &mut [f32], up: &[f32]| {
-        if fma {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `fma_available` checked AVX2 and FMA at run time.
-            unsafe {
-                swiglu_fma(gate, up)
-            }
-        } else {
-            swiglu_body(gate, up)
-        }
-    };
+    let apply = swiglu_serial;
     let len = gate.len();
     if len < PARALLEL_SWIGLU_MIN {
         apply(gate, up);
@@ -183,6 +172,20 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) -> Result<(), KernelError> {
 
 /// Elements below which [`swiglu`] runs on the calling thread only.
 const PARALLEL_SWIGLU_MIN: usize = 1 << 13;
+
+/// [`swiglu`] on the calling thread only (for a kernel task that already owns a share of the
+/// work); the same bits. `up` must be at least as long as `gate`.
+pub(crate) fn swiglu_serial(gate: &mut [f32], up: &[f32]) {
+    if fma_available() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `fma_available` checked AVX2 and FMA at run time.
+        unsafe {
+            swiglu_fma(gate, up)
+        }
+    } else {
+        swiglu_body(gate, up)
+    }
+}
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]

@@ -5,7 +5,8 @@
 
 use half::f16;
 use marco_backend_cpu::{
-    dequantize, matmul, matmul_many, matmul_with, ActivationMode, GgmlType, KernelError, MatmulOptions, PackedMatrix,
+    dequantize, matmul, matmul_many, matmul_swiglu, matmul_with, ops, ActivationMode, GgmlType, KernelError,
+    MatmulOptions, PackedMatrix,
 };
 use proptest::prelude::*;
 
@@ -239,6 +240,46 @@ fn matmul_many_layer_shapes() {
         check_many(&[3, 3], &[1536, 1536], 2, rows, 5).unwrap();
         check_many(&[0, 1, 4, 6], &[70, 130, 64, 9], 1, rows, 9).unwrap();
     }
+}
+
+#[test]
+fn matmul_swiglu_is_the_two_products_then_swiglu() {
+    // The default model's MLP width at decode and prefill batch sizes (8 and 9 rows quantize
+    // their activations inside the product's job), and a ragged width for the other kernels.
+    for (kind, n_out, blocks) in [(3usize, 1536usize, 3usize), (1, 200, 2), (0, 70, 1), (5, 33, 1), (4, 64, 2)] {
+        for rows in [1usize, 3, 8, 9, 17, 40] {
+            let mut rng = Rng(0xA11CE ^ (rows as u64 * 131 + n_out as u64));
+            let n_in = blocks * 256;
+            let gate = many_weight(MANY_KINDS[kind], n_out, n_in, &mut rng);
+            let up = many_weight(MANY_KINDS[kind], n_out, n_in, &mut rng);
+            let x: Vec<f32> = (0..rows * n_in).map(|_| rng.uniform(-2.0, 2.0)).collect();
+            for mode in [ActivationMode::Q8, ActivationMode::F32] {
+                for parallel in [true, false] {
+                    let options = MatmulOptions { activations: mode, parallel, ..MatmulOptions::default() };
+                    let mut want = vec![0.0; rows * n_out];
+                    let mut ups = vec![0.0; rows * n_out];
+                    matmul_with(&x, rows, &gate, &mut want, options).unwrap();
+                    matmul_with(&x, rows, &up, &mut ups, options).unwrap();
+                    ops::swiglu(&mut want, &ups).unwrap();
+                    let mut got = vec![f32::NAN; rows * n_out];
+                    matmul_swiglu(&x, rows, &gate, &up, &mut got, options).unwrap();
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "{} rows {rows} {mode:?} parallel {parallel}",
+                        gate.ggml_type()
+                    );
+                }
+            }
+        }
+    }
+    let gate = PackedMatrix::from_f32(vec![1.0; 6], 2, 3).unwrap();
+    let wider = PackedMatrix::from_f32(vec![1.0; 9], 3, 3).unwrap();
+    let options = MatmulOptions::default();
+    assert!(matmul_swiglu(&[1.0; 3], 1, &gate, &wider, &mut [0.0; 2], options).is_err());
+    assert!(matmul_swiglu(&[1.0; 3], 1, &gate, &gate, &mut [0.0; 3], options).is_err());
+    assert!(matmul_swiglu(&[1.0; 2], 1, &gate, &gate, &mut [0.0; 2], options).is_err());
 }
 
 #[test]

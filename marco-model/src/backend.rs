@@ -139,6 +139,14 @@ pub trait KernelBackend: Backend {
         layer_ops::swiglu(gate, up)
     }
 
+    /// A gated MLP's first half, `silu(x · Gᵀ) · (x · Uᵀ)`, for two weights of one shape. The
+    /// default runs [`KernelBackend::kernel_linear_many`] and then [`KernelBackend::swiglu`];
+    /// a backend can fuse them (the CPU kernels apply the SwiGLU to each task's share of both
+    /// products while it is in cache).
+    fn kernel_swiglu_linear(x: Tensor<Self, 2>, gate: &Self::LinearWeight, up: &Self::LinearWeight) -> Tensor<Self, 2> {
+        swiglu_linear_unfused::<Self>(x, gate, up)
+    }
+
     /// Writes rows `rows` of `new` (`[total, kv_heads, head_dim]`: one step's keys or values
     /// of every sequence) into a cache buffer (`[kv_heads, capacity, head_dim]`, uniquely
     /// owned) at positions `at..at + rows.len()`, and returns the buffer. The default slices,
@@ -218,6 +226,20 @@ pub trait KernelBackend: Backend {
 }
 
 /// [`KernelBackend::lse_and_top_k`] as two separate hooks.
+/// [`KernelBackend::kernel_swiglu_linear`] as two products and an elementwise SwiGLU.
+fn swiglu_linear_unfused<B: KernelBackend>(
+    x: Tensor<B, 2>,
+    gate: &B::LinearWeight,
+    up: &B::LinearWeight,
+) -> Tensor<B, 2> {
+    let mut outputs = B::kernel_linear_many(x.clone(), &[gate, up]).into_iter();
+    match (outputs.next(), outputs.next()) {
+        (Some(gate), Some(up)) => B::swiglu(gate, up),
+        // `kernel_linear_many` returns one output per weight; should it not, one at a time.
+        _ => B::swiglu(B::kernel_linear(x.clone(), gate), B::kernel_linear(x, up)),
+    }
+}
+
 fn lse_then_top_k<B: KernelBackend>(logits: Tensor<B, 2>, k: usize) -> (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2, Int>) {
     let lse = B::log_sum_exp(logits.clone());
     let (values, indices) = B::top_k(logits, k);
@@ -408,6 +430,26 @@ mod cpu {
 
         fn linear_weight_bytes(weight: &Self::LinearWeight) -> usize {
             weight.matrix.weight_bytes()
+        }
+
+        fn kernel_swiglu_linear(
+            x: Tensor<Self, 2>,
+            gate: &Self::LinearWeight,
+            up: &Self::LinearWeight,
+        ) -> Tensor<Self, 2> {
+            let [rows, _] = x.dims();
+            let out_features = gate.matrix.out_features();
+            let device = x.device();
+            let mut out = vec![0.0f32; rows * out_features];
+            let fused = gate.options == up.options
+                && with_host_f32(&x, |input| {
+                    marco_backend_cpu::matmul_swiglu(input, rows, &gate.matrix, &up.matrix, &mut out, gate.options)
+                })
+                .is_ok();
+            if !fused {
+                return super::swiglu_linear_unfused::<Self>(x, gate, up);
+            }
+            from_host(out, [rows, out_features], &device)
         }
 
         fn kernel_linear_many(x: Tensor<Self, 2>, weights: &[&Self::LinearWeight]) -> Vec<Tensor<Self, 2>> {

@@ -358,11 +358,7 @@ impl<B: KernelBackend> Transformer<B> {
             let attention = self.attention(index, layer, h, &cos, &sin, items);
             x = x + layer.o_proj.forward(attention);
             let h = self.rms_norm(x.clone(), &layer.post_attention_norm);
-            let [gate, up] = Linear::forward_many([&layer.gate_proj, &layer.up_proj], h);
-            let gated = match self.path {
-                LinearPath::Burn => layer_ops::swiglu(gate, up),
-                LinearPath::Kernel | LinearPath::KernelExact => B::swiglu(gate, up),
-            };
+            let gated = self.gated_up_projection(layer, h);
             x = x + layer.down_proj.forward(gated);
         }
         for item in items.iter_mut() {
@@ -388,6 +384,21 @@ impl<B: KernelBackend> Transformer<B> {
         };
         let x = self.rms_norm(x, &self.norm);
         Ok(self.lm_head.forward(x))
+    }
+
+    /// `silu(gate_proj(h)) · up_proj(h)`: fused by the backend on the kernel paths (when both
+    /// projections are kernel weights without a bias), else two products and the SwiGLU.
+    fn gated_up_projection(&self, layer: &DecoderLayer<B>, h: Tensor<B, 2>) -> Tensor<B, 2> {
+        if let (LinearWeightKind::Kernel(gate), LinearWeightKind::Kernel(up), None, None) =
+            (&layer.gate_proj.weight, &layer.up_proj.weight, &layer.gate_proj.bias, &layer.up_proj.bias)
+        {
+            return B::kernel_swiglu_linear(h, gate, up);
+        }
+        let [gate, up] = Linear::forward_many([&layer.gate_proj, &layer.up_proj], h);
+        match self.path {
+            LinearPath::Burn => layer_ops::swiglu(gate, up),
+            LinearPath::Kernel | LinearPath::KernelExact => B::swiglu(gate, up),
+        }
     }
 
     /// RMSNorm through the backend's hook on the kernel paths, burn's ops on the plain path.

@@ -21,7 +21,9 @@
 //! the compiler vectorizes it with the baseline ISA). The activations are quantized with SIMD
 //! too, bit-identical to the portable quantizer. Work is split by output
 //! features across the persistent pool of [`crate::pool`]; [`matmul_many`] runs several
-//! products that share an input as one pool job.
+//! products that share an input as one pool job, and [`matmul_swiglu`] a gated MLP's gate and
+//! up products with the SwiGLU applied to each task's share. A batch whose activations are
+//! quantized on several threads does that in the products' own job (one handoff, not two).
 
 /// Runs a kernel over the activation rows in groups of four (the last group holds the 1–3 rows
 /// left) and writes each group's values to output column `o`:
@@ -288,7 +290,7 @@ struct RawActs {
 }
 
 // SAFETY: each task writes its own block range, and readers wait for every writer (see
-// `matmul_many`).
+// `quantize_and_run`).
 unsafe impl Send for RawActs {}
 unsafe impl Sync for RawActs {}
 
@@ -545,36 +547,106 @@ pub fn matmul_many(
     }
     // One quantization of the activations serves every product that uses them.
     let needs_acts = plans.iter().any(Plan::needs_quantized_acts);
-    if needs_acts && tasks.len() > 1 && x.len() >= PARALLEL_QUANTIZE_MIN && pool::num_threads() > 1 {
-        return quantize_and_multiply(isa, x, rows, n_in, &plans, &tasks, &out_ptrs);
-    }
-    let acts = needs_acts.then(|| QuantizedActs::quantize_with(isa, x, rows, n_in));
-    let run_one = |t: usize| {
+    run_product_tasks(isa, x, rows, n_in, needs_acts, tasks.len(), &|t, acts| {
         let (i, range) = tasks[t].clone();
-        plans[i].run(isa, x, rows, n_in, acts.as_ref(), range, out_ptrs[i]);
-    };
-    match tasks.len() {
-        0 => {}
-        1 => run_one(0),
-        n => pool::run(n, &run_one),
-    }
+        plans[i].run(isa, x, rows, n_in, acts, range, out_ptrs[i]);
+    });
     Ok(())
 }
 
-/// [`matmul_many`]'s products with the activations quantized in the same pool job (one handoff
-/// to the workers instead of two): the job's first tasks quantize a share of the blocks each
-/// (what [`QuantizedActs::quantize_with`] would split among the threads, so the same bits), and
-/// each product task waits until they are all done. Tasks are claimed in order, so by the time
-/// a thread waits, every quantization task has been claimed by a thread that is running it.
-fn quantize_and_multiply(
+/// `out[rows, n] = silu(x · Gᵀ) ⊙ (x · Uᵀ)`: a gated MLP's gate and up projections and its
+/// SwiGLU in one pass. Each task computes one range of output features of both products and
+/// applies the SwiGLU to that range while it is in cache, so no separate elementwise pass (nor
+/// a pool job for it) runs. The products are exactly those of [`matmul_with`] and the SwiGLU
+/// that of [`crate::ops::swiglu`] (the same bits). `gate` and `up` must have the same shape.
+pub fn matmul_swiglu(
+    x: &[f32],
+    rows: usize,
+    gate: &PackedMatrix,
+    up: &PackedMatrix,
+    out: &mut [f32],
+    options: MatmulOptions,
+) -> Result<(), KernelError> {
+    let (n_out, n_in) = (gate.out_features(), gate.in_features());
+    if (up.out_features(), up.in_features()) != (n_out, n_in) {
+        return Err(KernelError::InvalidShape {
+            reason: format!(
+                "gate [{n_out}, {n_in}] and up [{}, {}] projections differ in shape",
+                up.out_features(),
+                up.in_features()
+            ),
+        });
+    }
+    check_elements("matmul input", rows, n_in, x.len())?;
+    check_elements("matmul output", rows, n_out, out.len())?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let isa = isa();
+    let plans = [Plan::new(gate, rows, options), Plan::new(up, rows, options)];
+    let (align, min_len) = plans[0].task_granularity();
+    let ranges = split_outputs(n_out, align, min_len, options.parallel);
+    let mut up_out = vec![0.0f32; rows * n_out];
+    let gate_ptr = OutPtr { ptr: out.as_mut_ptr(), n_out };
+    let up_ptr = OutPtr { ptr: up_out.as_mut_ptr(), n_out };
+    let needs_acts = plans.iter().any(Plan::needs_quantized_acts);
+    run_product_tasks(isa, x, rows, n_in, needs_acts, ranges.len(), &|t, acts| {
+        let range = ranges[t].clone();
+        plans[0].run(isa, x, rows, n_in, acts, range.clone(), gate_ptr);
+        plans[1].run(isa, x, rows, n_in, acts, range.clone(), up_ptr);
+        for r in 0..rows {
+            let at = r * n_out + range.start;
+            // SAFETY: columns `range` of every row are this task's own, in both buffers, which
+            // outlive the job; the products above have written them.
+            let (gated, ups) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(gate_ptr.ptr.add(at), range.len()),
+                    std::slice::from_raw_parts(up_ptr.ptr.add(at), range.len()),
+                )
+            };
+            crate::ops::swiglu_serial(gated, ups);
+        }
+    });
+    Ok(())
+}
+
+/// Runs `n_tasks` product tasks, `run_task(t, acts)`, with the activations quantized first when
+/// `needs_acts` (once, shared by all tasks). A batch large enough to quantize on several
+/// threads does it inside the tasks' pool job ([`quantize_and_run`]).
+fn run_product_tasks(
     isa: Isa,
     x: &[f32],
     rows: usize,
     n_in: usize,
-    plans: &[Plan<'_>],
-    tasks: &[(usize, Range<usize>)],
-    out_ptrs: &[OutPtr],
-) -> Result<(), KernelError> {
+    needs_acts: bool,
+    n_tasks: usize,
+    run_task: &(dyn Fn(usize, Option<&QuantizedActs>) + Sync),
+) {
+    if needs_acts && n_tasks > 1 && x.len() >= PARALLEL_QUANTIZE_MIN && pool::num_threads() > 1 {
+        quantize_and_run(isa, x, rows, n_in, n_tasks, run_task);
+        return;
+    }
+    let acts = needs_acts.then(|| QuantizedActs::quantize_with(isa, x, rows, n_in));
+    match n_tasks {
+        0 => {}
+        1 => run_task(0, acts.as_ref()),
+        n => pool::run(n, &|t| run_task(t, acts.as_ref())),
+    }
+}
+
+/// Product tasks with the activations quantized in the same pool job (one handoff to the
+/// workers instead of two): the job's first tasks quantize a share of the blocks each (what
+/// [`QuantizedActs::quantize_with`] would split among the threads, so the same bits), and each
+/// product task waits until they are all done. Tasks are claimed in order, so by the time a
+/// thread waits, every quantization task has been claimed by a thread that is running it.
+fn quantize_and_run(
+    isa: Isa,
+    x: &[f32],
+    rows: usize,
+    n_in: usize,
+    n_tasks: usize,
+    run_task: &(dyn Fn(usize, Option<&QuantizedActs>) + Sync),
+) {
     let mut acts = QuantizedActs::zeroed(rows, n_in);
     let raw = RawActs::new(&mut acts);
     let blocks = x.len() / QK;
@@ -584,7 +656,7 @@ fn quantize_and_multiply(
     // Read only after every quantization task has finished writing (the `Acquire` below).
     let acts_ptr: *const QuantizedActs = &acts;
     let acts_ptr = ActsPtr(acts_ptr);
-    pool::run(quantize_tasks + tasks.len(), &|t| {
+    pool::run(quantize_tasks + n_tasks, &|t| {
         if t < quantize_tasks {
             let part = t * per..((t + 1) * per).min(blocks);
             // SAFETY: task `t` alone writes blocks `part`, which exist; no product task reads
@@ -600,17 +672,15 @@ fn quantize_and_multiply(
         // SAFETY: every writer has finished (the load above), `acts` outlives the job, and
         // nothing writes it any more.
         let acts = unsafe { &*acts_ptr.get() };
-        let (i, range) = tasks[t - quantize_tasks].clone();
-        plans[i].run(isa, x, rows, n_in, Some(acts), range, out_ptrs[i]);
+        run_task(t - quantize_tasks, Some(acts));
     });
-    Ok(())
 }
 
-/// A shared pointer to the activations of [`quantize_and_multiply`].
+/// A shared pointer to the activations of [`quantize_and_run`].
 #[derive(Clone, Copy)]
 struct ActsPtr(*const QuantizedActs);
 
-// SAFETY: dereferenced only after the writers are done (see `quantize_and_multiply`).
+// SAFETY: dereferenced only after the writers are done (see `quantize_and_run`).
 unsafe impl Send for ActsPtr {}
 unsafe impl Sync for ActsPtr {}
 
@@ -1209,8 +1279,10 @@ mod tests {
                 }
                 // One job.
                 let mut got = vec![f32::NAN; rows * n_out];
-                let out = [OutPtr { ptr: got.as_mut_ptr(), n_out }];
-                quantize_and_multiply(isa, &x, rows, n_in, &plans, &tasks, &out).unwrap();
+                let out = OutPtr { ptr: got.as_mut_ptr(), n_out };
+                quantize_and_run(isa, &x, rows, n_in, tasks.len(), &|t, acts| {
+                    plans[0].run(isa, &x, rows, n_in, acts, tasks[t].1.clone(), out)
+                });
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
                 assert_eq!(bits(&got), bits(&want), "{ty} rows {rows}");
                 assert!(got.iter().all(|v| v.is_finite()));
