@@ -151,10 +151,9 @@ pub fn rope(
 /// `gate[i] = silu(gate[i]) · up[i]` in place (`silu(g) = g / (1 + e^{−g})`).
 pub fn swiglu(gate: &mut [f32], up: &[f32]) -> Result<(), KernelError> {
     check_len("swiglu up", gate.len(), up.len())?;
-    let apply = swiglu_serial;
     let len = gate.len();
     if len < PARALLEL_SWIGLU_MIN {
-        apply(gate, up);
+        swiglu_serial(gate, up);
         return Ok(());
     }
     // A batch of rows (e.g. eight sequences × 1536): elementwise, so split among the threads.
@@ -165,7 +164,7 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) -> Result<(), KernelError> {
         let (start, end) = ((t * per).min(len), ((t + 1) * per).min(len));
         // SAFETY: task `t` alone touches elements `start..end` of `gate`, which outlives the job.
         let part = unsafe { std::slice::from_raw_parts_mut(out.get().add(start), end - start) };
-        apply(part, &up[start..end]);
+        swiglu_serial(part, &up[start..end]);
     });
     Ok(())
 }

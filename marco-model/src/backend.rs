@@ -139,12 +139,16 @@ pub trait KernelBackend: Backend {
         layer_ops::swiglu(gate, up)
     }
 
-    /// A gated MLP's first half, `silu(x · Gᵀ) · (x · Uᵀ)`, for two weights of one shape. The
-    /// default runs [`KernelBackend::kernel_linear_many`] and then [`KernelBackend::swiglu`];
-    /// a backend can fuse them (the CPU kernels apply the SwiGLU to each task's share of both
-    /// products while it is in cache).
-    fn kernel_swiglu_linear(x: Tensor<Self, 2>, gate: &Self::LinearWeight, up: &Self::LinearWeight) -> Tensor<Self, 2> {
-        swiglu_linear_unfused::<Self>(x, gate, up)
+    /// A gated MLP's first half, `silu(x · Gᵀ) · (x · Uᵀ)`, for two weights of one shape, in
+    /// one fused pass where the backend has one (the CPU kernels apply the SwiGLU to each
+    /// task's share of both products while it is in cache). `None` (the default): the model
+    /// runs [`KernelBackend::kernel_linear_many`] and [`KernelBackend::swiglu`] instead.
+    fn kernel_swiglu_linear(
+        _x: &Tensor<Self, 2>,
+        _gate: &Self::LinearWeight,
+        _up: &Self::LinearWeight,
+    ) -> Option<Tensor<Self, 2>> {
+        None
     }
 
     /// Writes rows `rows` of `new` (`[total, kv_heads, head_dim]`: one step's keys or values
@@ -226,20 +230,6 @@ pub trait KernelBackend: Backend {
 }
 
 /// [`KernelBackend::lse_and_top_k`] as two separate hooks.
-/// [`KernelBackend::kernel_swiglu_linear`] as two products and an elementwise SwiGLU.
-fn swiglu_linear_unfused<B: KernelBackend>(
-    x: Tensor<B, 2>,
-    gate: &B::LinearWeight,
-    up: &B::LinearWeight,
-) -> Tensor<B, 2> {
-    let mut outputs = B::kernel_linear_many(x.clone(), &[gate, up]).into_iter();
-    match (outputs.next(), outputs.next()) {
-        (Some(gate), Some(up)) => B::swiglu(gate, up),
-        // `kernel_linear_many` returns one output per weight; should it not, one at a time.
-        _ => B::swiglu(B::kernel_linear(x.clone(), gate), B::kernel_linear(x, up)),
-    }
-}
-
 fn lse_then_top_k<B: KernelBackend>(logits: Tensor<B, 2>, k: usize) -> (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2, Int>) {
     let lse = B::log_sum_exp(logits.clone());
     let (values, indices) = B::top_k(logits, k);
@@ -433,23 +423,21 @@ mod cpu {
         }
 
         fn kernel_swiglu_linear(
-            x: Tensor<Self, 2>,
+            x: &Tensor<Self, 2>,
             gate: &Self::LinearWeight,
             up: &Self::LinearWeight,
-        ) -> Tensor<Self, 2> {
+        ) -> Option<Tensor<Self, 2>> {
+            if gate.options != up.options {
+                return None;
+            }
             let [rows, _] = x.dims();
             let out_features = gate.matrix.out_features();
-            let device = x.device();
             let mut out = vec![0.0f32; rows * out_features];
-            let fused = gate.options == up.options
-                && with_host_f32(&x, |input| {
-                    marco_backend_cpu::matmul_swiglu(input, rows, &gate.matrix, &up.matrix, &mut out, gate.options)
-                })
-                .is_ok();
-            if !fused {
-                return super::swiglu_linear_unfused::<Self>(x, gate, up);
-            }
-            from_host(out, [rows, out_features], &device)
+            with_host_f32(x, |input| {
+                marco_backend_cpu::matmul_swiglu(input, rows, &gate.matrix, &up.matrix, &mut out, gate.options)
+            })
+            .ok()?;
+            Some(from_host(out, [rows, out_features], &x.device()))
         }
 
         fn kernel_linear_many(x: Tensor<Self, 2>, weights: &[&Self::LinearWeight]) -> Vec<Tensor<Self, 2>> {

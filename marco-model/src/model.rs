@@ -386,13 +386,15 @@ impl<B: KernelBackend> Transformer<B> {
         Ok(self.lm_head.forward(x))
     }
 
-    /// `silu(gate_proj(h)) · up_proj(h)`: fused by the backend on the kernel paths (when both
-    /// projections are kernel weights without a bias), else two products and the SwiGLU.
+    /// `silu(gate_proj(h)) · up_proj(h)`: in one pass where the backend fuses it (kernel weights
+    /// without a bias), else two products and the SwiGLU.
     fn gated_up_projection(&self, layer: &DecoderLayer<B>, h: Tensor<B, 2>) -> Tensor<B, 2> {
         if let (LinearWeightKind::Kernel(gate), LinearWeightKind::Kernel(up), None, None) =
             (&layer.gate_proj.weight, &layer.up_proj.weight, &layer.gate_proj.bias, &layer.up_proj.bias)
         {
-            return B::kernel_swiglu_linear(h, gate, up);
+            if let Some(gated) = B::kernel_swiglu_linear(&h, gate, up) {
+                return gated;
+            }
         }
         let [gate, up] = Linear::forward_many([&layer.gate_proj, &layer.up_proj], h);
         match self.path {

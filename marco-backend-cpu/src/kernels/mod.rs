@@ -205,41 +205,23 @@ impl QuantizedActs {
     /// batch of [`PARALLEL_QUANTIZE_MIN`] values or more is split among the pool threads
     /// (blocks are independent, so the split does not change a bit).
     pub fn quantize_with(isa: Isa, x: &[f32], rows: usize, cols: usize) -> QuantizedActs {
-        let mut acts = Self::zeroed(rows, cols);
-        let quantize_part = |x: &[f32], part: ActsMut<'_>| quantize_part(isa, x, part);
-        let blocks = x.len() / QK;
-        let threads = pool::num_threads();
-        if x.len() < PARALLEL_QUANTIZE_MIN || threads == 1 {
-            quantize_part(&x[..blocks * QK], acts.parts_mut(blocks).remove(0));
+        if x.len() < PARALLEL_QUANTIZE_MIN || pool::num_threads() == 1 {
+            let mut acts = Self::zeroed(rows, cols);
+            quantize_part(isa, &x[..x.len() / QK * QK], acts.all_mut());
             return acts;
         }
-        let per = blocks.div_ceil(threads);
-        let parts: Vec<std::sync::Mutex<Option<ActsMut<'_>>>> =
-            acts.parts_mut(per).into_iter().map(|part| std::sync::Mutex::new(Some(part))).collect();
-        pool::run(parts.len(), &|t| {
-            let part = parts[t].lock().ok().and_then(|mut slot| slot.take());
-            if let Some(part) = part {
-                let start = t * per * QK;
-                quantize_part(&x[start..start + part.d.len() * QK], part);
-            }
-        });
-        acts
+        quantize_and_run(isa, x, rows, cols, 0, &|_, _| {})
     }
 
-    /// The blocks as consecutive mutable parts of `per` blocks each (the last may be shorter).
-    fn parts_mut(&mut self, per: usize) -> Vec<ActsMut<'_>> {
+    /// Every block, borrowed for writing.
+    fn all_mut(&mut self) -> ActsMut<'_> {
         let blocks = self.qs.len() / QK;
-        let per = per.max(1);
-        let qs = self.qs.chunks_mut(per * QK);
-        let d = self.d[..blocks].chunks_mut(per);
-        let dsum = self.dsum[..blocks].chunks_mut(per);
-        let dsum16 = self.dsum16[..blocks].chunks_mut(per);
-        let mut parts: Vec<ActsMut<'_>> =
-            qs.zip(d).zip(dsum).zip(dsum16).map(|(((qs, d), dsum), dsum16)| ActsMut { qs, d, dsum, dsum16 }).collect();
-        if parts.is_empty() {
-            parts.push(ActsMut { qs: &mut [], d: &mut [], dsum: &mut [], dsum16: &mut [] });
+        ActsMut {
+            qs: &mut self.qs[..blocks * QK],
+            d: &mut self.d[..blocks],
+            dsum: &mut self.dsum[..blocks],
+            dsum16: &mut self.dsum16[..blocks],
         }
-        parts
     }
 
     fn zeroed(rows: usize, cols: usize) -> QuantizedActs {
@@ -259,8 +241,7 @@ impl QuantizedActs {
     #[cfg(test)]
     pub fn quantize(x: &[f32], rows: usize, cols: usize) -> QuantizedActs {
         let mut acts = Self::zeroed(rows, cols);
-        let blocks = x.len() / QK;
-        quantize_blocks(&x[..blocks * QK], acts.parts_mut(blocks).remove(0));
+        quantize_blocks(&x[..x.len() / QK * QK], acts.all_mut());
         acts
     }
 }
@@ -626,6 +607,7 @@ fn run_product_tasks(
         quantize_and_run(isa, x, rows, n_in, n_tasks, run_task);
         return;
     }
+    // One task (or a batch too small to share): quantize first, on this thread if small.
     let acts = needs_acts.then(|| QuantizedActs::quantize_with(isa, x, rows, n_in));
     match n_tasks {
         0 => {}
@@ -634,11 +616,12 @@ fn run_product_tasks(
     }
 }
 
-/// Product tasks with the activations quantized in the same pool job (one handoff to the
-/// workers instead of two): the job's first tasks quantize a share of the blocks each (what
-/// [`QuantizedActs::quantize_with`] would split among the threads, so the same bits), and each
-/// product task waits until they are all done. Tasks are claimed in order, so by the time a
-/// thread waits, every quantization task has been claimed by a thread that is running it.
+/// Quantizes the activations on the pool's threads (one share of the blocks each; blocks are
+/// independent, so the bits are those of one thread) and runs `n_tasks` product tasks in the
+/// same pool job (one handoff to the workers instead of two): each product task waits until
+/// every quantization task is done. Tasks are claimed in order, so by the time a thread waits,
+/// every quantization task has been claimed by a thread that is running it. Returns the
+/// activations.
 fn quantize_and_run(
     isa: Isa,
     x: &[f32],
@@ -646,7 +629,7 @@ fn quantize_and_run(
     n_in: usize,
     n_tasks: usize,
     run_task: &(dyn Fn(usize, Option<&QuantizedActs>) + Sync),
-) {
+) -> QuantizedActs {
     let mut acts = QuantizedActs::zeroed(rows, n_in);
     let raw = RawActs::new(&mut acts);
     let blocks = x.len() / QK;
@@ -674,6 +657,7 @@ fn quantize_and_run(
         let acts = unsafe { &*acts_ptr.get() };
         run_task(t - quantize_tasks, Some(acts));
     });
+    acts
 }
 
 /// A shared pointer to the activations of [`quantize_and_run`].
@@ -1270,14 +1254,16 @@ mod tests {
                 let tasks: Vec<(usize, Range<usize>)> =
                     split_outputs(n_out, align, min_len, true).into_iter().map(|r| (0, r)).collect();
                 let isa = isa();
-                // Two jobs: the activations quantized first, then the products.
+                // The activations quantized first, by the portable quantizer on this thread
+                // (bit-identical to the SIMD ones, `simd_quantize_is_bit_identical`), then the
+                // products.
                 let mut want = vec![f32::NAN; rows * n_out];
-                let acts = QuantizedActs::quantize_with(isa, &x, rows, n_in);
+                let acts = QuantizedActs::quantize(&x, rows, n_in);
                 let out = OutPtr { ptr: want.as_mut_ptr(), n_out };
                 for (_, range) in &tasks {
                     plans[0].run(isa, &x, rows, n_in, Some(&acts), range.clone(), out);
                 }
-                // One job.
+                // One job: quantization tasks, then the product tasks.
                 let mut got = vec![f32::NAN; rows * n_out];
                 let out = OutPtr { ptr: got.as_mut_ptr(), n_out };
                 quantize_and_run(isa, &x, rows, n_in, tasks.len(), &|t, acts| {
