@@ -270,17 +270,25 @@ fn print_outcome(question: &str, outcome: &SearchOutcome) {
     }
 }
 
-/// policy · nodes · tokens generated/computed · time · tok/s · value · why it stopped.
+/// policy · nodes · tokens generated/computed (and how many of those were computed more than
+/// once) · KV memory · time · tok/s · value · why it stopped.
 fn summary(label: &str, outcome: &SearchOutcome) -> String {
     let s = &outcome.stats;
+    let kv = if s.kv_bytes_per_token > 0 {
+        format!(" · KV {:.1} MB", s.kv_bytes_in_use as f64 / 1e6)
+    } else {
+        String::new()
+    };
     format!(
-        "{label} on {} · {} nodes · {} rollouts · {} tokens generated / {} computed · {:.1} s · {:.1} tok/s · \
-         value {:.3} · stop: {:?}",
+        "{label} on {} · {} nodes · {} rollouts · {} tokens generated / {} computed for {} distinct (recompute \
+         {:.3}){kv} · {:.1} s · {:.1} tok/s · value {:.3} · stop: {:?}",
         common::backend_name(),
         s.nodes,
         s.rollouts,
         s.tokens_generated,
         s.tokens_computed,
+        s.distinct_tokens,
+        s.recompute_ratio(),
         s.elapsed_secs,
         s.tokens_per_second(),
         outcome.value,

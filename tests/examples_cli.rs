@@ -171,7 +171,8 @@ fn custom_reward_verifier_beats_confidence_on_the_mock() {
 }
 
 /// One real search on the default model (fetched through marco's own fetch code on first
-/// use), with a small budget: the answer, the summary and both trace files.
+/// use), with a small budget: the answer, the summary (with its recompute ratio) and both trace
+/// files.
 #[test]
 fn reason_answers_on_the_default_model() {
     if cfg!(feature = "cuda") {
@@ -198,6 +199,16 @@ fn reason_answers_on_the_default_model() {
     assert!(outcome.stats.tokens_generated <= 64, "budget exceeded: {}", outcome.stats.tokens_generated);
     assert!(outcome.stats.tokens_generated > 0);
     assert!(summary.contains(&format!("{} tokens generated", outcome.stats.tokens_generated)), "{summary}");
+    // The summary reports the shared cache's work: no position computed twice (issue 5's bound).
+    let stats = &outcome.stats;
+    let recompute = format!(
+        "{} computed for {} distinct (recompute {:.3})",
+        stats.tokens_computed,
+        stats.distinct_tokens,
+        stats.recompute_ratio()
+    );
+    assert!(summary.contains(&recompute), "{summary} (want {recompute})");
+    assert!(stats.recompute_ratio() <= 1.01, "{summary}");
     assert!(outcome.tree.len() > 1);
     let page = std::fs::read_to_string(&html).expect("html written");
     assert!(page.contains("<html") && page.contains("</html>"), "not an HTML page");
