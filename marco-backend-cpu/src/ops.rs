@@ -470,8 +470,8 @@ pub fn attention_batch(
             // `isa()` found AVX-512 F, BW and VL; the lengths were checked above.
             unsafe {
                 match head_dim {
-                    64 if avx512 => attend_head_avx512::<4>(&job, seq, head, scores),
-                    128 if avx512 => attend_head_avx512::<8>(&job, seq, head, scores),
+                    64 if avx512 => attend_heads_avx512::<4, 1>(&job, seq, head, scores),
+                    128 if avx512 => attend_heads_avx512::<8, 1>(&job, seq, head, scores),
                     _ if head_dim.is_multiple_of(8) => attend_head_avx2(&job, seq, head, scores),
                     _ => attend_head_fma(&job, seq, head, scores),
                 }
@@ -480,12 +480,38 @@ pub fn attention_batch(
             attend_head(&job, seq, head, scores)
         }
     };
+    // Heads `first..first + count` of one kv head: where the AVX-512 kernels run, several in one
+    // pass over the keys and values (three at width 64, two at 128: as many as the registers
+    // hold), else one after the other.
+    let attend_group = |seq: usize, first: usize, count: usize, scores: &mut Vec<f32>| {
+        #[cfg(target_arch = "x86_64")]
+        if fma && avx512 && matches!(head_dim, 64 | 128) {
+            let mut head = first;
+            while head < first + count {
+                let left = first + count - head;
+                // SAFETY: as for `attend`; heads `head..head + g` share a kv head, as a task's
+                // heads are one kv head's.
+                let g = unsafe {
+                    match (head_dim, left) {
+                        (64, 1) => attend_heads_avx512::<4, 1>(&job, seq, head, scores),
+                        (64, 2) => attend_heads_avx512::<4, 2>(&job, seq, head, scores),
+                        (64, _) => attend_heads_avx512::<4, 3>(&job, seq, head, scores),
+                        (_, 1) => attend_heads_avx512::<8, 1>(&job, seq, head, scores),
+                        _ => attend_heads_avx512::<8, 2>(&job, seq, head, scores),
+                    }
+                    left.min(if head_dim == 64 { 3 } else { 2 })
+                };
+                head += g;
+            }
+            return;
+        }
+        (first..first + count).for_each(|head| attend(seq, head, scores));
+    };
     // With enough sequences to keep the threads busy, a task is a (sequence, kv head) pair and
-    // runs the query heads that share those keys and values one after the other, so that the
-    // second and later heads find them in this core's cache instead of reading them again
-    // (often from memory: the weights streamed since the last step have evicted them). Each
-    // head's arithmetic is unchanged. Fewer sequences keep one task per query head, which
-    // balances the threads better.
+    // runs the query heads that share those keys and values together (`attend_group`), so that
+    // they are read once (often from memory: the weights streamed since the last step have
+    // evicted them) instead of once per head. Each head's arithmetic is unchanged. Fewer
+    // sequences keep one task per query head, which balances the threads better.
     let group = heads / kv_heads;
     let grouped = seqs.len() * kv_heads >= GROUPED_ATTENTION_MIN_TASKS_PER_THREAD * pool::num_threads();
     let (tasks, per_task) = if grouped { (seqs.len() * kv_heads, group) } else { (seqs.len() * heads, 1) };
@@ -493,8 +519,8 @@ pub fn attention_batch(
         let (seq, first) = (t * per_task / heads, t * per_task % heads);
         // One scores buffer per thread, reused by every task (a decode step runs thousands).
         SCORES.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut scores) => (first..first + per_task).for_each(|head| attend(seq, head, &mut scores)),
-            Err(_) => (first..first + per_task).for_each(|head| attend(seq, head, &mut Vec::new())),
+            Ok(mut scores) => attend_group(seq, first, per_task, &mut scores),
+            Err(_) => attend_group(seq, first, per_task, &mut Vec::new()),
         });
     };
     if work >= PARALLEL_ATTENTION_MIN {
@@ -571,18 +597,35 @@ fn softmax_weights(scores: &mut [f32], max: f32) -> f32 {
     1.0 / lanes.iter().fold(0.0, |t, &s| t + s)
 }
 
-/// [`attend_head`] with AVX-512 for `head_dim = 16 · C` (64 and 128): the query in `C`
-/// registers, four keys' scores per pass with one shared transpose-and-add reduction (each key
-/// summed by the same tree whatever its slot, and a short last group padded with zero keys, so
-/// the scores do not depend on how positions are cut into runs), and the weighted sum of values
-/// in `C` registers.
+/// How many keys ahead of the ones it scores [`attend_heads_avx512`] prefetches keys. The
+/// keys and values of a decode step usually come from memory (the weights streamed since the
+/// last step have evicted them), and a sequence's own run is too short for the hardware
+/// prefetcher to ramp up: `attention_timing … 30 96` (cold) measured 8 keys ahead best.
+const ATTENTION_PREFETCH_KEYS: usize = 8;
+
+/// [`attend_head`] with AVX-512 for `head_dim = 16 · C` (64 and 128), for the `G` query heads
+/// `first..first + G`, which share one kv head, in one pass over its keys and values: each
+/// key and value is loaded once for all `G` heads, and the heads' independent FMA chains
+/// interleave. Per head: the query in `C` registers, four keys' scores per pass with one
+/// shared transpose-and-add reduction (each key summed by the same tree whatever its slot, and
+/// a short last group padded with zero keys, so the scores depend neither on how positions are
+/// cut into runs nor on `G`), and the weighted sum of values in `C` registers. The values of
+/// the keys being scored are prefetched for the weighted sum that follows.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F and VL, AVX2 and FMA; `job` passed the checks of
-/// [`attention_batch`] and `head_dim == 16 * C`.
+/// [`attention_batch`], `head_dim == 16 * C`, and heads `first..first + G` share a kv head.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-unsafe fn attend_head_avx512<const C: usize>(job: &HeadJob<'_>, seq: usize, h: usize, scores: &mut Vec<f32>) {
+// Each loop index selects the same slot of several register arrays (`q[g][c]`, `acc[g][i]`);
+// constant-bound index loops keep them in registers.
+#[allow(clippy::needless_range_loop)]
+unsafe fn attend_heads_avx512<const C: usize, const G: usize>(
+    job: &HeadJob<'_>,
+    seq: usize,
+    first: usize,
+    scores: &mut Vec<f32>,
+) {
     use std::arch::x86_64::*;
 
     /// Lanes 0..4: the sums of the sixteen lanes of `acc[0]`, …, `acc[3]`.
@@ -604,70 +647,96 @@ unsafe fn attend_head_avx512<const C: usize>(job: &HeadJob<'_>, seq: usize, h: u
     let AttentionShape { heads, kv_heads, head_dim } = job.shape;
     let AttentionSeq { rows, runs, past } = &job.seqs[seq];
     let row_width = heads * head_dim;
-    let kv_head = h / (heads / kv_heads);
+    let kv_head = first / (heads / kv_heads);
+    let keys_total = job.keys_of[seq];
     scores.clear();
-    scores.resize(job.keys_of[seq], 0.0);
+    scores.resize(G * keys_total, 0.0);
     for (j, row) in rows.clone().enumerate() {
         let visible = past + j + 1;
-        let qp = job.q[row * row_width + h * head_dim..(row * row_width + (h + 1) * head_dim)].as_ptr();
-        // SAFETY: `qp` points at `head_dim = 16 C` values of this head's query.
-        let q: [__m512; C] = std::array::from_fn(|c| unsafe { _mm512_loadu_ps(qp.add(16 * c)) });
-        let mut max4 = _mm_set1_ps(f32::NEG_INFINITY);
+        let q: [[__m512; C]; G] = std::array::from_fn(|g| {
+            let qp = job.q[row * row_width + (first + g) * head_dim..][..head_dim].as_ptr();
+            // SAFETY: `qp` points at `head_dim = 16 C` values of head `first + g`'s query.
+            std::array::from_fn(|c| unsafe { _mm512_loadu_ps(qp.add(16 * c)) })
+        });
+        let mut max4 = [_mm_set1_ps(f32::NEG_INFINITY); G];
         let mut position = 0;
         for run in runs.iter() {
             let used = run.len.min(visible.saturating_sub(position));
             let keys = run.k[kv_head * run.capacity * head_dim..][..used * head_dim].as_ptr();
+            let values = run.v[kv_head * run.capacity * head_dim..][..used * head_dim].as_ptr();
             let mut p = 0;
             while p < used {
                 let n = (used - p).min(4);
-                let mut acc = [_mm512_setzero_ps(); 4];
-                for (c, qc) in q.iter().enumerate() {
-                    for (i, a) in acc.iter_mut().enumerate().take(n) {
-                        // SAFETY: key `p + i < used`, values `16c..16c + 16` of it.
-                        let kv = unsafe { _mm512_loadu_ps(keys.add((p + i) * head_dim + 16 * c)) };
-                        *a = _mm512_fmadd_ps(*qc, kv, *a);
+                let mut acc = [[_mm512_setzero_ps(); 4]; G];
+                // A prefetch never faults: past the run's end it is only wasted.
+                for line in (0..4 * head_dim).step_by(16) {
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        keys.wrapping_add((p + ATTENTION_PREFETCH_KEYS) * head_dim + line).cast(),
+                    );
+                    _mm_prefetch::<_MM_HINT_T0>(values.wrapping_add(p * head_dim + line).cast());
+                }
+                // A constant trip count with a test inside (not `0..n`) keeps the accumulators
+                // in registers.
+                for c in 0..C {
+                    for i in 0..4 {
+                        if i < n {
+                            // SAFETY: key `p + i < used`, values `16c..16c + 16` of it.
+                            let kv = unsafe { _mm512_loadu_ps(keys.add((p + i) * head_dim + 16 * c)) };
+                            for g in 0..G {
+                                acc[g][i] = _mm512_fmadd_ps(q[g][c], kv, acc[g][i]);
+                            }
+                        }
                     }
                 }
                 // The first `n` lanes are real keys; the padding lanes count as -inf for the max
                 // and are not stored.
                 let real = (1u8 << n) - 1;
-                let sums = _mm_mask_mov_ps(_mm_set1_ps(f32::NEG_INFINITY), real, reduce4(&acc));
-                let at = &mut scores[position + p..position + p + n];
-                // SAFETY: the mask writes the first `n` floats, which `at` holds.
-                unsafe { _mm_mask_storeu_ps(at.as_mut_ptr(), real, sums) };
-                // `maxps` returns its second operand when the first is NaN: NaN scores are
-                // ignored, as by `f32::max`.
-                max4 = _mm_max_ps(sums, max4);
+                for g in 0..G {
+                    let sums = _mm_mask_mov_ps(_mm_set1_ps(f32::NEG_INFINITY), real, reduce4(&acc[g]));
+                    let at = &mut scores[g * keys_total + position + p..][..n];
+                    // SAFETY: the mask writes the first `n` floats, which `at` holds.
+                    unsafe { _mm_mask_storeu_ps(at.as_mut_ptr(), real, sums) };
+                    // `maxps` returns its second operand when the first is NaN: NaN scores are
+                    // ignored, as by `f32::max`.
+                    max4[g] = _mm_max_ps(sums, max4[g]);
+                }
                 p += n;
             }
             position += run.len;
         }
-        let mut lanes = [0.0f32; 4];
-        // SAFETY: `lanes` holds four floats.
-        unsafe { _mm_storeu_ps(lanes.as_mut_ptr(), max4) };
-        let max = lanes.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
-        let inv_total = softmax_weights(&mut scores[..visible], max);
-        let mut acc = [_mm512_setzero_ps(); C];
+        let mut inv_total = [0.0f32; G];
+        for g in 0..G {
+            let mut lanes = [0.0f32; 4];
+            // SAFETY: `lanes` holds four floats.
+            unsafe { _mm_storeu_ps(lanes.as_mut_ptr(), max4[g]) };
+            let max = lanes.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+            inv_total[g] = softmax_weights(&mut scores[g * keys_total..][..visible], max);
+        }
+        let mut acc = [[_mm512_setzero_ps(); C]; G];
         let mut position = 0;
         for run in runs.iter() {
             let used = run.len.min(visible.saturating_sub(position));
             let values = run.v[kv_head * run.capacity * head_dim..][..used * head_dim].as_ptr();
             for p in 0..used {
-                let w = _mm512_set1_ps(scores[position + p]);
-                for (c, a) in acc.iter_mut().enumerate() {
+                let w: [__m512; G] = std::array::from_fn(|g| _mm512_set1_ps(scores[g * keys_total + position + p]));
+                for c in 0..C {
                     // SAFETY: `16c + 16 <= head_dim` and `p < used`.
                     let v = unsafe { _mm512_loadu_ps(values.add(p * head_dim + 16 * c)) };
-                    *a = _mm512_fmadd_ps(w, v, *a);
+                    for g in 0..G {
+                        acc[g][c] = _mm512_fmadd_ps(w[g], v, acc[g][c]);
+                    }
                 }
             }
             position += run.len;
         }
-        // SAFETY: the output row block of head `h` is `head_dim` values inside `out`, written by
-        // this (sequence, head) task only.
-        let out = unsafe { job.out.get().add(row * row_width + h * head_dim) };
-        for (c, a) in acc.iter().enumerate() {
-            // SAFETY: as for `out` above.
-            unsafe { _mm512_storeu_ps(out.add(16 * c), _mm512_mul_ps(*a, _mm512_set1_ps(inv_total))) };
+        for g in 0..G {
+            // SAFETY: the output row block of head `first + g` is `head_dim` values inside `out`,
+            // written by this (sequence, kv head) task only.
+            let out = unsafe { job.out.get().add(row * row_width + (first + g) * head_dim) };
+            for c in 0..C {
+                // SAFETY: as for `out` above.
+                unsafe { _mm512_storeu_ps(out.add(16 * c), _mm512_mul_ps(acc[g][c], _mm512_set1_ps(inv_total[g]))) };
+            }
         }
     }
 }
