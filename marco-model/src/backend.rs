@@ -327,6 +327,15 @@ mod cpu {
         }
     }
 
+    /// The shape of an f32 primitive, borrowed (where `Tensor::dims` builds a `Vec` on this
+    /// backend).
+    fn shape_of(p: &NdArrayTensor) -> Option<&[usize]> {
+        match p {
+            NdArrayTensor::F32(storage) => Some(storage.shape()),
+            _ => None,
+        }
+    }
+
     /// The values of an f32 primitive (borrowed when contiguous).
     fn values(p: &NdArrayTensor) -> Option<Cow<'_, [f32]>> {
         // Not `ndarray_f32_values`: its shape vector is an allocation per call, and a decode
@@ -518,18 +527,25 @@ mod cpu {
             new: &Tensor<Self, 3>,
             rows: std::ops::Range<usize>,
         ) -> Tensor<Self, 3> {
-            let [kv_heads, capacity, dim] = buffer.dims();
-            let [total, new_heads, new_dim] = new.dims();
-            let n = rows.len();
-            let fits = new_heads == kv_heads && new_dim == dim && rows.end <= total && at + n <= capacity;
-            let (Some(np), true) = (primitive(new), fits) else {
+            // Shapes read from the storages: `Tensor::dims` allocates on this backend, and a
+            // decode step writes every layer of every sequence.
+            let Some(np) = primitive(new) else { return layer_ops::write_kv(buffer, at, new, rows) };
+            let (Some(&[total, new_heads, new_dim]), Some(src)) = (shape_of(&np), values(&np)) else {
                 return layer_ops::write_kv(buffer, at, new, rows);
             };
-            let Some(src) = values(&np) else { return layer_ops::write_kv(buffer, at, new, rows) };
             match buffer.into_primitive() {
                 TensorPrimitive::Float(NdArrayTensor::F32(mut storage)) => {
+                    let n = rows.len();
+                    let fits = match *storage.shape() {
+                        [kv_heads, capacity, dim] => {
+                            (new_heads == kv_heads && new_dim == dim && rows.end <= total && at + n <= capacity)
+                                .then_some((kv_heads, capacity, dim))
+                        }
+                        _ => None,
+                    };
                     // In place when the buffer is uniquely owned (the cache takes it out first).
-                    let Some(dst) = storage.ensure_owned().as_slice_mut() else {
+                    let (Some((kv_heads, capacity, dim)), Some(dst)) = (fits, storage.ensure_owned().as_slice_mut())
+                    else {
                         let buffer = Tensor::from_primitive(TensorPrimitive::Float(NdArrayTensor::F32(storage)));
                         return layer_ops::write_kv(buffer, at, new, rows);
                     };
@@ -584,10 +600,9 @@ mod cpu {
             for seq in seqs {
                 let mut runs = Vec::with_capacity(seq.runs.len());
                 for run in &seq.runs {
-                    match (primitive(&run.k), primitive(&run.v)) {
-                        (Some(k), Some(v)) => runs.push((k, v, run.k.dims()[1], run.len)),
-                        _ => return fallback(),
-                    }
+                    let (Some(k), Some(v)) = (primitive(&run.k), primitive(&run.v)) else { return fallback() };
+                    let Some(&[_, capacity, _]) = shape_of(&k) else { return fallback() };
+                    runs.push((k, v, capacity, run.len));
                 }
                 prims.push(runs);
             }
