@@ -126,40 +126,76 @@ pub fn sample(logits: &[f32], params: &SamplingParams, draw: f64) -> Result<Toke
         }
         return Ok(best as TokenId);
     }
-    // Candidates sorted by logit, truncated by top-k; then top-p on the tempered distribution.
-    let k = if params.top_k == 0 { logits.len() } else { params.top_k.min(logits.len()) };
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    // Candidates by logit, descending (ties: smaller id first), truncated by top-k; then top-p
+    // on the tempered distribution; then the draw picks a token walking down from the most
+    // likely. Only the head of the order that the top-p cut and the walk reach is sorted (a
+    // sort of a whole 50k–150k vocabulary per token cost more than the model's forward pass).
+    let n = logits.len();
+    let k = if params.top_k == 0 { n } else { params.top_k.min(n) };
+    let mut idx: Vec<u32> = (0..n as u32).collect();
     let desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
-    if k < idx.len() {
+    if k < n {
         idx.select_nth_unstable_by(k - 1, desc);
         idx.truncate(k);
     }
-    idx.sort_unstable_by(desc);
     let inv_t = 1.0 / params.temperature as f64;
-    let max = logits[idx[0] as usize] as f64;
-    let weights: Vec<f64> = idx.iter().map(|&t| ((logits[t as usize] as f64 - max) * inv_t).exp()).collect();
-    let total: f64 = weights.iter().sum();
-    let mut keep = weights.len();
+    let max = idx.iter().map(|&t| logits[t as usize]).fold(f32::NEG_INFINITY, f32::max) as f64;
+    let weight = |t: u32| ((logits[t as usize] as f64 - max) * inv_t).exp();
+    let total: f64 = idx.iter().map(|&t| weight(t)).sum();
+    let mut order = SortedHead { idx, sorted: 0 };
+    let mut keep = k;
     if params.top_p < 1.0 {
         let mut acc = 0.0;
-        for (i, w) in weights.iter().enumerate() {
-            acc += w / total;
+        let mut i = 0;
+        while let Some(t) = order.get(i, &desc) {
+            acc += weight(t) / total;
             if acc >= params.top_p as f64 {
                 keep = i + 1;
                 break;
             }
+            i += 1;
         }
     }
-    let kept_total: f64 = weights[..keep].iter().sum();
+    // Without a cut every candidate is kept, and their sum is `total`.
+    let kept_total: f64 =
+        if keep == k { total } else { (0..keep).filter_map(|i| order.get(i, &desc)).map(weight).sum() };
     let target = draw.clamp(0.0, 1.0) * kept_total;
     let mut acc = 0.0;
-    for (i, w) in weights[..keep].iter().enumerate() {
-        acc += w;
+    for i in 0..keep {
+        let Some(t) = order.get(i, &desc) else { break };
+        acc += weight(t);
         if target < acc {
-            return Ok(idx[i]);
+            return Ok(t);
         }
     }
-    Ok(idx[keep - 1])
+    // Rounding left the target at the very end: the last kept candidate.
+    Ok(order.get(keep - 1, &desc).unwrap_or(order.idx[0]))
+}
+
+/// Candidates whose first `sorted` entries are the largest, in order; sorted further on demand
+/// in chunks that double, so a walk that stops early sorts little.
+struct SortedHead {
+    idx: Vec<u32>,
+    sorted: usize,
+}
+
+impl SortedHead {
+    /// The `i`-th candidate in order (`None` past the last).
+    fn get(&mut self, i: usize, desc: &impl Fn(&u32, &u32) -> std::cmp::Ordering) -> Option<u32> {
+        if i >= self.idx.len() {
+            return None;
+        }
+        if i >= self.sorted {
+            let rest = &mut self.idx[self.sorted..];
+            let take = (i + 1 - self.sorted).max(self.sorted).max(64).min(rest.len());
+            if take < rest.len() {
+                rest.select_nth_unstable_by(take - 1, desc);
+            }
+            rest[..take].sort_unstable_by(desc);
+            self.sorted += take;
+        }
+        Some(self.idx[i])
+    }
 }
 
 #[cfg(test)]
@@ -183,6 +219,73 @@ mod tests {
         // The most likely token owns the low end of [0, 1).
         assert_eq!(sample(&logits, &p, 0.0).unwrap(), 1);
         assert_eq!(sample(&logits, &p, 0.99999).unwrap(), 0);
+    }
+
+    /// The sampler before it sorted lazily: the whole candidate list sorted, for reference.
+    fn sample_by_full_sort(logits: &[f32], params: &SamplingParams, draw: f64) -> TokenId {
+        let k = if params.top_k == 0 { logits.len() } else { params.top_k.min(logits.len()) };
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+        idx.sort_unstable_by(desc);
+        idx.truncate(k);
+        let max = logits[idx[0] as usize] as f64;
+        let weights: Vec<f64> = idx
+            .iter()
+            .map(|&t| ((logits[t as usize] as f64 - max) * (1.0 / params.temperature as f64)).exp())
+            .collect();
+        let total: f64 = weights.iter().sum();
+        let mut keep = weights.len();
+        let mut acc = 0.0;
+        for (i, w) in weights.iter().enumerate() {
+            acc += w / total;
+            if params.top_p < 1.0 && acc >= params.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+        let target = draw * weights[..keep].iter().sum::<f64>();
+        let mut acc = 0.0;
+        for (i, w) in weights[..keep].iter().enumerate() {
+            acc += w;
+            if target < acc {
+                return idx[i];
+            }
+        }
+        idx[keep - 1]
+    }
+
+    #[test]
+    fn lazy_sorting_samples_what_a_full_sort_does() {
+        let mut state = 7u64;
+        let mut next = || {
+            state = splitmix64(state);
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        for case in 0..400 {
+            // Vocabularies below and above the first sorted chunk; flat and peaked rows; ties.
+            let n = [3usize, 50, 64, 65, 300, 5000][case % 6];
+            let spread = [0.5, 4.0, 12.0][case % 3];
+            let mut logits: Vec<f32> = (0..n).map(|_| ((next() - 0.5) * spread) as f32).collect();
+            if case % 5 == 0 {
+                logits[n / 2] = 20.0;
+            }
+            if case % 7 == 0 && n > 1 {
+                logits[n - 1] = logits[0];
+            }
+            let params = SamplingParams {
+                temperature: [0.3f32, 0.7, 1.0, 1.5][case % 4],
+                top_k: [0usize, 1, 40, 100000][(case / 4) % 4],
+                top_p: [1.0f32, 0.95, 0.5, 0.1][(case / 16) % 4],
+                seed: 0,
+            };
+            for draw in [0.0, next(), next(), 0.999_999] {
+                assert_eq!(
+                    sample(&logits, &params, draw).unwrap(),
+                    sample_by_full_sort(&logits, &params, draw),
+                    "case {case}: n {n}, {params:?}, draw {draw}"
+                );
+            }
+        }
     }
 
     #[test]
