@@ -601,6 +601,7 @@ fn softmax_weights(scores: &mut [f32], max: f32) -> f32 {
 /// keys and values of a decode step usually come from memory (the weights streamed since the
 /// last step have evicted them), and a sequence's own run is too short for the hardware
 /// prefetcher to ramp up: `attention_timing … 30 96` (cold) measured 8 keys ahead best.
+#[cfg(target_arch = "x86_64")]
 const ATTENTION_PREFETCH_KEYS: usize = 8;
 
 /// [`attend_head`] with AVX-512 for `head_dim = 16 · C` (64 and 128), for the `G` query heads
