@@ -463,49 +463,48 @@ pub fn attention_batch(
     let fma = fma_available();
     #[cfg(target_arch = "x86_64")]
     let avx512 = fma && matches!(crate::kernels::isa(), crate::Isa::Avx512 | crate::Isa::Avx512Vnni);
-    let attend = |seq: usize, head: usize, scores: &mut Vec<f32>| {
-        if fma {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `fma_available` checked AVX2 and FMA at run time, and `avx512` means
-            // `isa()` found AVX-512 F, BW and VL; the lengths were checked above.
-            unsafe {
-                match head_dim {
-                    64 if avx512 => attend_heads_avx512::<4, 1>(&job, seq, head, scores),
-                    128 if avx512 => attend_heads_avx512::<8, 1>(&job, seq, head, scores),
-                    _ if head_dim.is_multiple_of(8) => attend_head_avx2(&job, seq, head, scores),
-                    _ => attend_head_fma(&job, seq, head, scores),
-                }
-            }
-        } else {
-            attend_head(&job, seq, head, scores)
-        }
-    };
-    // Heads `first..first + count` of one kv head: where the AVX-512 kernels run, several in one
-    // pass over the keys and values (three at width 64, two at 128: as many as the registers
-    // hold), else one after the other.
+    // Heads `first..first + count` of one kv head. The AVX-512 kernels (widths 64 and 128) run
+    // several in one pass over the keys and values (three at 64, two at 128: as many as the
+    // registers hold); the others run one head after another.
     let attend_group = |seq: usize, first: usize, count: usize, scores: &mut Vec<f32>| {
+        let end = first + count;
         #[cfg(target_arch = "x86_64")]
-        if fma && avx512 && matches!(head_dim, 64 | 128) {
+        if avx512 && matches!(head_dim, 64 | 128) {
             let mut head = first;
-            while head < first + count {
-                let left = first + count - head;
-                // SAFETY: as for `attend`; heads `head..head + g` share a kv head, as a task's
-                // heads are one kv head's.
-                let g = unsafe {
-                    match (head_dim, left) {
+            while head < end {
+                let g = (end - head).min(if head_dim == 64 { 3 } else { 2 });
+                // SAFETY: `avx512` means `isa()` found AVX-512 F, BW and VL and
+                // `fma_available` AVX2 and FMA; the lengths were checked above; heads
+                // `head..head + g` share a kv head, as a task's heads are one kv head's.
+                unsafe {
+                    match (head_dim, g) {
                         (64, 1) => attend_heads_avx512::<4, 1>(&job, seq, head, scores),
                         (64, 2) => attend_heads_avx512::<4, 2>(&job, seq, head, scores),
                         (64, _) => attend_heads_avx512::<4, 3>(&job, seq, head, scores),
                         (_, 1) => attend_heads_avx512::<8, 1>(&job, seq, head, scores),
                         _ => attend_heads_avx512::<8, 2>(&job, seq, head, scores),
                     }
-                    left.min(if head_dim == 64 { 3 } else { 2 })
-                };
+                }
                 head += g;
             }
             return;
         }
-        (first..first + count).for_each(|head| attend(seq, head, scores));
+        for head in first..end {
+            if fma {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `fma_available` checked AVX2 and FMA at run time; the lengths were
+                // checked above.
+                unsafe {
+                    if head_dim.is_multiple_of(8) {
+                        attend_head_avx2(&job, seq, head, scores)
+                    } else {
+                        attend_head_fma(&job, seq, head, scores)
+                    }
+                }
+            } else {
+                attend_head(&job, seq, head, scores)
+            }
+        }
     };
     // With enough sequences to keep the threads busy, a task is a (sequence, kv head) pair and
     // runs the query heads that share those keys and values together (`attend_group`), so that
@@ -669,12 +668,15 @@ unsafe fn attend_heads_avx512<const C: usize, const G: usize>(
             while p < used {
                 let n = (used - p).min(4);
                 let mut acc = [[_mm512_setzero_ps(); 4]; G];
-                // A prefetch never faults: past the run's end it is only wasted.
-                for line in (0..4 * head_dim).step_by(16) {
-                    _mm_prefetch::<_MM_HINT_T0>(
-                        keys.wrapping_add((p + ATTENTION_PREFETCH_KEYS) * head_dim + line).cast(),
-                    );
-                    _mm_prefetch::<_MM_HINT_T0>(values.wrapping_add(p * head_dim + line).cast());
+                // Only for the first query row: later rows (a prefill) find the keys and values
+                // in cache. A prefetch never faults: past the run's end it is only wasted.
+                if j == 0 {
+                    for line in (0..4 * head_dim).step_by(16) {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            keys.wrapping_add((p + ATTENTION_PREFETCH_KEYS) * head_dim + line).cast(),
+                        );
+                        _mm_prefetch::<_MM_HINT_T0>(values.wrapping_add(p * head_dim + line).cast());
+                    }
                 }
                 // A constant trip count with a test inside (not `0..n`) keeps the accumulators
                 // in registers.

@@ -139,16 +139,18 @@ pub fn sample(logits: &[f32], params: &SamplingParams, draw: f64) -> Result<Toke
         idx.truncate(k);
     }
     let inv_t = 1.0 / params.temperature as f64;
-    let max = idx.iter().map(|&t| logits[t as usize]).fold(f32::NEG_INFINITY, f32::max) as f64;
+    // The first candidate in the order (as the full sort had it first).
+    let first = idx.iter().copied().min_by(desc).unwrap_or(0);
+    let max = logits[first as usize] as f64;
     let weight = |t: u32| ((logits[t as usize] as f64 - max) * inv_t).exp();
     let total: f64 = idx.iter().map(|&t| weight(t)).sum();
-    let mut order = SortedHead { idx, sorted: 0 };
+    let mut order = SortedHead { idx, sorted: 0, weights: Vec::new(), desc, weight };
     let mut keep = k;
     if params.top_p < 1.0 {
         let mut acc = 0.0;
         let mut i = 0;
-        while let Some(t) = order.get(i, &desc) {
-            acc += weight(t) / total;
+        while let Some((_, w)) = order.get(i) {
+            acc += w / total;
             if acc >= params.top_p as f64 {
                 keep = i + 1;
                 break;
@@ -156,32 +158,36 @@ pub fn sample(logits: &[f32], params: &SamplingParams, draw: f64) -> Result<Toke
             i += 1;
         }
     }
-    // Without a cut every candidate is kept, and their sum is `total`.
-    let kept_total: f64 =
-        if keep == k { total } else { (0..keep).filter_map(|i| order.get(i, &desc)).map(weight).sum() };
+    // A cut has weighed the candidates it keeps; without one every candidate is kept, and their
+    // sum is `total`.
+    let kept_total: f64 = if keep == k { total } else { order.weights[..keep].iter().sum() };
     let target = draw.clamp(0.0, 1.0) * kept_total;
     let mut acc = 0.0;
     for i in 0..keep {
-        let Some(t) = order.get(i, &desc) else { break };
-        acc += weight(t);
+        let Some((t, w)) = order.get(i) else { break };
+        acc += w;
         if target < acc {
             return Ok(t);
         }
     }
     // Rounding left the target at the very end: the last kept candidate.
-    Ok(order.get(keep - 1, &desc).unwrap_or(order.idx[0]))
+    Ok(order.get(keep - 1).map_or(first, |(t, _)| t))
 }
 
-/// Candidates whose first `sorted` entries are the largest, in order; sorted further on demand
-/// in chunks that double, so a walk that stops early sorts little.
-struct SortedHead {
+/// The candidates in order, sorted on demand: the first `sorted` entries of `idx` are the
+/// largest, in order, and the rest are sorted further in chunks that double, so a walk that
+/// stops early sorts little. `weights` holds the weights of the entries visited so far, in order.
+struct SortedHead<D, W> {
     idx: Vec<u32>,
     sorted: usize,
+    weights: Vec<f64>,
+    desc: D,
+    weight: W,
 }
 
-impl SortedHead {
-    /// The `i`-th candidate in order (`None` past the last).
-    fn get(&mut self, i: usize, desc: &impl Fn(&u32, &u32) -> std::cmp::Ordering) -> Option<u32> {
+impl<D: Fn(&u32, &u32) -> std::cmp::Ordering, W: Fn(u32) -> f64> SortedHead<D, W> {
+    /// The `i`-th candidate in order and its weight (`None` past the last).
+    fn get(&mut self, i: usize) -> Option<(u32, f64)> {
         if i >= self.idx.len() {
             return None;
         }
@@ -189,12 +195,15 @@ impl SortedHead {
             let rest = &mut self.idx[self.sorted..];
             let take = (i + 1 - self.sorted).max(self.sorted).max(64).min(rest.len());
             if take < rest.len() {
-                rest.select_nth_unstable_by(take - 1, desc);
+                rest.select_nth_unstable_by(take - 1, &self.desc);
             }
-            rest[..take].sort_unstable_by(desc);
+            rest[..take].sort_unstable_by(&self.desc);
             self.sorted += take;
         }
-        Some(self.idx[i])
+        while self.weights.len() <= i {
+            self.weights.push((self.weight)(self.idx[self.weights.len()]));
+        }
+        Some((self.idx[i], self.weights[i]))
     }
 }
 

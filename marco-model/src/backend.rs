@@ -544,8 +544,8 @@ mod cpu {
                         _ => None,
                     };
                     // In place when the buffer is uniquely owned (the cache takes it out first).
-                    let (Some((kv_heads, capacity, dim)), Some(dst)) = (fits, storage.ensure_owned().as_slice_mut())
-                    else {
+                    let target = fits.and_then(|shape| storage.ensure_owned().as_slice_mut().map(|dst| (shape, dst)));
+                    let Some(((kv_heads, capacity, dim), dst)) = target else {
                         let buffer = Tensor::from_primitive(TensorPrimitive::Float(NdArrayTensor::F32(storage)));
                         return layer_ops::write_kv(buffer, at, new, rows);
                     };
