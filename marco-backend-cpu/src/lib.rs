@@ -71,6 +71,6 @@ pub use ndarray_glue::{
     embedding_ndarray, linear_ndarray, linear_ndarray_with, ndarray_f32_values, ndarray_from_f32, top_k_ndarray,
 };
 pub use packed::PackedMatrix;
-pub use pool::num_threads;
+pub use pool::{num_threads, parallel_for};
 pub use quant::{dequantize, row_bytes, GgmlType};
 pub use topk::top_k;

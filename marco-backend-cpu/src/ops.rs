@@ -82,31 +82,94 @@ fn dot4(a: &[f32], b: &[f32], stride: usize) -> [f32; 4] {
 /// `out[r] = x[r] / rms(x[r]) * weight` for each row of width `weight.len()`, where
 /// `rms(v) = sqrt(mean(v²) + eps)` (the mean accumulated in f64, as llama.cpp does).
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<(), KernelError> {
-    let width = weight.len();
-    if width == 0 || !x.len().is_multiple_of(width) {
-        return Err(KernelError::InvalidShape {
-            reason: format!("rms_norm: {} values are not rows of width {width}", x.len()),
-        });
-    }
+    check_rows("rms_norm", x.len(), weight.len())?;
     check_len("rms_norm output", x.len(), out.len())?;
-    for (row, out_row) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
-        // Eight f64 partial sums: one dependent chain of f64 adds per row would make this
-        // latency-bound (~1 µs a row of 576).
-        let mut partial = [0.0f64; 8];
-        let chunks = row.chunks_exact(8);
-        let tail: f64 = chunks.remainder().iter().map(|&v| (v as f64) * (v as f64)).sum();
-        for chunk in chunks {
-            for (p, &v) in partial.iter_mut().zip(chunk) {
-                *p += (v as f64) * (v as f64);
-            }
-        }
-        let sum_sq = partial.iter().sum::<f64>() + tail;
-        let inv_rms = (1.0 / (sum_sq / width as f64 + eps as f64).sqrt()) as f32;
-        for ((o, &v), &w) in out_row.iter_mut().zip(row).zip(weight) {
-            *o = v * inv_rms * w;
-        }
+    for (row, out_row) in x.chunks_exact(weight.len()).zip(out.chunks_exact_mut(weight.len())) {
+        rms_norm_row(row, weight, eps, out_row);
     }
     Ok(())
+}
+
+/// The residual connection and the next normalisation in one pass: `x[r] += delta[r]`, then
+/// `out[r] = rms_norm(x[r])` as [`rms_norm`] computes it (the same bits as the add followed by
+/// [`rms_norm`], with the row still in cache and no second pass over `x`).
+pub fn add_rms_norm(
+    x: &mut [f32],
+    delta: &[f32],
+    weight: &[f32],
+    eps: f32,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    check_rows("add_rms_norm", x.len(), weight.len())?;
+    check_len("add_rms_norm residual", x.len(), delta.len())?;
+    check_len("add_rms_norm output", x.len(), out.len())?;
+    let width = weight.len();
+    for ((row, delta_row), out_row) in
+        x.chunks_exact_mut(width).zip(delta.chunks_exact(width)).zip(out.chunks_exact_mut(width))
+    {
+        for (v, &d) in row.iter_mut().zip(delta_row) {
+            *v += d;
+        }
+        rms_norm_row(row, weight, eps, out_row);
+    }
+    Ok(())
+}
+
+/// `values` must be whole rows of `width`, and a row must have a width.
+fn check_rows(what: &str, values: usize, width: usize) -> Result<(), KernelError> {
+    if width == 0 || !values.is_multiple_of(width) {
+        return Err(KernelError::InvalidShape {
+            reason: format!("{what}: {values} values are not rows of width {width}"),
+        });
+    }
+    Ok(())
+}
+
+/// One row of [`rms_norm`], compiled for the widest vectors the CPU has: the arithmetic is the
+/// same (eight f64 partial sums in a fixed order, no fused operations), so are the bits.
+fn rms_norm_row(row: &[f32], weight: &[f32], eps: f32, out_row: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if fma_available() {
+        // SAFETY: `fma_available` checked AVX2 and FMA at run time, `isa()` AVX-512 F.
+        unsafe {
+            if matches!(crate::kernels::isa(), crate::Isa::Avx512 | crate::Isa::Avx512Vnni) {
+                return rms_norm_row_avx512(row, weight, eps, out_row);
+            }
+            return rms_norm_row_avx2(row, weight, eps, out_row);
+        }
+    }
+    rms_norm_row_body(row, weight, eps, out_row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn rms_norm_row_avx512(row: &[f32], weight: &[f32], eps: f32, out_row: &mut [f32]) {
+    rms_norm_row_body(row, weight, eps, out_row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rms_norm_row_avx2(row: &[f32], weight: &[f32], eps: f32, out_row: &mut [f32]) {
+    rms_norm_row_body(row, weight, eps, out_row)
+}
+
+#[inline(always)]
+fn rms_norm_row_body(row: &[f32], weight: &[f32], eps: f32, out_row: &mut [f32]) {
+    // Eight f64 partial sums: one dependent chain of f64 adds per row would make this
+    // latency-bound (~1 µs a row of 576).
+    let mut partial = [0.0f64; 8];
+    let chunks = row.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&v| (v as f64) * (v as f64)).sum();
+    for chunk in chunks {
+        for (p, &v) in partial.iter_mut().zip(chunk) {
+            *p += (v as f64) * (v as f64);
+        }
+    }
+    let sum_sq = partial.iter().sum::<f64>() + tail;
+    let inv_rms = (1.0 / (sum_sq / row.len() as f64 + eps as f64).sqrt()) as f32;
+    for ((o, &v), &w) in out_row.iter_mut().zip(row).zip(weight) {
+        *o = v * inv_rms * w;
+    }
 }
 
 /// Rotates `x` (`[rows, heads, head_dim]`, in place) by the rotary embedding in the Hugging
@@ -1184,6 +1247,36 @@ mod tests {
             }
         }
         assert!(rms_norm(&x[..15], &w, 1e-5, &mut out[..15]).is_err());
+
+        // The fused residual add: the same bits as the add followed by `rms_norm`, on rows wide
+        // enough for the vector paths (and a remainder); bad shapes are refused before writing.
+        let (width, rows) = (576 + 5, 3);
+        let (x, delta, w) = (noise(11, rows * width), noise(12, rows * width), noise(13, width));
+        let sum: Vec<f32> = x.iter().zip(&delta).map(|(a, b)| a + b).collect();
+        let mut want = vec![0.0f32; rows * width];
+        rms_norm(&sum, &w, 1e-6, &mut want).unwrap();
+        let (mut fused, mut got) = (x.clone(), vec![0.0f32; rows * width]);
+        add_rms_norm(&mut fused, &delta, &w, 1e-6, &mut got).unwrap();
+        assert_eq!(fused, sum);
+        assert_eq!(
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        // The vector builds of a row's norm against the portable one: the same bits.
+        let mut portable = vec![0.0f32; rows * width];
+        for (row, out) in sum.chunks_exact(width).zip(portable.chunks_exact_mut(width)) {
+            rms_norm_row_body(row, &w, 1e-6, out);
+        }
+        assert_eq!(
+            portable.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        let mut untouched = x.clone();
+        assert!(add_rms_norm(&mut untouched, &delta[..width], &w, 1e-6, &mut got).is_err());
+        assert!(
+            add_rms_norm(&mut untouched[..width + 1], &delta[..width + 1], &w, 1e-6, &mut got[..width + 1]).is_err()
+        );
+        assert_eq!(untouched, x);
 
         // One row, two heads of width 4; angle table for one position.
         let mut q = noise(9, 8);

@@ -220,6 +220,14 @@ pub(crate) fn run(n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
     }
 }
 
+/// Runs `work(0)`, …, `work(tasks - 1)` on the kernels' thread pool (the caller's thread
+/// included) and returns when all are done: for host-side work of a batch that waits on memory,
+/// such as the per-sequence KV cache bookkeeping of a decode step, so that two threads' cache
+/// misses overlap. `work` must not panic (a worker's panic is re-raised here).
+pub fn parallel_for(tasks: usize, work: &(dyn Fn(usize) + Sync)) {
+    run(tasks, work)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

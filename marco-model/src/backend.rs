@@ -128,6 +128,25 @@ pub trait KernelBackend: Backend {
         layer_ops::rms_norm(x, weight, eps)
     }
 
+    /// Runs `work(0)`, …, `work(tasks - 1)`, on several host threads where the backend has a
+    /// pool (the per-sequence KV cache bookkeeping of a batch, which mostly waits on memory).
+    /// The default runs them in order on the calling thread.
+    fn for_each_parallel(tasks: usize, work: &(dyn Fn(usize) + Sync)) {
+        (0..tasks).for_each(work)
+    }
+
+    /// A residual connection followed by the next RMSNorm: `(x + delta, rms_norm(x + delta))`
+    /// (`x` and `delta` `[rows, width]`, `weight` `[1, width]`). The default adds with burn and
+    /// calls [`KernelBackend::rms_norm`]; a backend may do both in one pass, in place.
+    fn add_rms_norm(
+        x: Tensor<Self, 2>,
+        delta: Tensor<Self, 2>,
+        weight: &Tensor<Self, 2>,
+        eps: f32,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+        add_then_rms_norm(x, delta, weight, eps)
+    }
+
     /// The half-split rotary embedding of `x` (`[rows, heads, head_dim]`) with each row's
     /// `cos`/`sin` (`[rows, 1, head_dim]`), multiplied by `scale`.
     fn rope(x: Tensor<Self, 3>, cos: &Tensor<Self, 3>, sin: &Tensor<Self, 3>, scale: f32) -> Tensor<Self, 3> {
@@ -230,6 +249,18 @@ pub trait KernelBackend: Backend {
 }
 
 /// [`KernelBackend::lse_and_top_k`] as two separate hooks.
+/// [`KernelBackend::add_rms_norm`] as two steps: burn's add, then the backend's RMSNorm hook.
+fn add_then_rms_norm<B: KernelBackend>(
+    x: Tensor<B, 2>,
+    delta: Tensor<B, 2>,
+    weight: &Tensor<B, 2>,
+    eps: f32,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let sum = x + delta;
+    let normed = B::rms_norm(sum.clone(), weight, eps);
+    (sum, normed)
+}
+
 fn lse_then_top_k<B: KernelBackend>(logits: Tensor<B, 2>, k: usize) -> (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2, Int>) {
     let lse = B::log_sum_exp(logits.clone());
     let (values, indices) = B::top_k(logits, k);
@@ -491,18 +522,73 @@ mod cpu {
             }
         }
 
+        fn for_each_parallel(tasks: usize, work: &(dyn Fn(usize) + Sync)) {
+            marco_backend_cpu::parallel_for(tasks, work)
+        }
+
+        fn add_rms_norm(
+            x: Tensor<Self, 2>,
+            delta: Tensor<Self, 2>,
+            weight: &Tensor<Self, 2>,
+            eps: f32,
+        ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+            let separate = |x, delta| super::add_then_rms_norm::<Self>(x, delta, weight, eps);
+            let (Some(dp), Some(wp)) = (primitive(&delta), primitive(weight)) else { return separate(x, delta) };
+            let (Some(ds), Some(ws)) = (values(&dp), values(&wp)) else { return separate(x, delta) };
+            let device = x.device();
+            match x.into_primitive() {
+                TensorPrimitive::Float(NdArrayTensor::F32(mut storage)) => {
+                    let shape = match (storage.shape(), shape_of(&dp)) {
+                        (&[rows, width], Some(&[delta_rows, delta_width]))
+                            if (rows, width) == (delta_rows, delta_width) =>
+                        {
+                            Some([rows, width])
+                        }
+                        _ => None,
+                    };
+                    // The residual stream is uniquely owned here (each layer's sum replaces it),
+                    // so the add happens in place.
+                    let target = shape.and_then(|shape| storage.ensure_owned().as_slice_mut().map(|xs| (shape, xs)));
+                    if let Some((shape, xs)) = target {
+                        let mut out = vec![0.0f32; xs.len()];
+                        // The shapes were checked, so this cannot fail, and it checks before writing.
+                        if ops::add_rms_norm(xs, &ds, &ws, eps, &mut out).is_ok() {
+                            let sum = Tensor::from_primitive(TensorPrimitive::Float(NdArrayTensor::F32(storage)));
+                            return (sum, from_host(out, shape, &device));
+                        }
+                    }
+                    separate(Tensor::from_primitive(TensorPrimitive::Float(NdArrayTensor::F32(storage))), delta)
+                }
+                other => separate(Tensor::from_primitive(other), delta),
+            }
+        }
+
         fn rope(x: Tensor<Self, 3>, cos: &Tensor<Self, 3>, sin: &Tensor<Self, 3>, scale: f32) -> Tensor<Self, 3> {
-            let dims @ [_, heads, head_dim] = x.dims();
-            let (Some(xp), Some(cp), Some(sp)) = (primitive(&x), primitive(cos), primitive(sin)) else {
+            let (Some(cp), Some(sp)) = (primitive(cos), primitive(sin)) else {
                 return layer_ops::rope(x, cos, sin, scale);
             };
-            let (Some(xs), Some(cs), Some(ss)) = (values(&xp), values(&cp), values(&sp)) else {
+            let (Some(cs), Some(ss)) = (values(&cp), values(&sp)) else {
                 return layer_ops::rope(x, cos, sin, scale);
             };
-            let mut out = xs.into_owned();
-            match ops::rope(&mut out, heads, head_dim, &cs, &ss, scale) {
-                Ok(()) => from_host(out, dims, &x.device()),
-                Err(_) => layer_ops::rope(x, cos, sin, scale),
+            match x.into_primitive() {
+                TensorPrimitive::Float(NdArrayTensor::F32(mut storage)) => {
+                    let heads_and_dim = match *storage.shape() {
+                        [_, heads, head_dim] => Some((heads, head_dim)),
+                        _ => None,
+                    };
+                    // In place: the projections' outputs are uniquely owned (a shared tensor is
+                    // copied first by `ensure_owned`). `ops::rope` checks before it writes.
+                    let rotated = heads_and_dim.and_then(|(heads, head_dim)| {
+                        let xs = storage.ensure_owned().as_slice_mut()?;
+                        ops::rope(xs, heads, head_dim, &cs, &ss, scale).ok()
+                    });
+                    let x = Tensor::from_primitive(TensorPrimitive::Float(NdArrayTensor::F32(storage)));
+                    match rotated {
+                        Some(()) => x,
+                        None => layer_ops::rope(x, cos, sin, scale),
+                    }
+                }
+                other => layer_ops::rope(Tensor::from_primitive(other), cos, sin, scale),
             }
         }
 
@@ -576,11 +662,12 @@ mod cpu {
             let fits = used <= capacity && used <= old_capacity;
             match (&old, src, fits) {
                 (Some(_), Some(src), true) if src.len() == kv_heads * old_capacity * head_dim => {
-                    let mut out = vec![0.0f32; kv_heads * capacity * head_dim];
+                    // Each element written once: the used part copied, the rest zeroed.
+                    let mut out = Vec::with_capacity(kv_heads * capacity * head_dim);
                     for head in 0..kv_heads {
                         let from = head * old_capacity * head_dim;
-                        let to = head * capacity * head_dim;
-                        out[to..to + used * head_dim].copy_from_slice(&src[from..from + used * head_dim]);
+                        out.extend_from_slice(&src[from..from + used * head_dim]);
+                        out.resize((head + 1) * capacity * head_dim, 0.0);
                     }
                     from_host(out, [kv_heads, capacity, head_dim], device)
                 }
