@@ -248,7 +248,6 @@ pub trait KernelBackend: Backend {
     }
 }
 
-/// [`KernelBackend::lse_and_top_k`] as two separate hooks.
 /// [`KernelBackend::add_rms_norm`] as two steps: burn's add, then the backend's RMSNorm hook.
 fn add_then_rms_norm<B: KernelBackend>(
     x: Tensor<B, 2>,
@@ -261,6 +260,7 @@ fn add_then_rms_norm<B: KernelBackend>(
     (sum, normed)
 }
 
+/// [`KernelBackend::lse_and_top_k`] as two separate hooks.
 fn lse_then_top_k<B: KernelBackend>(logits: Tensor<B, 2>, k: usize) -> (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2, Int>) {
     let lse = B::log_sum_exp(logits.clone());
     let (values, indices) = B::top_k(logits, k);
