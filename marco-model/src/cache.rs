@@ -209,12 +209,18 @@ impl<B: Backend> KvCache<B> {
         self.shape
     }
 
+    /// Whether the tail has room for `new_positions` more positions ([`KvCache::reserve`] would
+    /// not grow it).
+    pub fn has_room(&self, new_positions: usize) -> bool {
+        self.tail_len + new_positions <= self.tail_capacity
+    }
+
     /// Makes room for `new_positions` more positions in the tail.
     pub fn reserve(&mut self, new_positions: usize) {
-        let needed = self.tail_len + new_positions;
-        if needed <= self.tail_capacity {
+        if self.has_room(new_positions) {
             return;
         }
+        let needed = self.tail_len + new_positions;
         // Growth by an eighth keeps the copies amortised O(1) per position and the slack small.
         let capacity = needed.max(self.tail_capacity + self.tail_capacity / 8).div_ceil(TAIL_GRANULE) * TAIL_GRANULE;
         let (shape, used, resize) = (self.shape, self.tail_len, self.resize);

@@ -136,12 +136,14 @@ impl<B: KernelBackend> Linear<B> {
 }
 
 /// Makes room in every item's cache for its new tokens: on the backend's threads when
-/// `parallel` and there are several items. A growing tail is a fresh allocation and a copy per
-/// layer, mostly waiting on memory, so two threads overlap their misses (8 sequences, 30
-/// layers: 0.18-0.19 -> 0.12-0.15 ms per step on the 2-core development machine). The KV
-/// writes of a layer measured slower split this way (their work per item is too small).
+/// `parallel` and several tails must grow (most steps grow none, and then pay no handoff to
+/// the threads). A growing tail is a fresh allocation and a copy per layer, mostly waiting on
+/// memory, so two threads overlap their misses (8 sequences, 30 layers: 0.18-0.19 -> 0.12-0.14
+/// ms per step on the 2-core development machine). The KV writes of a layer measured slower
+/// split this way (their work per item is too small).
 fn reserve_caches<B: KernelBackend>(items: &mut [ForwardItem<'_, B>], parallel: bool) {
-    if !parallel || items.len() < 2 {
+    let growing = items.iter().filter(|item| !item.cache.has_room(item.tokens.len())).count();
+    if !parallel || growing < 2 {
         for item in items.iter_mut() {
             item.cache.reserve(item.tokens.len());
         }
@@ -385,7 +387,6 @@ impl<B: KernelBackend> Transformer<B> {
             let next_norm = self.layers.get(index + 1).map_or(&self.norm, |next| &next.input_norm);
             (x, h) = self.add_rms_norm(x, layer.down_proj.forward(gated), next_norm);
         }
-        drop(x);
         for item in items.iter_mut() {
             item.cache.commit(item.tokens.len());
         }
