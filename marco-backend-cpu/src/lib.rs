@@ -15,9 +15,12 @@
 //!   no horizontal sums, and a 4-bit decode step becomes bound by memory instead of by
 //!   instructions.
 //! * [`matmul`]`(x, rows, &w, out)`: `out[rows, out_features] = x[rows, in_features] · Wᵀ`,
-//!   row-major slices. Small batches (≤ [`SMALL_BATCH_MAX`] rows, i.e. decode) run fused
-//!   dequantize-dot SIMD kernels chosen at run time ([`isa`]); larger batches (prefill) run a
-//!   tiled dequantize + `gemm`. Work is split across a persistent pool of
+//!   row-major slices. Quantized weights run fused dequantize-dot SIMD kernels chosen at run
+//!   time ([`isa`]) over 8-bit activations for every batch size, so that each row's result
+//!   does not depend on the rows beside it (batch invariance: a sequence's logits are the same
+//!   alone, batched or prefilled). f32 weights, and quantized ones with exact f32 activations,
+//!   switch to a tiled dequantize + `gemm` for large batches (more than [`SMALL_BATCH_MAX_F32`]
+//!   / [`SMALL_BATCH_MAX`] rows). Work is split across a persistent pool of
 //!   [`num_threads`] threads (default 2; `MARCO_THREADS` overrides). [`matmul_with`] takes
 //!   [`MatmulOptions`] (e.g. exact f32 activations instead of 8-bit ones).
 //! * [`matmul_many`]: several weights sharing one input (a layer's q/k/v or gate/up) as one

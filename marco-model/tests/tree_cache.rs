@@ -89,22 +89,64 @@ fn tokens(vocab: usize, salt: u64, n: usize) -> Vec<u32> {
         .collect()
 }
 
-/// The pending logits of a sequence run alone in a fresh state of `reference`: the same
-/// chunks fed the same way (prompt prefill, multi-token appends, one-token steps), but no
-/// fork, no other sequence in a batch, no shared KV. (The same chunks, because the quantised
-/// default model's kernels round a 1-row GEMV and a many-row GEMM differently.)
+/// The pending logits of a sequence run alone in a fresh state of `reference`, its tokens
+/// (`chunks`, as fed to the tree: prompt, appends, one-token steps) prefilled in one call: no
+/// fork, no other sequence in a batch, no shared KV, no step-by-step decode. On the CPU the
+/// quantized default model's products are batch invariant (`marco_backend_cpu::kernels`), so
+/// this is the same arithmetic row by row; f32 weights prefill through a GEMM that sums in
+/// another order (~1e-6).
 fn alone<B: KernelBackend>(reference: &mut BurnLm<B>, chunks: &[Vec<u32>]) -> Vec<f32> {
-    let seq = reference.new_sequence(&chunks[0]).unwrap();
-    for chunk in &chunks[1..] {
-        if chunk.len() == 1 {
-            reference.step(&[forced(seq, chunk[0])]).unwrap();
-        } else {
-            reference.append(seq, chunk).unwrap();
-        }
-    }
+    let seq = reference.new_sequence(&chunks.concat()).unwrap();
     let logits = reference.pending_logits(seq).unwrap();
     reference.release(seq).unwrap();
     logits
+}
+
+/// Many sequences (more than the CPU kernels' old GEMM threshold of 16 rows) forked from one
+/// prompt step together for a few tokens; each then has the logits of its tokens prefilled
+/// alone.
+fn wide_batch_matches_alone<B: KernelBackend>(
+    lm: &mut BurnLm<B>,
+    reference: &mut BurnLm<B>,
+    vocab: usize,
+    label: &str,
+) {
+    let prompt = tokens(vocab, 7, 23);
+    for width in [3usize, 24] {
+        let root = lm.new_sequence(&prompt).unwrap();
+        let seqs: Vec<SeqId> = (0..width).map(|_| lm.fork(root).unwrap()).collect();
+        lm.release(root).unwrap();
+        let mut fed: Vec<Vec<Vec<u32>>> = vec![vec![prompt.clone()]; width];
+        for step in 0..3u64 {
+            let requests: Vec<StepRequest> =
+                seqs.iter().enumerate().map(|(i, &s)| forced(s, tokens(vocab, 31 * step + i as u64, 1)[0])).collect();
+            for (i, output) in lm.step(&requests).unwrap().into_iter().enumerate() {
+                fed[i].push(vec![output.token]);
+            }
+        }
+        let mut worst = 0.0f32;
+        for (seq, chunks) in seqs.iter().zip(&fed) {
+            worst = worst.max(max_abs_diff(&lm.pending_logits(*seq).unwrap(), &alone(reference, chunks)));
+            lm.release(*seq).unwrap();
+        }
+        println!("{label}: {width} sequences stepping together vs each prefilled alone: max |diff| {worst:e}");
+        assert!(worst < 1e-4, "{label}: {width} sequences: max |diff| {worst}");
+    }
+}
+
+#[test]
+fn wide_batches_match_sequences_run_alone_tiny() {
+    for name in ["tiny-qwen2", "tiny-llama"] {
+        let (mut lm, mut reference) = (tiny(name), tiny(name));
+        let vocab = lm.model().config().vocab_size;
+        wide_batch_matches_alone(&mut lm, &mut reference, vocab, name);
+    }
+}
+
+#[test]
+fn wide_batches_match_sequences_run_alone_default_model() {
+    let (mut lm, mut reference) = (default_model(), default_model());
+    wide_batch_matches_alone(&mut lm, &mut reference, 20_000, "default model");
 }
 
 /// Builds a tree of forks over one shared prompt (branches of different lengths, forks of
@@ -379,6 +421,30 @@ mod cuda {
             return;
         };
         tree_matches_alone(&mut lm, &mut reference, 20_000, "cuda default model");
+    }
+
+    #[test]
+    fn cuda_wide_batches_match_sequences_run_alone_tiny() {
+        if !gpu() {
+            return;
+        }
+        for name in ["tiny-qwen2", "tiny-llama"] {
+            let device = CudaDevice::default();
+            let (mut lm, mut reference) = (tiny_on::<Cuda>(name, &device), tiny_on::<Cuda>(name, &device));
+            let vocab = lm.model().config().vocab_size;
+            wide_batch_matches_alone(&mut lm, &mut reference, vocab, &format!("cuda {name}"));
+        }
+    }
+
+    #[test]
+    fn cuda_wide_batches_match_sequences_run_alone_default_model() {
+        if !gpu() {
+            return;
+        }
+        let (Some(mut lm), Some(mut reference)) = (cached_default_model(), cached_default_model()) else {
+            return;
+        };
+        wide_batch_matches_alone(&mut lm, &mut reference, 20_000, "cuda default model");
     }
 
     #[test]
