@@ -28,12 +28,16 @@ fn values(n: usize, seed: u32) -> Vec<f32> {
 
 /// A weight of type `ty`: random f32 values, quantized by a codec-independent route where
 /// possible (Q8_0 through the crate's encoder; other block types from random bytes with sane
-/// f16 scales, which exercises the same code as real data).
+/// f16 scales, which exercises the same code as real data), packed as a GGUF tensor is (so in
+/// the layout a model loads: `--quantize q8_0` goes the same way).
 fn weight(ty: GgmlType, n_out: usize, n_in: usize) -> PackedMatrix {
     let w = values(n_out * n_in, 7);
     match ty {
         GgmlType::F32 => PackedMatrix::from_f32(w, n_out, n_in).unwrap(),
-        GgmlType::Q8_0 => PackedMatrix::quantize_q8_0(&w, n_out, n_in).unwrap(),
+        GgmlType::Q8_0 => {
+            let bytes = marco_backend_cpu::quant::quantize_q8_0(&w).unwrap();
+            PackedMatrix::from_ggml(ty, &bytes, n_out, n_in).unwrap()
+        }
         _ => {
             let size = marco_backend_cpu::row_bytes(ty, n_in).unwrap() * n_out;
             let mut data: Vec<u8> = values(size, 3).iter().map(|v| (v.to_bits() >> 7) as u8).collect();
@@ -136,10 +140,11 @@ fn kernels(c: &mut Criterion) {
     for rows in [8, 16] {
         bench_case(c, "lm_head_576x49152_batch", GgmlType::Q8_0, rows, 49152, 576, q8);
     }
-    // Prefill: the default GEMM path vs forcing the small-batch integer kernels.
-    let int_path = MatmulOptions { small_batch_max: usize::MAX, small_batch_max_f32: usize::MAX, ..q8 };
+    // Prefill: the integer kernels (8-bit activations take them at every batch size) vs the
+    // GEMM (f32 activations, and f32 weights, past `small_batch_max` rows).
+    let int_path = MatmulOptions { small_batch_max_f32: usize::MAX, ..q8 };
     for ty in [GgmlType::F32, GgmlType::Q8_0, GgmlType::Q4_1] {
-        bench_case(c, "prefill128_576x1536_gemm", ty, 128, 1536, 576, q8);
+        bench_case(c, "prefill128_576x1536_gemm", ty, 128, 1536, 576, f32_acts);
         bench_case(c, "prefill128_576x1536_int", ty, 128, 1536, 576, int_path);
     }
     let logits = values(49152, 5);

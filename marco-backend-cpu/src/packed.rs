@@ -220,7 +220,9 @@ impl PackedMatrix {
     }
 
     /// Quantizes f32 weights (row-major `[out_features, in_features]`) to Q8_0, as ggml's
-    /// reference quantizer does; `in_features` must be a multiple of 32.
+    /// reference quantizer does; `in_features` must be a multiple of 32. Packed as a GGUF Q8_0
+    /// tensor is by [`PackedMatrix::from_ggml`] (split, or interleaved on AVX512-VNNI machines),
+    /// so it runs in the same kernels.
     pub fn quantize_q8_0(values: &[f32], out_features: usize, in_features: usize) -> Result<Self, KernelError> {
         check_shape(out_features, in_features)?;
         let expected = element_count(out_features, in_features)?;
@@ -232,15 +234,11 @@ impl PackedMatrix {
                 unit: "elements",
             });
         }
-        let row_stride = row_bytes(GgmlType::Q8_0, in_features)?;
-        // Quantizing row by row gives the same blocks as the whole buffer at once, since
-        // `in_features` is a whole number of blocks; doing it at once is simpler.
+        // Checked first: quantizing the whole buffer at once gives each row's blocks only when
+        // a row is a whole number of blocks.
+        row_bytes(GgmlType::Q8_0, in_features)?;
         let data = quantize_q8_0(values)?;
-        Ok(PackedMatrix {
-            out_features,
-            in_features,
-            storage: Storage::Blocks { ty: GgmlType::Q8_0, data, row_stride },
-        })
+        Self::from_ggml(GgmlType::Q8_0, &data, out_features, in_features)
     }
 
     /// Packs a GGUF tensor of type `ty` whose raw data is `data` and whose logical shape is

@@ -162,8 +162,8 @@ proptest! {
     }
 }
 
-/// Weight kinds for [`matmul_many`]: every storage the kernels distinguish (f32, split Q8_0/
-/// Q4_0/Q4_1, k-quant blocks, and Q8_0 blocks from the crate's own encoder).
+/// Weight kinds for [`matmul_many`]: every storage the kernels distinguish (f32, split or
+/// interleaved Q8_0/Q4_0/Q4_1, k-quant blocks), and Q8_0 from the crate's own encoder.
 const MANY_KINDS: [Option<GgmlType>; 7] = [
     Some(GgmlType::F32),
     Some(GgmlType::Q8_0),
