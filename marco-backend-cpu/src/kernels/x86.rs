@@ -72,87 +72,6 @@ unsafe fn accumulate_unsigned<const R: usize>(
     }
 }
 
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_0_block<const R: usize>(acc: &mut [__m256; R], blk: *const u8, acts: Acts, r0: usize, b: usize) {
-    // SAFETY: `blk` points at a whole 34-byte Q8_0 block (caller).
-    let (dw, wq) = unsafe { (load_f16(blk), load256(blk.add(2))) };
-    let w_abs = _mm256_sign_epi8(wq, wq);
-    for (r, acc_r) in acc.iter_mut().enumerate() {
-        // SAFETY: rows `r0..r0 + R` and block `b` are in range (caller).
-        let (a, d) = unsafe { (load256(acts.block(r0 + r, b)), acts.scale(r0 + r, b)) };
-        let s = _mm256_cvtepi32_ps(dot_u8_i8(w_abs, _mm256_sign_epi8(a, wq)));
-        *acc_r = _mm256_fmadd_ps(s, _mm256_set1_ps(dw * d), *acc_r);
-    }
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_0_dot<const R: usize>(w_row: *const u8, acts: Acts, r0: usize) -> [f32; R] {
-    let mut acc0 = [_mm256_setzero_ps(); R];
-    let mut acc1 = [_mm256_setzero_ps(); R];
-    let nb = acts.blocks;
-    let mut b = 0;
-    // SAFETY (all blocks below): `w_row` holds `nb` blocks and the activations `nb` per row.
-    while b + 2 <= nb {
-        unsafe {
-            q8_0_block(&mut acc0, w_row.add(34 * b), acts, r0, b);
-            q8_0_block(&mut acc1, w_row.add(34 * (b + 1)), acts, r0, b + 1);
-        }
-        b += 2;
-    }
-    if b < nb {
-        unsafe { q8_0_block(&mut acc0, w_row.add(34 * b), acts, r0, b) };
-    }
-    std::array::from_fn(|r| hsum(_mm256_add_ps(acc0[r], acc1[r])))
-}
-
-/// One Q4_0 (`OFFSET_IS_MIN = false`) or Q4_1 (`true`) block.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_block<const R: usize, const HAS_MIN: bool>(
-    acc: &mut [__m256; R],
-    corr: &mut [f32; R],
-    blk: *const u8,
-    acts: Acts,
-    r0: usize,
-    b: usize,
-) {
-    let qs_offset = if HAS_MIN { 4 } else { 2 };
-    // SAFETY: `blk` points at a whole Q4_0/Q4_1 block (caller).
-    let (dw, packed) = unsafe { (load_f16(blk), _mm_loadu_si128(blk.add(qs_offset) as *const __m128i)) };
-    // SAFETY: as above; Q4_1's min follows its scale.
-    let offset = if HAS_MIN { unsafe { load_f16(blk.add(2)) } } else { -8.0 * dw };
-    let w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
-    // SAFETY: rows and block in range (caller).
-    unsafe { accumulate_unsigned(acc, w, dw, acts, r0, b) };
-    for (r, c) in corr.iter_mut().enumerate() {
-        // SAFETY: rows and block in range (caller).
-        *c += offset * unsafe { acts.scaled_sum(r0 + r, b) };
-    }
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_dot<const R: usize, const HAS_MIN: bool>(w_row: *const u8, acts: Acts, r0: usize) -> [f32; R] {
-    let size = if HAS_MIN { 20 } else { 18 };
-    let mut acc0 = [_mm256_setzero_ps(); R];
-    let mut acc1 = [_mm256_setzero_ps(); R];
-    let mut corr = [0.0f32; R];
-    let nb = acts.blocks;
-    let mut b = 0;
-    // SAFETY (all blocks below): `w_row` holds `nb` blocks and the activations `nb` per row.
-    while b + 2 <= nb {
-        unsafe {
-            q4_block::<R, HAS_MIN>(&mut acc0, &mut corr, w_row.add(size * b), acts, r0, b);
-            q4_block::<R, HAS_MIN>(&mut acc1, &mut corr, w_row.add(size * (b + 1)), acts, r0, b + 1);
-        }
-        b += 2;
-    }
-    if b < nb {
-        unsafe { q4_block::<R, HAS_MIN>(&mut acc0, &mut corr, w_row.add(size * b), acts, r0, b) };
-    }
-    std::array::from_fn(|r| hsum(_mm256_add_ps(acc0[r], acc1[r])) + corr[r])
-}
-
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k_dot<const R: usize>(w_row: *const u8, acts: Acts, r0: usize) -> [f32; R] {
     let mut acc0 = [_mm256_setzero_ps(); R];
@@ -256,10 +175,9 @@ pub(super) unsafe fn quantized_rows(
     let raw = Acts::new(acts);
     type DotFn<const R: usize> = unsafe fn(*const u8, Acts, usize) -> [f32; R];
     fn pick<const R: usize>(ty: GgmlType) -> Option<DotFn<R>> {
+        // Q8_0/Q4_0/Q4_1 are always packed split or interleaved (`split_rows`,
+        // `interleaved_rows`): rows in GGUF layout are only k-quants.
         Some(match ty {
-            GgmlType::Q8_0 => q8_0_dot::<R>,
-            GgmlType::Q4_0 => q4_dot::<R, false>,
-            GgmlType::Q4_1 => q4_dot::<R, true>,
             GgmlType::Q4_K => q4_k_dot::<R>,
             GgmlType::Q6_K => q6_k_dot::<R>,
             _ => return None,
