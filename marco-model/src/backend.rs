@@ -213,6 +213,15 @@ pub trait KernelBackend: Backend {
         }
     }
 
+    /// The softmax of the default attention's scores over their last dimension (`[b, m,
+    /// keys]`, masked and padded positions at `-inf`). The default is burn's `softmax`. A
+    /// backend whose row sums round differently with the row's length (so that a decode row
+    /// padded to the batch's longest sequence would not give the bits of the same row alone)
+    /// overrides it (CUDA sums each row by its exact matmul, position after position).
+    fn attention_softmax(scores: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        burn::tensor::activation::softmax(scores, 2)
+    }
+
     /// A batched matrix product `[b, m, k] · [b, k, n]` (the default attention's scores and
     /// weighted values). The default is burn's `matmul`.
     fn batched_matmul(lhs: Tensor<Self, 3>, rhs: Tensor<Self, 3>) -> Tensor<Self, 3> {
@@ -842,6 +851,12 @@ mod cuda {
 
                 fn batched_matmul(lhs: Tensor<Self, 3>, rhs: Tensor<Self, 3>) -> Tensor<Self, 3> {
                     $matmul3(lhs, rhs)
+                }
+
+                // cubecl's row sum vectorizes by the row length mod 4, so burn's `softmax`
+                // rounds a padded decode row differently from the same row prefilled alone.
+                fn attention_softmax(scores: Tensor<Self, 3>) -> Tensor<Self, 3> {
+                    crate::layer_ops::softmax_with_matmul_sums(scores, $matmul3)
                 }
 
                 fn linear_weight_bytes(weight: &Self::LinearWeight) -> usize {

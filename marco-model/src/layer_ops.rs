@@ -1,7 +1,7 @@
 //! The decoder layer's non-linear operations in burn's plain tensor ops: the reference
 //! implementation every backend gets by default (see the hooks of [`KernelBackend`]).
 
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::silu;
 use burn::tensor::{Tensor, TensorData};
 
 use crate::backend::{AttentionShape, KernelBackend, SequenceKv};
@@ -88,13 +88,30 @@ pub(crate) fn attention<B: KernelBackend>(
         let mask = Tensor::<B, 4>::from_data(TensorData::new(mask, [1, 1, n, keys]), &device);
         scores = (scores.reshape([kv_heads, group, n, keys]) + mask).reshape([kv_heads, group * n, keys]);
     }
-    let out = matmul(softmax(scores, 2), values_all);
+    let out = matmul(B::attention_softmax(scores), values_all);
     // [kv_heads, group * n, dim] -> [n, heads * dim]
     if n == 1 {
         out.reshape([1, heads * dim])
     } else {
         out.reshape([kv_heads, group, n, dim]).permute([2, 0, 1, 3]).reshape([n, heads * dim])
     }
+}
+
+/// Softmax over the last dimension of `[b, m, n]` scores, each row's sum computed by `matmul`
+/// against a column of ones. With a matmul that adds the products of one output one position
+/// after another (CUDA's exact f32 kernel does), a row's sum does not depend on `n`: masked
+/// positions (`-inf`, weight exactly 0) at its end change none of its bits, so a decode row
+/// padded to the longest sequence of a batch normalizes as the same row alone. (burn-cubecl's
+/// own row sum, in burn's `softmax`, vectorizes by `n mod 4`, which rounds a padded row
+/// differently.)
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // Only CUDA overrides the hook with it.
+pub(crate) fn softmax_with_matmul_sums<B: KernelBackend>(scores: Tensor<B, 3>, matmul: Matmul3<B>) -> Tensor<B, 3> {
+    let [batch, _, n] = scores.dims();
+    let row_max = scores.clone().max_dim(2);
+    let weights = (scores - row_max).exp();
+    let ones = Tensor::<B, 3>::ones([batch, n, 1], &weights.device());
+    let total = matmul(weights.clone(), ones);
+    weights / total
 }
 
 /// [`attention`] for every sequence of a batch (`q`: `[rows, heads, head_dim]`), sequence by
@@ -184,7 +201,7 @@ pub(crate) fn attention_decode_padded<B: KernelBackend>(
             longest,
         ]);
     }
-    Some(matmul(softmax(scores, 2), values).reshape([sequences, heads * dim]))
+    Some(matmul(B::attention_softmax(scores), values).reshape([sequences, heads * dim]))
 }
 
 /// Writes rows `rows` of `new` (`[total, kv_heads, head_dim]`) into `buffer` (`[kv_heads,
@@ -254,5 +271,32 @@ mod tests {
         );
         let two_rows = [SequenceKv { rows: 0..2, ..seqs[2].clone() }, SequenceKv { rows: 2..3, ..seqs[3].clone() }];
         assert!(attention_decode_padded(q.slice([0..3, 0..6, 0..16]), &two_rows, shape, Tensor::matmul).is_none());
+    }
+
+    /// The matmul-summed softmax is a softmax: against burn's, rows summing to 1, and `-inf`
+    /// padding weighs 0 and leaves the rest close (bit-equality needs a matmul that sums in
+    /// order, which the CUDA tests check end to end).
+    #[test]
+    fn softmax_with_matmul_sums_is_a_softmax() {
+        let (rows, keys, padded_keys) = (6, 37, 44);
+        let scores = random([2, rows, keys]);
+        let ours: Vec<f32> = softmax_with_matmul_sums(scores.clone(), Tensor::matmul).into_data().to_vec().unwrap();
+        let burns: Vec<f32> = burn::tensor::activation::softmax(scores.clone(), 2).into_data().to_vec().unwrap();
+        let worst = ours.iter().zip(&burns).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-6, "matmul-summed softmax differs from burn's by {worst}");
+        for row in ours.chunks(keys) {
+            let total: f32 = row.iter().sum();
+            assert!((total - 1.0).abs() < 1e-5, "a row sums to {total}");
+        }
+        let padding = Tensor::<B, 3>::full([2, rows, padded_keys - keys], f32::NEG_INFINITY, &Default::default());
+        let padded: Vec<f32> = softmax_with_matmul_sums(Tensor::cat(vec![scores, padding], 2), Tensor::matmul)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        for (row, padded_row) in ours.chunks(keys).zip(padded.chunks(padded_keys)) {
+            let worst = row.iter().zip(padded_row).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(worst < 1e-6, "padding moved a row by {worst}");
+            assert!(padded_row[keys..].iter().all(|&w| w == 0.0));
+        }
     }
 }

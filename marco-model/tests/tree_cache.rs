@@ -67,6 +67,15 @@ fn default_model_on<B: KernelBackend>(device: &B::Device) -> BurnLm<B> {
     marco_model::load::<B>(&path, device).unwrap()
 }
 
+/// The issue's bound on |logits of a forked/batched state − the same sequence alone|: the CPU
+/// tiny checkpoints' f32 weights prefill through a GEMM that sums in another order (~1e-6).
+const ISSUE_BOUND: f32 = 1e-4;
+
+/// Bit-for-bit: the quantized default model on the CPU (its products and attention give a row
+/// the same bits whatever the batch), and every model on CUDA (exact f32 matmuls summing in
+/// order, the attention softmax included).
+const EXACT: f32 = 0.0;
+
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
@@ -110,6 +119,7 @@ fn wide_batch_matches_alone<B: KernelBackend>(
     reference: &mut BurnLm<B>,
     vocab: usize,
     label: &str,
+    tolerance: f32,
 ) {
     let prompt = tokens(vocab, 7, 23);
     for width in [3usize, 24] {
@@ -130,7 +140,7 @@ fn wide_batch_matches_alone<B: KernelBackend>(
             lm.release(*seq).unwrap();
         }
         println!("{label}: {width} sequences stepping together vs each prefilled alone: max |diff| {worst:e}");
-        assert!(worst < 1e-4, "{label}: {width} sequences: max |diff| {worst}");
+        assert!(worst <= tolerance, "{label}: {width} sequences: max |diff| {worst}");
     }
 }
 
@@ -139,14 +149,14 @@ fn wide_batches_match_sequences_run_alone_tiny() {
     for name in ["tiny-qwen2", "tiny-llama"] {
         let (mut lm, mut reference) = (tiny(name), tiny(name));
         let vocab = lm.model().config().vocab_size;
-        wide_batch_matches_alone(&mut lm, &mut reference, vocab, name);
+        wide_batch_matches_alone(&mut lm, &mut reference, vocab, name, ISSUE_BOUND);
     }
 }
 
 #[test]
 fn wide_batches_match_sequences_run_alone_default_model() {
     let (mut lm, mut reference) = (default_model(), default_model());
-    wide_batch_matches_alone(&mut lm, &mut reference, 20_000, "default model");
+    wide_batch_matches_alone(&mut lm, &mut reference, 20_000, "default model", EXACT);
 }
 
 /// Builds a tree of forks over one shared prompt (branches of different lengths, forks of
@@ -154,7 +164,13 @@ fn wide_batches_match_sequences_run_alone_default_model() {
 /// checks every pending distribution against the same tokens run alone. Also checks the KV
 /// accounting: a fork adds no KV, memory stays within 1.25× the distinct tokens, and comes
 /// back to zero when everything is released.
-fn tree_matches_alone<B: KernelBackend>(lm: &mut BurnLm<B>, reference: &mut BurnLm<B>, vocab: usize, label: &str) {
+fn tree_matches_alone<B: KernelBackend>(
+    lm: &mut BurnLm<B>,
+    reference: &mut BurnLm<B>,
+    vocab: usize,
+    label: &str,
+    tolerance: f32,
+) {
     let per_token = lm.counters().kv_bytes_per_token;
     assert!(per_token > 0);
     let prompt = tokens(vocab, 1, 11);
@@ -162,6 +178,7 @@ fn tree_matches_alone<B: KernelBackend>(lm: &mut BurnLm<B>, reference: &mut Burn
     // Each branch: its handle and the chunks it was fed.
     let mut branches: Vec<(SeqId, Vec<Vec<u32>>)> = vec![(root, vec![prompt.clone()])];
     let mut distinct = prompt.len() as u64;
+    let mut worst = 0.0f32;
     for round in 0..3u64 {
         // Fork: no token computed, no KV added (the parent's tail is only compacted).
         let before = lm.counters();
@@ -221,7 +238,8 @@ fn tree_matches_alone<B: KernelBackend>(lm: &mut BurnLm<B>, reference: &mut Burn
             let len: usize = chunks.iter().map(Vec::len).sum();
             assert_eq!(lm.seq_len(*seq).unwrap(), len);
             let diff = max_abs_diff(&lm.pending_logits(*seq).unwrap(), &alone(reference, chunks));
-            assert!(diff < 1e-4, "{label}: round {round}, sequence of {len} tokens: max |diff| {diff}");
+            assert!(diff <= tolerance, "{label}: round {round}, sequence of {len} tokens: max |diff| {diff}");
+            worst = worst.max(diff);
         }
         let counters = lm.counters();
         assert_eq!(counters.tokens_computed, distinct, "{label}: every token computed once");
@@ -232,6 +250,7 @@ fn tree_matches_alone<B: KernelBackend>(lm: &mut BurnLm<B>, reference: &mut Burn
             counters.kv_bytes_in_use
         );
     }
+    println!("{label}: forked and batched tree vs each sequence prefilled alone: max |diff| {worst:e}");
     for (seq, _) in branches {
         lm.release(seq).unwrap();
     }
@@ -245,7 +264,7 @@ fn forked_and_batched_states_match_sequences_run_alone_tiny() {
         let mut lm = tiny(name);
         let mut reference = tiny(name);
         let vocab = lm.model().config().vocab_size;
-        tree_matches_alone(&mut lm, &mut reference, vocab, name);
+        tree_matches_alone(&mut lm, &mut reference, vocab, name, ISSUE_BOUND);
     }
 }
 
@@ -255,7 +274,7 @@ fn forked_and_batched_states_match_sequences_run_alone_default_model() {
     let mut reference = default_model();
     // Ordinary text tokens, away from the special ids at the start of the vocabulary.
     let vocab = 20_000;
-    tree_matches_alone(&mut lm, &mut reference, vocab, "default model");
+    tree_matches_alone(&mut lm, &mut reference, vocab, "default model", EXACT);
 }
 
 #[test]
@@ -408,7 +427,7 @@ mod cuda {
             let mut lm = tiny_on::<Cuda>(name, &device);
             let mut reference = tiny_on::<Cuda>(name, &device);
             let vocab = lm.model().config().vocab_size;
-            tree_matches_alone(&mut lm, &mut reference, vocab, &format!("cuda {name}"));
+            tree_matches_alone(&mut lm, &mut reference, vocab, &format!("cuda {name}"), EXACT);
         }
     }
 
@@ -420,7 +439,7 @@ mod cuda {
         let (Some(mut lm), Some(mut reference)) = (cached_default_model(), cached_default_model()) else {
             return;
         };
-        tree_matches_alone(&mut lm, &mut reference, 20_000, "cuda default model");
+        tree_matches_alone(&mut lm, &mut reference, 20_000, "cuda default model", EXACT);
     }
 
     #[test]
@@ -432,7 +451,7 @@ mod cuda {
             let device = CudaDevice::default();
             let (mut lm, mut reference) = (tiny_on::<Cuda>(name, &device), tiny_on::<Cuda>(name, &device));
             let vocab = lm.model().config().vocab_size;
-            wide_batch_matches_alone(&mut lm, &mut reference, vocab, &format!("cuda {name}"));
+            wide_batch_matches_alone(&mut lm, &mut reference, vocab, &format!("cuda {name}"), EXACT);
         }
     }
 
@@ -444,7 +463,7 @@ mod cuda {
         let (Some(mut lm), Some(mut reference)) = (cached_default_model(), cached_default_model()) else {
             return;
         };
-        wide_batch_matches_alone(&mut lm, &mut reference, 20_000, "cuda default model");
+        wide_batch_matches_alone(&mut lm, &mut reference, 20_000, "cuda default model", EXACT);
     }
 
     #[test]
