@@ -617,11 +617,15 @@ unsafe fn interleaved_group<const R: usize, const KIND: u8>(
         for (r, acc_r) in acc.iter_mut().enumerate() {
             let row_block = (r0 + r) * acts.blocks + b;
             let a = unsafe { acts.qs.as_ptr().add(row_block * QK) } as *const i32;
-            let mut sum = _mm512_setzero_si512();
+            // Two chains of four `vpdpbusd` instead of one of eight (latency 4, two per cycle on
+            // the development CPU): the integer sum is the same, and 8-row products measured
+            // 3-6 % faster (`kernels` bench, five alternating runs).
+            let mut sums = [_mm512_setzero_si512(); 2];
             for (s, v) in wv.iter().enumerate() {
                 let word = unsafe { a.add(s).read_unaligned() };
-                sum = _mm512_dpbusd_epi32(sum, *v, _mm512_set1_epi32(word));
+                sums[s & 1] = _mm512_dpbusd_epi32(sums[s & 1], *v, _mm512_set1_epi32(word));
             }
+            let sum = _mm512_add_epi32(sums[0], sums[1]);
             let (da, dsum) = unsafe { (*acts.d.get_unchecked(row_block), *acts.dsum.get_unchecked(row_block)) };
             *acc_r = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dw, _mm512_set1_ps(da)), *acc_r);
             *acc_r = _mm512_fmadd_ps(offset, _mm512_set1_ps(dsum), *acc_r);
