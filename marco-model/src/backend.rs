@@ -217,7 +217,7 @@ pub trait KernelBackend: Backend {
     /// keys]`, masked and padded positions at `-inf`). The default is burn's `softmax`. A
     /// backend whose row sums round differently with the row's length (so that a decode row
     /// padded to the batch's longest sequence would not give the bits of the same row alone)
-    /// overrides it (CUDA sums each row by its exact matmul, position after position).
+    /// overrides it (CUDA in f32 sums each row by its exact matmul, position after position).
     fn attention_softmax(scores: Tensor<Self, 3>) -> Tensor<Self, 3> {
         burn::tensor::activation::softmax(scores, 2)
     }
@@ -822,7 +822,7 @@ mod cuda {
     /// One implementation per float type: `Cuda` (f32) and `Cuda<bf16>` (weights, activations
     /// and KV in bf16, as Marco-o1's checkpoint is stored; host data converts on upload).
     macro_rules! cuda_kernel_backend {
-        ($float:ty, $name:literal, $matmul2:expr, $matmul3:expr) => {
+        ($float:ty, $name:literal, $matmul2:expr, $matmul3:expr, $attention_softmax:expr) => {
             impl KernelBackend for Cuda<$float> {
                 type LinearWeight = Tensor<Cuda<$float>, 2>;
 
@@ -853,10 +853,8 @@ mod cuda {
                     $matmul3(lhs, rhs)
                 }
 
-                // cubecl's row sum vectorizes by the row length mod 4, so burn's `softmax`
-                // rounds a padded decode row differently from the same row prefilled alone.
                 fn attention_softmax(scores: Tensor<Self, 3>) -> Tensor<Self, 3> {
-                    crate::layer_ops::softmax_with_matmul_sums(scores, $matmul3)
+                    $attention_softmax(scores)
                 }
 
                 fn linear_weight_bytes(weight: &Self::LinearWeight) -> usize {
@@ -866,6 +864,14 @@ mod cuda {
         };
     }
 
-    cuda_kernel_backend!(f32, "cubek-unit-matmul-f32", exact_f32::<2>, exact_f32::<3>);
-    cuda_kernel_backend!(bf16, "burn-cuda-matmul-bf16", Tensor::matmul, Tensor::matmul);
+    // f32: cubecl's row sum vectorizes by the row length mod 4, so burn's `softmax` would round
+    // a padded decode row differently from the same row prefilled alone; the exact matmul sums
+    // in order. bf16 runs burn's tensor-core matmul, which promises no order, so it keeps
+    // burn's `softmax`.
+    cuda_kernel_backend!(f32, "cubek-unit-matmul-f32", exact_f32::<2>, exact_f32::<3>, |scores| {
+        crate::layer_ops::softmax_with_matmul_sums(scores, exact_f32::<3>)
+    });
+    cuda_kernel_backend!(bf16, "burn-cuda-matmul-bf16", Tensor::matmul, Tensor::matmul, |scores| {
+        burn::tensor::activation::softmax(scores, 2)
+    });
 }
