@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
 use marco::core::{LanguageModel, SamplingParams, StepRequest, TokenId};
 use marco::model::loader::RandomWeights;
@@ -59,11 +59,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = match common::parse_args::<Args>() {
-        Ok(args) => args,
-        Err(code) => return code,
-    };
-    common::report(match args.dtype {
+    common::run_main(|args: Args| match args.dtype {
         common::FloatType::F32 => run::<common::Backend>(args),
         common::FloatType::Bf16 => run_bf16(args),
     })
@@ -115,16 +111,8 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
             (BurnLm::new(network, Box::new(common::IdsOnly(vocab))), format!("random weights, shape {shape:?}"))
         }
         (path, None) => {
-            let path = match path {
-                Some(path) => {
-                    common::check_model_path(path)?;
-                    path.clone()
-                }
-                None => common::fetch_default_model()?,
-            };
-            let model = marco::model::load::<B>(&path, &device)
-                .with_context(|| format!("cannot load the model {}", path.display()))?;
-            (model, path.display().to_string())
+            let path = common::model_path(path.as_deref())?;
+            (common::load_lm::<B>(&path)?, path.display().to_string())
         }
     };
     let prompt = common::bench_prompt(model.tokenizer(), args.prompt_tokens, args.random.is_none())?;

@@ -192,10 +192,7 @@ fn show(label: &str, outcome: &SearchOutcome) {
 }
 
 fn main() -> ExitCode {
-    match common::parse_args::<Args>() {
-        Ok(args) => common::report(run(args)),
-        Err(code) => code,
-    }
+    common::run_main(run)
 }
 
 #[cfg(test)]

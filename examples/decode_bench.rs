@@ -56,11 +56,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = match common::parse_args::<Args>() {
-        Ok(args) => args,
-        Err(code) => return code,
-    };
-    common::report(run::<common::Backend>(args))
+    common::run_main(run::<common::Backend>)
 }
 
 /// One prefill + decode; returns (prefill seconds, decode seconds).
@@ -85,13 +81,9 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
     if args.runs == 0 || args.prompt_tokens == 0 || args.gen_tokens == 0 {
         bail!("--runs, --prompt-tokens and --gen-tokens must be positive");
     }
-    let path = match (&args.model, args.random) {
-        (_, Some(_)) => None,
-        (Some(path), None) => {
-            common::check_model_path(path)?;
-            Some(path.clone())
-        }
-        (None, None) => Some(common::fetch_default_model()?),
+    let path = match args.random {
+        Some(_) => None,
+        None => Some(common::model_path(args.model.as_deref())?),
     };
     let device = B::Device::default();
     let mut rows = Vec::new();

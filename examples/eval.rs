@@ -287,8 +287,5 @@ fn run(args: Args) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    match common::parse_args::<Args>() {
-        Ok(args) => common::report(run(args)),
-        Err(code) => code,
-    }
+    common::run_main(run)
 }

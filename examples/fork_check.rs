@@ -22,10 +22,10 @@ mod common;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
 use marco::core::{LanguageModel, SamplingParams, SeqId, StepRequest, TokenId};
-use marco::model::{BurnLm, KernelBackend};
+use marco::model::KernelBackend;
 use marco::search::MARCO_REFLECTION;
 
 #[derive(Parser, Debug)]
@@ -49,11 +49,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = match common::parse_args::<Args>() {
-        Ok(args) => args,
-        Err(code) => return code,
-    };
-    common::report(run::<common::Backend>(args))
+    common::run_main(run::<common::Backend>)
 }
 
 /// One leaf of the tree: its state and every token it was fed, in order.
@@ -66,16 +62,8 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
     if args.forks == 0 || args.steps == 0 {
         bail!("--forks and --steps must be positive");
     }
-    let path = match &args.model {
-        Some(path) => {
-            common::check_model_path(path)?;
-            path.clone()
-        }
-        None => common::fetch_default_model()?,
-    };
-    let device = B::Device::default();
-    let mut model: BurnLm<B> =
-        marco::model::load::<B>(&path, &device).with_context(|| format!("cannot load the model {}", path.display()))?;
+    let path = common::model_path(args.model.as_deref())?;
+    let mut model = common::load_lm::<B>(&path)?;
     let reflection = model.tokenizer().encode(&format!(" {MARCO_REFLECTION}"), false)?;
     println!("model: {} · backend: {} ({})", path.display(), common::backend_name(), B::kernel_name());
     println!("| prompt | tokens | leaves | computed / distinct | max abs logit diff |");

@@ -85,11 +85,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = match common::parse_args::<Args>() {
-        Ok(args) => args,
-        Err(code) => return code,
-    };
-    common::report(run::<common::Backend>(args))
+    common::run_main(run::<common::Backend>)
 }
 
 fn run<B: KernelBackend>(args: Args) -> Result<()> {
@@ -105,13 +101,7 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
     };
     sampling.validate().context("invalid sampling options")?;
 
-    let path = match &args.model {
-        Some(path) => {
-            common::check_model_path(path)?;
-            path.clone()
-        }
-        None => common::fetch_default_model()?,
-    };
+    let path = common::model_path(args.model.as_deref())?;
     let device = B::Device::default();
     let load_start = Instant::now();
     let mut model = marco::model::load_with::<B>(

@@ -297,8 +297,5 @@ fn summary(label: &str, outcome: &SearchOutcome) -> String {
 }
 
 fn main() -> ExitCode {
-    match common::parse_args::<Args>() {
-        Ok(args) => common::report(run(args)),
-        Err(code) => code,
-    }
+    common::run_main(run)
 }

@@ -243,8 +243,5 @@ fn print_candidates(model: &dyn LanguageModel, label: &str, outcome: &SearchOutc
 }
 
 fn main() -> ExitCode {
-    match common::parse_args::<Args>() {
-        Ok(args) => common::report(run(args)),
-        Err(code) => code,
-    }
+    common::run_main(run)
 }

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
 use marco::core::{
     Budget, Granularity, LanguageModel, ModelCounters, Problem, SearchPolicy, SearchStats, SeqId, StepOutput,
@@ -100,29 +100,16 @@ impl<M: LanguageModel> LanguageModel for Recompute<M> {
 }
 
 fn main() -> ExitCode {
-    let args = match common::parse_args::<Args>() {
-        Ok(args) => args,
-        Err(code) => return code,
-    };
-    common::report(run::<common::Backend>(args))
+    common::run_main(run::<common::Backend>)
 }
 
 fn run<B: KernelBackend>(args: Args) -> Result<()> {
     if args.runs == 0 || args.budget == 0 || args.width == 0 || args.mini_step == 0 {
         bail!("--runs, --budget, --width and --mini-step must be positive");
     }
-    let path = match &args.model {
-        Some(path) => {
-            common::check_model_path(path)?;
-            path.clone()
-        }
-        None => common::fetch_default_model()?,
-    };
-    let device = B::Device::default();
-    let load =
-        || marco::model::load::<B>(&path, &device).with_context(|| format!("cannot load the model {}", path.display()));
-    let mut shared = load()?;
-    let mut naive = Recompute { inner: load()?, tokens: HashMap::new() };
+    let path = common::model_path(args.model.as_deref())?;
+    let mut shared = common::load_lm::<B>(&path)?;
+    let mut naive = Recompute { inner: common::load_lm::<B>(&path)?, tokens: HashMap::new() };
     let problem = Problem::from_question(shared.tokenizer(), &args.question, None)?;
     let config = MctsConfig::default()
         .with_budget(Budget::tokens(args.budget))

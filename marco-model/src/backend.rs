@@ -822,7 +822,7 @@ mod cuda {
     /// One implementation per float type: `Cuda` (f32) and `Cuda<bf16>` (weights, activations
     /// and KV in bf16, as Marco-o1's checkpoint is stored; host data converts on upload).
     macro_rules! cuda_kernel_backend {
-        ($float:ty, $name:literal, $matmul2:expr, $matmul3:expr, $attention_softmax:expr) => {
+        ($float:ty, $name:literal, $matmul2:expr, $matmul3:expr $(, $attention_softmax:expr)?) => {
             impl KernelBackend for Cuda<$float> {
                 type LinearWeight = Tensor<Cuda<$float>, 2>;
 
@@ -853,9 +853,11 @@ mod cuda {
                     $matmul3(lhs, rhs)
                 }
 
-                fn attention_softmax(scores: Tensor<Self, 3>) -> Tensor<Self, 3> {
-                    $attention_softmax(scores)
-                }
+                $(
+                    fn attention_softmax(scores: Tensor<Self, 3>) -> Tensor<Self, 3> {
+                        $attention_softmax(scores)
+                    }
+                )?
 
                 fn linear_weight_bytes(weight: &Self::LinearWeight) -> usize {
                     weight.shape().num_elements() * std::mem::size_of::<$float>()
@@ -866,12 +868,10 @@ mod cuda {
 
     // f32: cubecl's row sum vectorizes by the row length mod 4, so burn's `softmax` would round
     // a padded decode row differently from the same row prefilled alone; the exact matmul sums
-    // in order. bf16 runs burn's tensor-core matmul, which promises no order, so it keeps
-    // burn's `softmax`.
+    // in order. bf16 runs burn's tensor-core matmul, which promises no order, so it keeps the
+    // hook's default (burn's `softmax`).
     cuda_kernel_backend!(f32, "cubek-unit-matmul-f32", exact_f32::<2>, exact_f32::<3>, |scores| {
         crate::layer_ops::softmax_with_matmul_sums(scores, exact_f32::<3>)
     });
-    cuda_kernel_backend!(bf16, "burn-cuda-matmul-bf16", Tensor::matmul, Tensor::matmul, |scores| {
-        burn::tensor::activation::softmax(scores, 2)
-    });
+    cuda_kernel_backend!(bf16, "burn-cuda-matmul-bf16", Tensor::matmul, Tensor::matmul);
 }

@@ -48,15 +48,24 @@ macro_rules! four_row_groups {
     ($rows:expr, $out:expr, $o:expr, |$r0:ident| [$one:expr, $two:expr, $three:expr, $four:expr $(,)?]) => {{
         let mut $r0 = 0;
         while $r0 < $rows {
-            match $rows - $r0 {
-                1 => $crate::kernels::write_rows($out, $r0, $o, &$one),
-                2 => $crate::kernels::write_rows($out, $r0, $o, &$two),
-                3 => $crate::kernels::write_rows($out, $r0, $o, &$three),
-                _ => $crate::kernels::write_rows($out, $r0, $o, &$four),
-            }
+            row_group!($rows, $out, $o, $r0, [$one, $two, $three, $four]);
             $r0 += 4;
         }
     }};
+}
+
+/// One group of [`four_row_groups!`]: rows `r0..min(r0 + 4, rows)`, for a caller that orders
+/// its loops itself (output tiles outside row groups).
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(unused_macros))]
+macro_rules! row_group {
+    ($rows:expr, $out:expr, $o:expr, $r0:expr, [$one:expr, $two:expr, $three:expr, $four:expr $(,)?]) => {
+        match $rows - $r0 {
+            1 => $crate::kernels::write_rows($out, $r0, $o, &$one),
+            2 => $crate::kernels::write_rows($out, $r0, $o, &$two),
+            3 => $crate::kernels::write_rows($out, $r0, $o, &$three),
+            _ => $crate::kernels::write_rows($out, $r0, $o, &$four),
+        }
+    };
 }
 
 #[cfg(target_arch = "x86_64")]

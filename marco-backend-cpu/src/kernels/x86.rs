@@ -479,12 +479,18 @@ pub(super) unsafe fn split_rows(w: &SplitBlocks, acts: &QuantizedActs, rows: usi
                     for o in tile.clone() {
                         // SAFETY: rows `r0..r0 + R` exist; output `(r, o)` belongs to this task.
                         unsafe {
-                            match rows - r0 {
-                                1 => super::write_rows(out, r0, o, &split_dot::<1, { $kind }>(w, o, raw, r0)),
-                                2 => super::write_rows(out, r0, o, &split_dot::<2, { $kind }>(w, o, raw, r0)),
-                                3 => super::write_rows(out, r0, o, &split_dot::<3, { $kind }>(w, o, raw, r0)),
-                                _ => super::write_rows(out, r0, o, &split_dot::<4, { $kind }>(w, o, raw, r0)),
-                            }
+                            row_group!(
+                                rows,
+                                out,
+                                o,
+                                r0,
+                                [
+                                    split_dot::<1, { $kind }>(w, o, raw, r0),
+                                    split_dot::<2, { $kind }>(w, o, raw, r0),
+                                    split_dot::<3, { $kind }>(w, o, raw, r0),
+                                    split_dot::<4, { $kind }>(w, o, raw, r0),
+                                ]
+                            )
                         }
                     }
                     r0 += 4;
