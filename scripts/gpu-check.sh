@@ -41,6 +41,9 @@ build() {
     # Batched decode (issue 5; see run_batch_bench below).
     cargo build --release --features cuda --example batch_bench
     strip -o "$BUNDLE/batch_bench" target/release/examples/batch_bench
+    # Forked and batched states against each sequence alone, on a few prompts (the default model).
+    cargo build --release --features cuda --example fork_check
+    strip -o "$BUNDLE/fork_check" target/release/examples/fork_check
     xz -T0 -6 "$BUNDLE"/*
     ls -la "$BUNDLE"
 }
@@ -75,8 +78,26 @@ run() {
         echo "(no model file: random weights with the default model's shape)"
         timeout 240 "$bin/decode_bench" --random smollm2-135m --runs 3 || status=1
     fi
+    run_fork_check "$bin" "$model" || status=1
     run_batch_bench "$bin" "$model" || status=1
     exit $status
+}
+
+# ---- Forks against each sequence alone, on CUDA (issue 5) --------------------------------
+# Up to 24 forks of each prompt, ragged appends, sampled batched steps and a reflected re-fork;
+# every leaf's logits against its whole sequence prefilled alone, bit for bit (f32 on CUDA is
+# batch invariant). Needs the real model (a tokenizer); ~30 s.
+run_fork_check() {
+    local bin="$1" model="$2"
+    echo "== forked vs alone on chosen prompts (CUDA)"
+    if [ -z "$model" ]; then
+        echo "(no model file: skipped)"
+        return 0
+    fi
+    [ -x "$bin/fork_check" ] || { echo "(no fork_check in the bundle: skipped)"; return 0; }
+    timeout 120 "$bin/fork_check" --model "$model" --forks 24 --steps 12 --tolerance 0 \
+        "What is 17 times 23? Think step by step." "Name three prime numbers and explain why." \
+        "A train leaves at 3 pm going 60 miles per hour; when has it gone 150 miles?"
 }
 
 # ---- Batched decode on CUDA (issue 5) ---------------------------------------------------
