@@ -164,5 +164,8 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
             rate / batch as f64
         );
     }
+    if let Some(summary) = B::threading_summary() {
+        println!("{summary}");
+    }
     Ok(())
 }

@@ -27,6 +27,9 @@
 //!   product: activations prepared once, one thread-pool job.
 //! * [`ops`]: the rest of a decoder layer on host buffers — RMSNorm, rotary embedding, SwiGLU,
 //!   batched causal attention reading a KV cache's segments in place, log-sum-exp.
+//! * [`batch_parts`]: whether a batched decode step shares every product between the threads
+//!   (tensor-parallel) or gives each thread a share of the sequences through the whole model
+//!   (data-parallel), chosen from a measured cache-line round trip between the threads.
 //! * [`top_k`]: the k largest logits without a full sort.
 //! * NdArray glue: [`linear_ndarray`]`(x, &w, bias)` runs [`matmul`] on burn-ndarray's float
 //!   primitive ([`NdArrayTensor`], shape `[..., in]` → `[..., out]`), plus
@@ -38,7 +41,9 @@
 //! Environment: `MARCO_THREADS=n` sets the kernel thread count (default `min(2, cores)`; use 1
 //! on an oversubscribed machine, where a descheduled worker stalls each product), and
 //! `MARCO_KERNELS=scalar|avx2|avx512` caps the instruction set the kernels dispatch to (the
-//! best the CPU has by default; `scalar` forces the portable kernels, for testing).
+//! best the CPU has by default; `scalar` forces the portable kernels, for testing), and
+//! `MARCO_BATCH_SPLIT=auto|always|never` how a batched step is shared by the threads
+//! ([`batch_parts`]: by default measured, from where the cores sit).
 //!
 //! ```
 //! use marco_backend_cpu::{matmul, top_k, PackedMatrix};
@@ -74,6 +79,9 @@ pub use ndarray_glue::{
     embedding_ndarray, linear_ndarray, linear_ndarray_with, ndarray_f32_values, ndarray_from_f32, top_k_ndarray,
 };
 pub use packed::PackedMatrix;
-pub use pool::{num_threads, parallel_for};
+pub use pool::{
+    batch_parts, num_threads, parallel_for, round_trip, set_batch_split, BatchSplit, BATCH_SPLIT_MAX_TOKENS,
+    FAR_ROUND_TRIP,
+};
 pub use quant::{dequantize, row_bytes, GgmlType};
 pub use topk::top_k;

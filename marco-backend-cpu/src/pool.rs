@@ -20,7 +20,7 @@
 //! The thread count defaults to `min(2, available cores)` and can be set with the
 //! `MARCO_THREADS` environment variable (read once, at first use).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock, TryLockError};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
@@ -228,9 +228,218 @@ pub fn parallel_for(tasks: usize, work: &(dyn Fn(usize) + Sync)) {
     run(tasks, work)
 }
 
+/// How a batched step is shared by the pool's threads, see [`batch_parts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchSplit {
+    /// Data-parallel when the threads are far apart (measured), tensor-parallel otherwise.
+    Auto,
+    /// Always data-parallel (each thread runs a share of the sequences through the whole model).
+    Always,
+    /// Never: every product is shared by all threads (tensor-parallel).
+    Never,
+}
+
+/// The [`BatchSplit`] in force: `MARCO_BATCH_SPLIT=auto|always|never` (read once), or the last
+/// [`set_batch_split`].
+static BATCH_SPLIT: AtomicU8 = AtomicU8::new(UNSET);
+const UNSET: u8 = u8::MAX;
+
+/// Sets how batched steps are shared by the threads (overrides `MARCO_BATCH_SPLIT`). Every
+/// choice computes the same bits; only the speed differs.
+pub fn set_batch_split(split: BatchSplit) {
+    BATCH_SPLIT.store(split as u8, Ordering::Relaxed);
+}
+
+fn batch_split() -> BatchSplit {
+    let code = match BATCH_SPLIT.load(Ordering::Relaxed) {
+        UNSET => {
+            let from_env = match std::env::var("MARCO_BATCH_SPLIT").ok().as_deref().map(str::trim) {
+                Some("always") => BatchSplit::Always,
+                Some("never") => BatchSplit::Never,
+                _ => BatchSplit::Auto,
+            };
+            // A concurrent `set_batch_split` wins over the environment.
+            let _ = BATCH_SPLIT.compare_exchange(UNSET, from_env as u8, Ordering::Relaxed, Ordering::Relaxed);
+            BATCH_SPLIT.load(Ordering::Relaxed)
+        }
+        code => code,
+    };
+    match code {
+        c if c == BatchSplit::Always as u8 => BatchSplit::Always,
+        c if c == BatchSplit::Never as u8 => BatchSplit::Never,
+        _ => BatchSplit::Auto,
+    }
+}
+
+/// Batches of up to this many new tokens may be split by sequence (decode steps; a long
+/// prefill keeps every product on all threads, where the products dominate).
+pub const BATCH_SPLIT_MAX_TOKENS: usize = 64;
+
+/// A cache-line round trip between two threads above which they count as far apart. The
+/// 2-vCPU development VM measures 75–120 ns when its vCPUs share a die and 360–900 ns when
+/// the hypervisor has put them on two (which it does for seconds to minutes at a time).
+pub const FAR_ROUND_TRIP: Duration = Duration::from_nanos(250);
+
+/// How often [`batch_parts`] measures the round trip again.
+const ROUND_TRIP_MAX_AGE: Duration = Duration::from_millis(20);
+
+/// The last measured round trip (ns, 0 = none yet) and when (ns since `EPOCH`).
+static ROUND_TRIP_NS: AtomicU64 = AtomicU64::new(0);
+static ROUND_TRIP_AT: AtomicU64 = AtomicU64::new(0);
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+/// Into how many parts (each run by one thread through the whole model) a batched step of
+/// `sequences` sequences and `tokens` new tokens should be cut: 1 (tensor-parallel: every
+/// product shared by all threads) or up to [`num_threads`] (data-parallel).
+///
+/// Tensor parallelism streams each weight once per step, but every product's output columns
+/// come from both threads, so the activations of every sequence cross between the cores
+/// several times per layer; data parallelism streams the weights once per thread but keeps
+/// each sequence on one core. Which is faster depends on where the cores are: on the
+/// development VM, eight sequences decode at ~2150 tok/s tensor-parallel and ~1450
+/// data-parallel when its two vCPUs share a die, and ~1650 against ~1925 when they are on two
+/// dies (each die then has its own cache and memory bandwidth, and each crossing costs
+/// ~400 ns). With [`BatchSplit::Auto`] (the default) the pool therefore measures a cache-line
+/// round trip between its threads (a few µs, at most every 20 ms) and splits when it exceeds
+/// [`FAR_ROUND_TRIP`].
+pub fn batch_parts(sequences: usize, tokens: usize) -> usize {
+    let threads = num_threads();
+    if threads < 2 || sequences < 2 || tokens > BATCH_SPLIT_MAX_TOKENS {
+        return 1;
+    }
+    let parts = threads.min(sequences);
+    match batch_split() {
+        BatchSplit::Always => parts,
+        BatchSplit::Never => 1,
+        BatchSplit::Auto => match round_trip() {
+            Some(trip) if trip >= FAR_ROUND_TRIP => parts,
+            _ => 1,
+        },
+    }
+}
+
+/// The round trip of a cache line between the caller and a pool worker, measured at most
+/// every 20 ms (`None` before a measurement has succeeded).
+pub fn round_trip() -> Option<Duration> {
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    let now = epoch.elapsed().as_nanos() as u64;
+    let at = ROUND_TRIP_AT.load(Ordering::Relaxed);
+    let last = ROUND_TRIP_NS.load(Ordering::Relaxed);
+    if last == 0 || now.saturating_sub(at) > ROUND_TRIP_MAX_AGE.as_nanos() as u64 {
+        // Whoever measures first stamps the time, so concurrent callers do not all measure.
+        if ROUND_TRIP_AT.compare_exchange(at, now.max(1), Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            if let Some(trip) = measure_round_trip() {
+                ROUND_TRIP_NS.store((trip.as_nanos() as u64).max(1), Ordering::Relaxed);
+            }
+        }
+    }
+    match ROUND_TRIP_NS.load(Ordering::Relaxed) {
+        0 => None,
+        ns => Some(Duration::from_nanos(ns)),
+    }
+}
+
+/// Ping-pongs one cache line between the caller and a worker (one pool job of two tasks) and
+/// returns the median of a few round trips. `None` when no worker took part in time (a
+/// thread that runs both tasks, or one that waits more than [`PROBE_PATIENCE`] for the other,
+/// gives up), or when the pool is busy or has no worker.
+fn measure_round_trip() -> Option<Duration> {
+    const TRIPS: u64 = 24;
+    #[repr(align(64))]
+    struct Line(AtomicU64);
+    let line = Line(AtomicU64::new(0));
+    let arrived = AtomicU64::new(0);
+    let abandoned = AtomicBool::new(false);
+    let trips: Mutex<Vec<u64>> = Mutex::new(Vec::with_capacity(TRIPS as usize));
+    // Spins until `done()` or the patience runs out (then marks the probe abandoned).
+    let wait = |done: &dyn Fn() -> bool| {
+        let start = Instant::now();
+        let mut spins = 0u32;
+        while !done() {
+            spins = spins.wrapping_add(1);
+            if abandoned.load(Ordering::Relaxed) || (spins.is_multiple_of(256) && start.elapsed() > PROBE_PATIENCE) {
+                abandoned.store(true, Ordering::Relaxed);
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+        true
+    };
+    let probe = |_task: usize| {
+        let me = arrived.fetch_add(1, Ordering::AcqRel);
+        if me == 0 {
+            // The pinger: waits for a partner, then times each round trip.
+            if !wait(&|| arrived.load(Ordering::Acquire) >= 2) {
+                return;
+            }
+            let mut measured = Vec::with_capacity(TRIPS as usize);
+            for i in 0..TRIPS {
+                let start = Instant::now();
+                line.0.store(2 * i + 1, Ordering::Release);
+                if !wait(&|| line.0.load(Ordering::Acquire) == 2 * i + 2) {
+                    return;
+                }
+                measured.push(start.elapsed().as_nanos() as u64);
+            }
+            if let Ok(mut trips) = trips.lock() {
+                *trips = measured;
+            }
+        } else {
+            // The ponger (a thread that was the pinger itself finds the probe abandoned).
+            for i in 0..TRIPS {
+                if !wait(&|| line.0.load(Ordering::Acquire) == 2 * i + 1) {
+                    return;
+                }
+                line.0.store(2 * i + 2, Ordering::Release);
+            }
+        }
+    };
+    if pool().workers.is_empty() {
+        return None;
+    }
+    run(2, &probe);
+    let mut trips = trips.into_inner().ok()?;
+    if abandoned.load(Ordering::Relaxed) || trips.len() != TRIPS as usize {
+        return None;
+    }
+    trips.sort_unstable();
+    Some(Duration::from_nanos(trips[trips.len() / 2]))
+}
+
+/// How long one side of the round-trip probe waits for the other.
+const PROBE_PATIENCE: Duration = Duration::from_micros(200);
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_parts_follow_the_setting_and_the_limits() {
+        let threads = num_threads();
+        set_batch_split(BatchSplit::Always);
+        assert_eq!(batch_parts(8, 8), if threads > 1 { threads.min(8) } else { 1 });
+        assert_eq!(batch_parts(1, 1), 1, "one sequence is never cut");
+        assert_eq!(batch_parts(8, BATCH_SPLIT_MAX_TOKENS + 1), 1, "a long prefill is never cut");
+        set_batch_split(BatchSplit::Never);
+        assert_eq!(batch_parts(8, 8), 1);
+        set_batch_split(BatchSplit::Auto);
+        let parts = batch_parts(8, 8);
+        assert!(parts == 1 || parts == threads.min(8));
+    }
+
+    #[test]
+    fn the_round_trip_between_threads_is_measured() {
+        if num_threads() < 2 {
+            return;
+        }
+        // Other tests may hold the pool (the probe then gives up): retry a few times.
+        let measured = (0..200).find_map(|_| {
+            std::thread::sleep(Duration::from_millis(1));
+            measure_round_trip()
+        });
+        let trip = measured.expect("a round trip between two pool threads");
+        assert!(trip > Duration::ZERO && trip < PROBE_PATIENCE, "{trip:?}");
+    }
 
     #[test]
     fn runs_every_task_once() {

@@ -170,6 +170,21 @@ pub trait KernelBackend: Backend {
         None
     }
 
+    /// Into how many parts a forward of `sequences` sequences and `tokens` new tokens is cut,
+    /// each part's sequences run through the whole model on a thread of its own
+    /// ([`KernelBackend::for_each_parallel`]) instead of sharing every product (the same bits
+    /// either way: every kernel is batch invariant). The default, 1, never cuts; the CPU
+    /// backend cuts when its threads sit far apart (see `marco_backend_cpu::batch_parts`).
+    fn batch_parts(_sequences: usize, _tokens: usize) -> usize {
+        1
+    }
+
+    /// One line on how this backend shares a batched step between its threads, for benchmark
+    /// output (`None`: nothing to say).
+    fn threading_summary() -> Option<String> {
+        None
+    }
+
     /// Writes rows `rows` of `new` (`[total, kv_heads, head_dim]`: one step's keys or values
     /// of every sequence) into a cache buffer (`[kv_heads, capacity, head_dim]`, uniquely
     /// owned) at positions `at..at + rows.len()`, and returns the buffer. The default slices,
@@ -533,6 +548,21 @@ mod cpu {
 
         fn for_each_parallel(tasks: usize, work: &(dyn Fn(usize) + Sync)) {
             marco_backend_cpu::parallel_for(tasks, work)
+        }
+
+        fn batch_parts(sequences: usize, tokens: usize) -> usize {
+            marco_backend_cpu::batch_parts(sequences, tokens)
+        }
+
+        fn threading_summary() -> Option<String> {
+            let threads = marco_backend_cpu::num_threads();
+            let trip = marco_backend_cpu::round_trip()
+                .map_or_else(|| "not measured".to_string(), |trip| format!("{} ns", trip.as_nanos()));
+            Some(format!(
+                "{threads} kernel threads; cache-line round trip between them {trip}: batched steps are cut by \
+                 sequence at {} ns and up (MARCO_BATCH_SPLIT=auto|always|never)",
+                marco_backend_cpu::FAR_ROUND_TRIP.as_nanos()
+            ))
         }
 
         fn add_rms_norm(

@@ -354,18 +354,75 @@ impl<B: KernelBackend> Transformer<B> {
         if items.is_empty() || items.iter().any(|item| item.tokens.is_empty()) {
             return Err(marco_core::Error::EmptyInput("a forward needs at least one token per sequence".into()).into());
         }
+        for item in items.iter() {
+            let needed = item.cache.len() + item.tokens.len();
+            if needed > c.max_position_embeddings {
+                return Err(marco_core::Error::ContextOverflow { needed, limit: c.max_position_embeddings }.into());
+            }
+            if let Some(&token) = item.tokens.iter().find(|&&token| token as usize >= c.vocab_size) {
+                return Err(marco_core::Error::TokenOutOfRange { token, vocab_size: c.vocab_size }.into());
+            }
+        }
+        let tokens: usize = items.iter().map(|item| item.tokens.len()).sum();
+        let parts = if self.path == LinearPath::Burn { 1 } else { B::batch_parts(items.len(), tokens) };
+        let h = if parts > 1 { self.hidden_in_parts(items, logits_at, parts)? } else { self.hidden(items, logits_at) };
+        Ok(self.lm_head.forward(h))
+    }
+
+    /// [`Transformer::hidden`] of `parts` consecutive groups of the items (near-equal in new
+    /// tokens), each on a thread of its own, the results stacked in item order. Every kernel is
+    /// batch invariant, so each row has the bits it has in one pass over all the items.
+    fn hidden_in_parts(
+        &self,
+        items: &mut [ForwardItem<'_, B>],
+        logits_at: LogitsAt,
+        parts: usize,
+    ) -> Result<Tensor<B, 2>> {
+        let total: usize = items.iter().map(|item| item.tokens.len()).sum();
+        let mut groups: Vec<Mutex<&mut [ForwardItem<'_, B>]>> = Vec::with_capacity(parts);
+        let mut rest = items;
+        let mut fed = 0;
+        for part in 1..=parts {
+            // Items up to the part's share of the tokens (at least one, leaving one per part).
+            let target = total * part / parts;
+            let mut take = 0;
+            while take < rest.len() && (take == 0 || fed + rest[take].tokens.len() <= target) {
+                if rest.len() - take <= parts - part {
+                    break;
+                }
+                fed += rest[take].tokens.len();
+                take += 1;
+            }
+            if part == parts {
+                take = rest.len();
+            }
+            let (group, tail) = std::mem::take(&mut rest).split_at_mut(take);
+            groups.push(Mutex::new(group));
+            rest = tail;
+        }
+        let hidden: Vec<Mutex<Option<Tensor<B, 2>>>> = (0..groups.len()).map(|_| Mutex::new(None)).collect();
+        B::for_each_parallel(groups.len(), &|part| {
+            if let (Ok(mut group), Ok(mut out)) = (groups[part].lock(), hidden[part].lock()) {
+                *out = Some(self.hidden(&mut group, logits_at));
+            }
+        });
+        let hidden: Option<Vec<Tensor<B, 2>>> =
+            hidden.into_iter().map(|slot| slot.into_inner().ok().flatten()).collect();
+        match hidden {
+            Some(hidden) => Ok(Tensor::cat(hidden, 0)),
+            None => Err(marco_core::Error::Backend("a part of a split forward did not finish".into()).into()),
+        }
+    }
+
+    /// The final normalised hidden states (the rows [`LogitsAt`] asks for) of a forward pass
+    /// over `items` (already checked by [`Transformer::forward`]), which appends their keys and
+    /// values to their caches.
+    fn hidden(&self, items: &mut [ForwardItem<'_, B>], logits_at: LogitsAt) -> Tensor<B, 2> {
         let mut ids: Vec<i64> = Vec::new();
         let mut positions: Vec<i64> = Vec::new();
         for item in items.iter() {
             let start = item.cache.len();
-            let needed = start + item.tokens.len();
-            if needed > c.max_position_embeddings {
-                return Err(marco_core::Error::ContextOverflow { needed, limit: c.max_position_embeddings }.into());
-            }
             for (offset, &token) in item.tokens.iter().enumerate() {
-                if token as usize >= c.vocab_size {
-                    return Err(marco_core::Error::TokenOutOfRange { token, vocab_size: c.vocab_size }.into());
-                }
                 ids.push(token as i64);
                 positions.push((start + offset) as i64);
             }
@@ -408,7 +465,7 @@ impl<B: KernelBackend> Transformer<B> {
                 }
             }
         };
-        Ok(self.lm_head.forward(h))
+        h
     }
 
     /// `silu(gate_proj(h)) · up_proj(h)`: in one pass where the backend fuses it (kernel weights
