@@ -251,24 +251,18 @@ pub fn set_batch_split(split: BatchSplit) {
 }
 
 fn batch_split() -> BatchSplit {
-    let code = match BATCH_SPLIT.load(Ordering::Relaxed) {
-        UNSET => {
-            let from_env = match std::env::var("MARCO_BATCH_SPLIT").ok().as_deref().map(str::trim) {
-                Some("always") => BatchSplit::Always,
-                Some("never") => BatchSplit::Never,
-                _ => BatchSplit::Auto,
-            };
-            // A concurrent `set_batch_split` wins over the environment.
-            let _ = BATCH_SPLIT.compare_exchange(UNSET, from_env as u8, Ordering::Relaxed, Ordering::Relaxed);
-            BATCH_SPLIT.load(Ordering::Relaxed)
-        }
-        code => code,
-    };
-    match code {
-        c if c == BatchSplit::Always as u8 => BatchSplit::Always,
-        c if c == BatchSplit::Never as u8 => BatchSplit::Never,
-        _ => BatchSplit::Auto,
+    let mut code = BATCH_SPLIT.load(Ordering::Relaxed);
+    if code == UNSET {
+        let from_env = match std::env::var("MARCO_BATCH_SPLIT").ok().as_deref().map(str::trim) {
+            Some("always") => BatchSplit::Always,
+            Some("never") => BatchSplit::Never,
+            _ => BatchSplit::Auto,
+        };
+        // A concurrent `set_batch_split` wins over the environment.
+        let _ = BATCH_SPLIT.compare_exchange(UNSET, from_env as u8, Ordering::Relaxed, Ordering::Relaxed);
+        code = BATCH_SPLIT.load(Ordering::Relaxed);
     }
+    [BatchSplit::Always, BatchSplit::Never].into_iter().find(|&split| split as u8 == code).unwrap_or(BatchSplit::Auto)
 }
 
 /// Batches of up to this many new tokens may be split by sequence (decode steps; a long
@@ -295,13 +289,16 @@ static EPOCH: OnceLock<Instant> = OnceLock::new();
 /// Tensor parallelism streams each weight once per step, but every product's output columns
 /// come from both threads, so the activations of every sequence cross between the cores
 /// several times per layer; data parallelism streams the weights once per thread but keeps
-/// each sequence on one core. Which is faster depends on where the cores are: on the
-/// development VM, eight sequences decode at ~2150 tok/s tensor-parallel and ~1450
-/// data-parallel when its two vCPUs share a die, and ~1650 against ~1925 when they are on two
-/// dies (each die then has its own cache and memory bandwidth, and each crossing costs
-/// ~400 ns). With [`BatchSplit::Auto`] (the default) the pool therefore measures a cache-line
-/// round trip between its threads (a few µs, at most every 20 ms) and splits when it exceeds
-/// [`FAR_ROUND_TRIP`].
+/// each sequence on one core. Which is faster depends on where the cores are. On the
+/// development VM (two vCPUs, the default model, eight sequences), with both vCPUs on one die
+/// the two ways decode at about the same rate, ~2100–2150 tok/s (the second thread finds the
+/// weights the first streamed in their shared L3); with the vCPUs on two dies, tensor
+/// parallelism drops to ~1650–1700 (each line of activations crossing costs ~400 ns) and data
+/// parallelism reaches ~2150–2250 (two dies, two caches and memory paths). With
+/// [`BatchSplit::Auto`] (the default) the pool therefore measures a cache-line round trip
+/// between its threads (a few µs, at most every 20 ms) and splits when it reaches
+/// [`FAR_ROUND_TRIP`]; on machines whose cores share a cache it keeps tensor parallelism,
+/// which streams the weights once.
 pub fn batch_parts(sequences: usize, tokens: usize) -> usize {
     let threads = num_threads();
     if threads < 2 || sequences < 2 || tokens > BATCH_SPLIT_MAX_TOKENS {

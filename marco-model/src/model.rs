@@ -369,37 +369,18 @@ impl<B: KernelBackend> Transformer<B> {
         Ok(self.lm_head.forward(h))
     }
 
-    /// [`Transformer::hidden`] of `parts` consecutive groups of the items (near-equal in new
-    /// tokens), each on a thread of its own, the results stacked in item order. Every kernel is
-    /// batch invariant, so each row has the bits it has in one pass over all the items.
+    /// [`Transformer::hidden`] of `parts` consecutive groups of the items (near-equal in
+    /// number; a split step feeds one token per sequence), each on a thread of its own, the
+    /// results stacked in item order. Every kernel is batch invariant, so each row has the bits
+    /// it has in one pass over all the items.
     fn hidden_in_parts(
         &self,
         items: &mut [ForwardItem<'_, B>],
         logits_at: LogitsAt,
         parts: usize,
     ) -> Result<Tensor<B, 2>> {
-        let total: usize = items.iter().map(|item| item.tokens.len()).sum();
-        let mut groups: Vec<Mutex<&mut [ForwardItem<'_, B>]>> = Vec::with_capacity(parts);
-        let mut rest = items;
-        let mut fed = 0;
-        for part in 1..=parts {
-            // Items up to the part's share of the tokens (at least one, leaving one per part).
-            let target = total * part / parts;
-            let mut take = 0;
-            while take < rest.len() && (take == 0 || fed + rest[take].tokens.len() <= target) {
-                if rest.len() - take <= parts - part {
-                    break;
-                }
-                fed += rest[take].tokens.len();
-                take += 1;
-            }
-            if part == parts {
-                take = rest.len();
-            }
-            let (group, tail) = std::mem::take(&mut rest).split_at_mut(take);
-            groups.push(Mutex::new(group));
-            rest = tail;
-        }
+        let per_part = items.len().div_ceil(parts.max(1));
+        let groups: Vec<Mutex<&mut [ForwardItem<'_, B>]>> = items.chunks_mut(per_part).map(Mutex::new).collect();
         let hidden: Vec<Mutex<Option<Tensor<B, 2>>>> = (0..groups.len()).map(|_| Mutex::new(None)).collect();
         B::for_each_parallel(groups.len(), &|part| {
             if let (Ok(mut group), Ok(mut out)) = (groups[part].lock(), hidden[part].lock()) {
