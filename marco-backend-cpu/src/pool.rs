@@ -166,20 +166,25 @@ impl Drop for CloseAndWait<'_> {
 
 /// Runs `f(0)`, …, `f(n_tasks - 1)` with up to [`num_threads`] threads and returns when all are
 /// done. Threads claim tasks one at a time, so a thread that starts late does fewer: split
-/// work into a few tasks per thread.
+/// work into a few tasks per thread. Where the pool cannot take the job (one task, no worker,
+/// or another thread's job in progress) the caller runs every task itself.
 pub(crate) fn run(n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
-    let pool = pool();
-    if n_tasks <= 1 || pool.workers.is_empty() {
+    if n_tasks <= 1 || !try_share(n_tasks, f) {
         (0..n_tasks).for_each(f);
-        return;
+    }
+}
+
+/// [`run`] on the pool's threads, or nothing: returns `false`, having run no task, where the
+/// pool has no worker or another thread's job is in progress.
+fn try_share(n_tasks: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
+    let pool = pool();
+    if pool.workers.is_empty() {
+        return false;
     }
     let _busy = match pool.busy.try_lock() {
         Ok(guard) => guard,
         Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-        Err(TryLockError::WouldBlock) => {
-            (0..n_tasks).for_each(f);
-            return;
-        }
+        Err(TryLockError::WouldBlock) => return false,
     };
     let next_task = AtomicUsize::new(0);
     let claim_loop = || loop {
@@ -196,10 +201,7 @@ pub(crate) fn run(n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
     let shared = pool.shared;
     match shared.job.lock() {
         Ok(mut job) => *job = Some(JobRef { data: erased }),
-        Err(_) => {
-            (0..n_tasks).for_each(f);
-            return;
-        }
+        Err(_) => return false,
     }
     // Open the job (no worker can be inside: the previous job was closed and drained).
     shared.joined.store(0, Ordering::Release);
@@ -218,6 +220,7 @@ pub(crate) fn run(n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
             panic!("a marco kernel worker thread panicked");
         }
     }
+    true
 }
 
 /// Runs `work(0)`, …, `work(tasks - 1)` on the kernels' thread pool (the caller's thread
@@ -274,12 +277,13 @@ pub const BATCH_SPLIT_MAX_TOKENS: usize = 64;
 /// the hypervisor has put them on two (which it does for seconds to minutes at a time).
 pub const FAR_ROUND_TRIP: Duration = Duration::from_nanos(250);
 
-/// How often [`batch_parts`] measures the round trip again.
+/// How often [`batch_parts`] measures the round trip again (also after a failed try).
 const ROUND_TRIP_MAX_AGE: Duration = Duration::from_millis(20);
 
-/// The last measured round trip (ns, 0 = none yet) and when (ns since `EPOCH`).
+/// The last measured round trip (ns, 0 = none yet), and when the next measurement is due (ns
+/// since `EPOCH`).
 static ROUND_TRIP_NS: AtomicU64 = AtomicU64::new(0);
-static ROUND_TRIP_AT: AtomicU64 = AtomicU64::new(0);
+static ROUND_TRIP_DUE: AtomicU64 = AtomicU64::new(0);
 static EPOCH: OnceLock<Instant> = OnceLock::new();
 
 /// Into how many parts (each run by one thread through the whole model) a batched step of
@@ -318,16 +322,17 @@ pub fn batch_parts(sequences: usize, tokens: usize) -> usize {
 /// The round trip of a cache line between the caller and a pool worker, measured at most
 /// every 20 ms (`None` before a measurement has succeeded).
 pub fn round_trip() -> Option<Duration> {
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    let now = epoch.elapsed().as_nanos() as u64;
-    let at = ROUND_TRIP_AT.load(Ordering::Relaxed);
-    let last = ROUND_TRIP_NS.load(Ordering::Relaxed);
-    if last == 0 || now.saturating_sub(at) > ROUND_TRIP_MAX_AGE.as_nanos() as u64 {
-        // Whoever measures first stamps the time, so concurrent callers do not all measure.
-        if ROUND_TRIP_AT.compare_exchange(at, now.max(1), Ordering::Relaxed, Ordering::Relaxed).is_ok() {
-            if let Some(trip) = measure_round_trip() {
-                ROUND_TRIP_NS.store((trip.as_nanos() as u64).max(1), Ordering::Relaxed);
-            }
+    let now = EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64;
+    let due = ROUND_TRIP_DUE.load(Ordering::Relaxed);
+    // Whoever moves the due time measures, so concurrent callers do not all measure, and a
+    // failed try waits its turn like a successful one.
+    if now >= due
+        && ROUND_TRIP_DUE
+            .compare_exchange(due, now + ROUND_TRIP_MAX_AGE.as_nanos() as u64, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        if let Some(trip) = measure_round_trip() {
+            ROUND_TRIP_NS.store((trip.as_nanos() as u64).max(1), Ordering::Relaxed);
         }
     }
     match ROUND_TRIP_NS.load(Ordering::Relaxed) {
@@ -337,9 +342,9 @@ pub fn round_trip() -> Option<Duration> {
 }
 
 /// Ping-pongs one cache line between the caller and a worker (one pool job of two tasks) and
-/// returns the median of a few round trips. `None` when no worker took part in time (a
-/// thread that runs both tasks, or one that waits more than [`PROBE_PATIENCE`] for the other,
-/// gives up), or when the pool is busy or has no worker.
+/// returns the median of a few round trips. `None` when the pool has no worker or is busy
+/// (nothing runs), or when no worker took part in time (a side that waits more than
+/// [`PROBE_PATIENCE`] for the other gives up; so does a thread that claims both tasks).
 fn measure_round_trip() -> Option<Duration> {
     const TRIPS: u64 = 24;
     #[repr(align(64))]
@@ -391,10 +396,9 @@ fn measure_round_trip() -> Option<Duration> {
             }
         }
     };
-    if pool().workers.is_empty() {
+    if !try_share(2, &probe) {
         return None;
     }
-    run(2, &probe);
     let mut trips = trips.into_inner().ok()?;
     if abandoned.load(Ordering::Relaxed) || trips.len() != TRIPS as usize {
         return None;

@@ -380,15 +380,16 @@ impl<B: KernelBackend> Transformer<B> {
         parts: usize,
     ) -> Result<Tensor<B, 2>> {
         let per_part = items.len().div_ceil(parts.max(1));
-        let groups: Vec<Mutex<&mut [ForwardItem<'_, B>]>> = items.chunks_mut(per_part).map(Mutex::new).collect();
-        let hidden: Vec<Mutex<Option<Tensor<B, 2>>>> = (0..groups.len()).map(|_| Mutex::new(None)).collect();
-        B::for_each_parallel(groups.len(), &|part| {
-            if let (Ok(mut group), Ok(mut out)) = (groups[part].lock(), hidden[part].lock()) {
-                *out = Some(self.hidden(&mut group, logits_at));
+        // One slot per part: its items and, once run, its hidden states.
+        let slots: Vec<_> = items.chunks_mut(per_part).map(|group| Mutex::new((group, None))).collect();
+        B::for_each_parallel(slots.len(), &|part| {
+            if let Ok(mut slot) = slots[part].lock() {
+                let (group, hidden) = &mut *slot;
+                *hidden = Some(self.hidden(group, logits_at));
             }
         });
         let hidden: Option<Vec<Tensor<B, 2>>> =
-            hidden.into_iter().map(|slot| slot.into_inner().ok().flatten()).collect();
+            slots.into_iter().map(|slot| slot.into_inner().ok().and_then(|(_, hidden)| hidden)).collect();
         match hidden {
             Some(hidden) => Ok(Tensor::cat(hidden, 0)),
             None => Err(marco_core::Error::Backend("a part of a split forward did not finish".into()).into()),
