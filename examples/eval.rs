@@ -78,8 +78,10 @@ struct Args {
     #[arg(long)]
     model: Option<PathBuf>,
     /// Run on the deterministic mock model (plumbing check; its answers are noise).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "url")]
     mock: bool,
+    #[command(flatten)]
+    remote: common::RemoteArgs,
     /// Most generated tokens per search.
     #[arg(long, default_value_t = 1024)]
     budget_tokens: u64,
@@ -170,13 +172,14 @@ fn load_model(args: &Args) -> Result<Box<dyn LanguageModel>> {
     if args.mock {
         return Ok(Box::new(MockModel::builder().seed(args.seed).typical_length(48).build()?));
     }
-    common::load_model(args.model.as_deref())
+    common::load_any(args.model.as_deref(), None, &args.remote)
 }
 
 /// The model's name for the table's title.
 fn model_name(args: &Args) -> String {
     match (&args.mock, &args.model) {
         (true, _) => "mock model".into(),
+        (false, _) if args.remote.url.is_some() => common::where_name(&args.remote),
         (false, Some(path)) => format!("{} ({})", path.display(), common::backend_name()),
         (false, None) => format!("{} ({})", marco::model::fetch::DEFAULT_MODEL_FILE, common::backend_name()),
     }

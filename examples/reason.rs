@@ -6,6 +6,7 @@
 //! cargo run --release --example reason -- --policy beam --width 4 --budget-tokens 1024 "..."
 //! cargo run --release --example reason -- --reflect --html tree.html --trace tree.json "..."
 //! cargo run --release --features cuda --example reason -- "..."
+//! cargo run --release --example reason -- --url http://127.0.0.1:8080 "..."   # scripts/llama-server.sh
 //! ```
 //!
 //! Without `--model` it runs the default model (SmolLM2-135M-Instruct, Q4_1), fetched with
@@ -93,6 +94,8 @@ struct Args {
     /// Quantize the model's dense (f32/f16/bf16) linear weights at load: `q8_0`.
     #[arg(long, value_parser = common::parse_quantize)]
     quantize: Option<marco::model::loader::QuantizeAtLoad>,
+    #[command(flatten)]
+    remote: common::RemoteArgs,
     /// Write the search trace (the whole tree) as JSON.
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
@@ -203,7 +206,7 @@ impl Args {
 fn run(args: Args) -> Result<()> {
     let budget = args.validate()?;
     let policy = args.policy(budget)?;
-    let mut model: Box<dyn LanguageModel> = common::load_model_with(args.model.as_deref(), args.quantize)?;
+    let mut model: Box<dyn LanguageModel> = common::load_any(args.model.as_deref(), args.quantize, &args.remote)?;
     let system = args.system.as_deref().filter(|s| !s.trim().is_empty());
     let problem = Problem::from_question(model.tokenizer(), &args.question, system)?;
 
@@ -214,7 +217,7 @@ fn run(args: Args) -> Result<()> {
     let outcome = outcome.context("the search failed")?;
 
     print_outcome(&args.question, &outcome);
-    println!("{}", summary(&label, &outcome));
+    println!("{}", summary(&label, &common::where_name(&args.remote), &outcome));
     if let Some(path) = &args.trace {
         std::fs::write(path, outcome.to_json()?).with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("trace written to {}", path.display());
@@ -272,7 +275,7 @@ fn print_outcome(question: &str, outcome: &SearchOutcome) {
 
 /// policy · nodes · tokens generated/computed (and how many of those were computed more than
 /// once) · KV memory · time · tok/s · value · why it stopped.
-fn summary(label: &str, outcome: &SearchOutcome) -> String {
+fn summary(label: &str, backend: &str, outcome: &SearchOutcome) -> String {
     let s = &outcome.stats;
     let kv = if s.kv_bytes_per_token > 0 {
         format!(" · KV {:.1} MB", s.kv_bytes_in_use as f64 / 1e6)
@@ -282,7 +285,7 @@ fn summary(label: &str, outcome: &SearchOutcome) -> String {
     format!(
         "{label} on {} · {} nodes · {} rollouts · {} tokens generated / {} computed for {} distinct (recompute \
          {:.3}){kv} · {:.1} s · {:.1} tok/s · value {:.3} · stop: {:?}",
-        common::backend_name(),
+        backend,
         s.nodes,
         s.rollouts,
         s.tokens_generated,

@@ -70,6 +70,8 @@ struct Args {
     /// A .gguf file or Hugging Face directory (default: the default model, fetched on first use).
     #[arg(long)]
     model: Option<PathBuf>,
+    #[command(flatten)]
+    remote: common::RemoteArgs,
 }
 
 /// A translation's "answer" is its first non-empty line, without quotes: it lets the
@@ -134,7 +136,7 @@ fn run(args: Args) -> Result<()> {
         ),
     ];
 
-    let mut model: Box<dyn LanguageModel> = common::load_model(args.model.as_deref())?;
+    let mut model: Box<dyn LanguageModel> = common::load_any(args.model.as_deref(), None, &args.remote)?;
     println!("Source: {}", args.text);
     if args.text == ARTICLE_SOURCE {
         println!("Reference (Marco-o1 article): {ARTICLE_REFERENCE}");

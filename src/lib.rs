@@ -2,8 +2,9 @@
 //!
 //! Marco-o1-style inference-time reasoning in Rust: Monte Carlo Tree Search over a language
 //! model's own reasoning, rewarded by the model's confidence. This facade re-exports the
-//! workspace's crates; see [`core`] for the contracts, [`search`] for the policies and [`model`] for
-//! the Qwen2/Llama models on burn.
+//! workspace's crates; see [`core`] for the contracts, [`search`] for the policies, [`model`] for
+//! the Qwen2/Llama models on burn and `remote` (feature `remote`) for models behind an
+//! inference server.
 //!
 //! ```no_run
 //! use marco::core::{Budget, LanguageModel, Problem, SearchPolicy};
@@ -20,7 +21,12 @@
 //! ```
 #![deny(missing_docs)]
 
+/// Models behind an inference server: llama-server, vLLM, SGLang (feature `remote`, on by
+/// default).
+#[cfg(feature = "remote")]
+pub use marco_backend_remote as remote;
 pub use marco_core as core;
+pub use marco_formats as formats;
 pub use marco_model as model;
 pub use marco_search as search;
 

@@ -34,7 +34,7 @@ if [ ! -x "$BIN/llama-bench" ] || [ ! -x "$BIN/llama-quantize" ]; then
   rm -rf "$CACHE/src" && mkdir -p "$CACHE/src"
   tar -xzf "$CACHE"/llama_cpp_python-*.tar.gz -C "$CACHE/src" --strip-components=1
   cmake -S "$CACHE/src/vendor/llama.cpp" -B "$CACHE/build" -DCMAKE_BUILD_TYPE=Release \
-    -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF >&2
+    -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=ON >&2
   cmake --build "$CACHE/build" --config Release -j "$(nproc)" --target llama-bench llama-quantize >&2
 fi
 

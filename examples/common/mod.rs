@@ -369,3 +369,72 @@ pub fn bench_prompt(
 pub fn parse_quantize(value: &str) -> Result<QuantizeAtLoad, String> {
     value.parse().map_err(|e: marco::model::ModelError| e.to_string())
 }
+
+/// Where the model runs: in this process (`--model`, else the default model), or behind an
+/// inference server (`--url`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RemoteArgs {
+    /// Search a model served at this URL (llama-server, vLLM or SGLang; e.g.
+    /// http://127.0.0.1:8080) instead of running one in this process.
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    /// Environment variable holding the server's API key, sent as a bearer token (default:
+    /// OPENAI_API_KEY when it is set).
+    #[arg(long, value_name = "VAR", requires = "url")]
+    pub api_key_env: Option<String>,
+    /// The served model's name (default: the first the server lists).
+    #[arg(long, value_name = "NAME", requires = "url")]
+    pub remote_model: Option<String>,
+    /// The served model's tokenizer: a .gguf file, a Hugging Face directory or its
+    /// tokenizer.json (default: --model, else the default model's).
+    #[arg(long, value_name = "PATH", requires = "url")]
+    pub tokenizer: Option<PathBuf>,
+    /// Requests in flight at once against the server.
+    #[arg(long, default_value_t = 4, requires = "url")]
+    pub concurrency: usize,
+}
+
+/// The model the command line names: remote with `--url`, else in-process as
+/// [`load_model_with`] loads it.
+pub fn load_any(
+    model: Option<&Path>,
+    quantize: Option<QuantizeAtLoad>,
+    remote: &RemoteArgs,
+) -> Result<Box<dyn LanguageModel>> {
+    match &remote.url {
+        None => load_model_with(model, quantize),
+        Some(url) => {
+            if remote.concurrency == 0 {
+                bail!("--concurrency must be at least 1");
+            }
+            let tokenizer = match (&remote.tokenizer, model) {
+                (Some(path), _) => {
+                    check_model_path(path)?;
+                    path.clone()
+                }
+                (None, Some(path)) => {
+                    check_model_path(path)?;
+                    path.to_path_buf()
+                }
+                (None, None) => fetch_default_model()?,
+            };
+            let mut config = marco::remote::RemoteConfig::new(url.clone());
+            config.api_key_env = remote.api_key_env.clone();
+            config.model = remote.remote_model.clone();
+            config.concurrency = remote.concurrency;
+            let spinner = spinner(format!("connecting to {url}"));
+            let lm = marco::remote::RemoteLm::connect(config, marco::remote::TokenizerSource::File(tokenizer))
+                .with_context(|| format!("cannot use the server at {url}"))?;
+            spinner.finish_and_clear();
+            Ok(Box::new(lm))
+        }
+    }
+}
+
+/// A short name of where the model runs, for summaries.
+pub fn where_name(remote: &RemoteArgs) -> String {
+    match &remote.url {
+        Some(url) => format!("remote {url}"),
+        None => backend_name().to_string(),
+    }
+}

@@ -54,3 +54,19 @@ pub enum KernelError {
         reason: String,
     },
 }
+
+impl From<marco_formats::FormatError> for KernelError {
+    fn from(e: marco_formats::FormatError) -> Self {
+        use marco_formats::FormatError as F;
+        match e {
+            F::NotBlockMultiple { ty, n_elements, block_size } => {
+                KernelError::NotBlockMultiple { ty, n_elements, block_size }
+            }
+            F::LengthMismatch { what, expected, actual, unit } => {
+                KernelError::LengthMismatch { what, expected, actual, unit }
+            }
+            F::InvalidShape { reason } => KernelError::InvalidShape { reason },
+            other => KernelError::InvalidShape { reason: other.to_string() },
+        }
+    }
+}

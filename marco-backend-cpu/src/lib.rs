@@ -2,8 +2,9 @@
 //!
 //! This crate knows nothing of models; `marco-model` builds on it.
 //!
-//! * [`quant`]: ggml/GGUF tensor types ([`GgmlType`]), block layouts and exact scalar reference
-//!   dequantizers ([`dequantize`], [`row_bytes`]), plus the Q8_0 encoder behind `--quantize q8_0`.
+//! * [`quant`] (re-exported from `marco-formats`): ggml/GGUF tensor types ([`GgmlType`]), block
+//!   layouts and exact scalar reference dequantizers ([`dequantize`], [`row_bytes`]), plus the
+//!   Q8_0 encoder behind `--quantize q8_0`.
 //! * [`PackedMatrix`]: a linear layer's weight `W[out_features, in_features]` (each output
 //!   feature's weights contiguous, the HF/GGUF layout), stored as f32 or kept as GGUF blocks
 //!   ([`PackedMatrix::KEPT_QUANTIZED`]: Q8_0, Q4_0, Q4_1, Q4_K, Q6_K).
@@ -66,7 +67,8 @@ mod ndarray_glue;
 pub mod ops;
 mod packed;
 mod pool;
-pub mod quant;
+/// The ggml tensor types and their reference codecs (they live in `marco-formats`).
+pub use marco_formats::quant;
 mod topk;
 
 pub use burn_ndarray::NdArrayTensor;

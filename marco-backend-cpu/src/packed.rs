@@ -357,15 +357,15 @@ impl PackedMatrix {
             Storage::Split(split) => {
                 let mut bytes = Vec::new();
                 split.ggml_rows_into(row..row + 1, &mut bytes);
-                dequantize_into(split.ty, &bytes, out)
+                dequantize_into(split.ty, &bytes, out).map_err(KernelError::from)
             }
             Storage::Interleaved(w) => {
                 let mut bytes = Vec::new();
                 w.ggml_rows_into(row..row + 1, &mut bytes);
-                dequantize_into(w.ty, &bytes, out)
+                dequantize_into(w.ty, &bytes, out).map_err(KernelError::from)
             }
             Storage::Blocks { ty, data, row_stride } => {
-                dequantize_into(*ty, &data[row * row_stride..(row + 1) * row_stride], out)
+                dequantize_into(*ty, &data[row * row_stride..(row + 1) * row_stride], out).map_err(KernelError::from)
             }
         }
     }

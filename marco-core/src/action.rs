@@ -6,6 +6,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::token::TokenId;
 
+/// What a granularity can tell a model that generates a whole action in one call (a server):
+/// where to stop, so that it need not be asked token by token.
+///
+/// Hints only bound the work: [`ActionGranularity::is_complete`] still decides where an action
+/// ends, and tokens a model generated past that point are dropped before they reach the tree.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionHints {
+    /// No action of this granularity is longer than this many tokens.
+    pub max_tokens: Option<usize>,
+    /// An action ends at (or soon after) the first of these strings in its text.
+    pub stop_strings: Vec<String>,
+}
+
 /// Decides when an action (a tree edge) is complete.
 pub trait ActionGranularity {
     /// Whether the action made of `tokens` (decoded: `text`) is complete. Called after each
@@ -14,6 +27,13 @@ pub trait ActionGranularity {
 
     /// A short description for traces and tables.
     fn describe(&self) -> String;
+
+    /// Limits a whole-action generator may use ([`ActionHints`]). `None` (the default) means
+    /// the granularity can only be asked token by token: a remote model then sends one
+    /// request per token, which is correct but slow.
+    fn hints(&self) -> Option<ActionHints> {
+        None
+    }
 }
 
 /// The granularities of the Marco-o1 paper.
@@ -87,6 +107,17 @@ impl ActionGranularity for Granularity {
             Granularity::Step { delimiters, .. } => format!("step{delimiters:?}"),
         }
     }
+
+    fn hints(&self) -> Option<ActionHints> {
+        Some(match self {
+            Granularity::Token => ActionHints { max_tokens: Some(1), stop_strings: Vec::new() },
+            Granularity::MiniStep(n) => ActionHints { max_tokens: Some((*n).max(1)), stop_strings: Vec::new() },
+            Granularity::Step { delimiters, max_tokens } => ActionHints {
+                max_tokens: Some((*max_tokens).max(1)),
+                stop_strings: delimiters.iter().filter(|d| !d.is_empty()).cloned().collect(),
+            },
+        })
+    }
 }
 
 impl<G: ActionGranularity + ?Sized> ActionGranularity for Box<G> {
@@ -95,6 +126,9 @@ impl<G: ActionGranularity + ?Sized> ActionGranularity for Box<G> {
     }
     fn describe(&self) -> String {
         (**self).describe()
+    }
+    fn hints(&self) -> Option<ActionHints> {
+        (**self).hints()
     }
 }
 
@@ -119,6 +153,25 @@ mod tests {
         let capped = Granularity::Step { delimiters: vec!["\n".into()], max_tokens: 2 };
         assert!(capped.is_complete(&[1, 2], "no newline"));
         assert!(Granularity::line().is_complete(&[1, 2], "a\n"));
+    }
+
+    #[test]
+    fn hints_bound_what_is_complete() {
+        assert_eq!(Granularity::MiniStep(32).hints().unwrap().max_tokens, Some(32));
+        let step = Granularity::step().hints().unwrap();
+        assert_eq!((step.max_tokens, step.stop_strings), (Some(256), vec!["\n\n".to_string()]));
+        assert_eq!(Granularity::Token.hints().unwrap().max_tokens, Some(1));
+        struct Custom;
+        impl ActionGranularity for Custom {
+            fn is_complete(&self, tokens: &[TokenId], _: &str) -> bool {
+                tokens.len() >= 2
+            }
+            fn describe(&self) -> String {
+                "custom".into()
+            }
+        }
+        assert_eq!(Custom.hints(), None);
+        assert_eq!(Box::new(Granularity::MiniStep(4)).hints().unwrap().max_tokens, Some(4));
     }
 
     #[test]

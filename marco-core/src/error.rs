@@ -57,6 +57,9 @@ pub enum Error {
     /// Serialising or parsing a trace failed.
     #[error("trace serialisation: {0}")]
     Trace(#[from] serde_json::Error),
+    /// An invariant of marco itself was broken: a bug, reported instead of a panic.
+    #[error("internal error (a bug in marco, please report it): {0}")]
+    Internal(String),
     /// An error from a model or backend implementation.
     #[error("backend: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),

@@ -31,11 +31,14 @@ pub mod search;
 pub mod token;
 pub mod tree;
 
-pub use action::{ActionGranularity, Granularity};
+pub use action::{ActionGranularity, ActionHints, Granularity};
 pub use answer::{AnswerExtractor, Boxed, FirstOf, LastNumber, OutputTag};
 pub use budget::{Budget, BudgetTracker, StopReason};
 pub use error::{Error, Result};
-pub use model::{ChatMessage, LanguageModel, ModelCounters, SeqId, StepRequest, Tokenizer};
+pub use model::{
+    extend_by_steps, ActionEnd, ChatMessage, ExtendOutput, ExtendRequest, LanguageModel, ModelCounters, SeqId,
+    StepRequest, Tokenizer,
+};
 pub use reward::{ConfidenceReward, OutsideTopK, PathView, Reward};
 pub use sampling::SamplingParams;
 pub use search::{NoObserver, Problem, Progress, SearchObserver, SearchOutcome, SearchPolicy, SearchStats};

@@ -431,7 +431,7 @@ impl LanguageModel for MockModel {
                     self.check_tokens(&[t])?;
                     t
                 }
-                None => sample(&logits, &r.sampling, uniform(r.sampling.seed, r.seq.0, s.tokens.len() as u64))?,
+                None => sample(&logits, &r.sampling, uniform(r.sampling.seed, r.stream_key(), s.tokens.len() as u64))?,
             };
             let logprob = logprob_of(&logits, token).unwrap_or(f32::NEG_INFINITY);
             outputs.push(StepOutput { token, logprob, top: top_k_logprobs(&logits, r.top_logprobs) });

@@ -12,10 +12,26 @@
 //! feeds it, and so again leaves the next distribution pending. [`LanguageModel::fork`]
 //! copies a state so that two continuations can share a prefix; an implementation is
 //! expected to make this cheap (no KV copy). [`LanguageModel::release`] frees a state.
+//!
+//! # Whole actions
+//! [`LanguageModel::extend`] advances each of a batch of sequences until its *action* ends
+//! (the granularity's [`is_complete`](ActionGranularity::is_complete), a stop token, the
+//! context, or a token limit). Its default is a loop of batched [`step`](LanguageModel::step)s,
+//! so in-process backends keep their batching and their bits; a model behind an HTTP server
+//! overrides it to send one request per action, and says so with
+//! [`LanguageModel::generates_whole_actions`] so that a search hands it whole actions.
+//!
+//! # Randomness
+//! A sampled token's uniform draw is [`uniform`](crate::sampling::uniform)`(seed, stream,
+//! position)`, where the stream is [`StepRequest::stream`] (the search passes a key derived
+//! from the seed and the node's place in the tree) or, when that is `None`, the sequence id. A
+//! search's result then depends on its seed and choices only, not on which handles the model
+//! gave out before it.
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use crate::action::ActionGranularity;
+use crate::error::{Error, Result};
 use crate::sampling::SamplingParams;
 use crate::token::{StepOutput, TokenId};
 
@@ -84,13 +100,69 @@ pub struct StepRequest {
     pub force: Option<TokenId>,
     /// How many top log-probabilities to report (at least 5 for the confidence reward).
     pub top_logprobs: usize,
+    /// Key of the random stream the draw comes from; `None` uses the sequence id.
+    pub stream: Option<u64>,
 }
 
 impl StepRequest {
     /// A request to advance `seq` with `sampling`, reporting the top 5.
     pub fn new(seq: SeqId, sampling: SamplingParams) -> Self {
-        StepRequest { seq, sampling, force: None, top_logprobs: 5 }
+        StepRequest { seq, sampling, force: None, top_logprobs: 5, stream: None }
     }
+
+    /// The key of this request's random stream: [`StepRequest::stream`], else the sequence id.
+    pub fn stream_key(&self) -> u64 {
+        self.stream.unwrap_or(self.seq.0)
+    }
+}
+
+/// One entry of a batched [`LanguageModel::extend`]: generate one action on `seq`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExtendRequest {
+    /// The sequence to extend; it holds the action's tokens afterwards.
+    pub seq: SeqId,
+    /// How to choose the tokens.
+    pub sampling: SamplingParams,
+    /// Feed this token as the action's first instead of choosing one (its log-probability and
+    /// top-k are still reported).
+    pub force_first: Option<TokenId>,
+    /// How many top log-probabilities to report per token.
+    pub top_logprobs: usize,
+    /// Most tokens this call may add to the sequence (a budget's share, the context's room).
+    pub max_tokens: usize,
+    /// Key of the random stream (see [`StepRequest::stream`]); a model that cannot take it
+    /// (a server) derives its request seed from it.
+    pub stream: Option<u64>,
+}
+
+impl ExtendRequest {
+    /// A request to extend `seq` by one action of at most `max_tokens` tokens with `sampling`,
+    /// reporting the top 5.
+    pub fn new(seq: SeqId, sampling: SamplingParams, max_tokens: usize) -> Self {
+        ExtendRequest { seq, sampling, force_first: None, top_logprobs: 5, max_tokens, stream: None }
+    }
+}
+
+/// Why a [`LanguageModel::extend`] stopped extending a sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ActionEnd {
+    /// The granularity says the action is complete.
+    Complete,
+    /// The last token is a stop token.
+    Stop,
+    /// The sequence filled the model's context.
+    Context,
+    /// [`ExtendRequest::max_tokens`] tokens were added before any of the above.
+    Length,
+}
+
+/// What [`LanguageModel::extend`] generated for one sequence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExtendOutput {
+    /// One entry per token added, in order (possibly none when `max_tokens` was 0).
+    pub steps: Vec<StepOutput>,
+    /// Why it stopped.
+    pub end: ActionEnd,
 }
 
 /// Work counters of a model, cumulative since it was created.
@@ -139,4 +211,101 @@ pub trait LanguageModel {
 
     /// Work counters.
     fn counters(&self) -> ModelCounters;
+
+    /// Extends every request's sequence by one action: token after token until the last one is
+    /// a stop token, the sequence fills the context, `action` says the action is complete
+    /// (asked after each token, on the tokens added by this call and their text), or
+    /// `max_tokens` tokens were added. Returns one output per request, in order; a sequence may
+    /// appear at most once.
+    ///
+    /// The default advances all open sequences together with one batched
+    /// [`step`](LanguageModel::step) per token, exactly as a search driving `step` would. A
+    /// model that generates many tokens per call (an inference server) overrides it, using
+    /// [`ActionGranularity::hints`] to bound each call, and must return the same tokens a
+    /// token-by-token loop would have kept: nothing past the point where the action ends.
+    fn extend(&mut self, batch: &[ExtendRequest], action: &dyn ActionGranularity) -> Result<Vec<ExtendOutput>> {
+        extend_by_steps(self, batch, action)
+    }
+
+    /// Whether a search should hand this model whole actions ([`LanguageModel::extend`])
+    /// rather than drive it token by token ([`LanguageModel::step`]). `false` by default:
+    /// token steps let a search batch walkers whose actions end at different times.
+    fn generates_whole_actions(&self) -> bool {
+        false
+    }
+}
+
+/// [`LanguageModel::extend`] as a loop of batched [`LanguageModel::step`]s: the default of
+/// that method, callable by an implementation that overrides it for some requests only.
+pub fn extend_by_steps<M: LanguageModel + ?Sized>(
+    model: &mut M,
+    batch: &[ExtendRequest],
+    action: &dyn ActionGranularity,
+) -> Result<Vec<ExtendOutput>> {
+    for (i, r) in batch.iter().enumerate() {
+        if batch[..i].iter().any(|other| other.seq == r.seq) {
+            return Err(Error::InvalidConfig(format!("sequence {} appears twice in one extend", r.seq.0)));
+        }
+    }
+    let max_context = model.max_context();
+    let mut lens = batch.iter().map(|r| model.seq_len(r.seq)).collect::<Result<Vec<_>>>()?;
+    let mut outputs: Vec<ExtendOutput> =
+        batch.iter().map(|_| ExtendOutput { steps: Vec::new(), end: ActionEnd::Length }).collect();
+    let mut open: Vec<bool> = batch.iter().zip(&lens).map(|(r, &len)| r.max_tokens > 0 && len < max_context).collect();
+    for (i, &len) in lens.iter().enumerate() {
+        if len >= max_context {
+            outputs[i].end = ActionEnd::Context;
+        }
+    }
+    loop {
+        let members: Vec<usize> = (0..batch.len()).filter(|&i| open[i]).collect();
+        if members.is_empty() {
+            return Ok(outputs);
+        }
+        let requests: Vec<StepRequest> = members
+            .iter()
+            .map(|&i| {
+                let r = &batch[i];
+                StepRequest {
+                    seq: r.seq,
+                    sampling: r.sampling,
+                    force: if outputs[i].steps.is_empty() { r.force_first } else { None },
+                    top_logprobs: r.top_logprobs,
+                    stream: r.stream,
+                }
+            })
+            .collect();
+        let steps = model.step(&requests)?;
+        if steps.len() != requests.len() {
+            return Err(Error::backend(std::io::Error::other(format!(
+                "the model answered {} of {} step requests",
+                steps.len(),
+                requests.len()
+            ))));
+        }
+        for (&i, step) in members.iter().zip(steps) {
+            let stop = model.tokenizer().is_stop(step.token);
+            outputs[i].steps.push(step);
+            lens[i] += 1;
+            let end = if stop {
+                Some(ActionEnd::Stop)
+            } else if lens[i] >= max_context {
+                Some(ActionEnd::Context)
+            } else {
+                let tokens: Vec<TokenId> = outputs[i].steps.iter().map(|s| s.token).collect();
+                let text = model.tokenizer().decode(&tokens, true)?;
+                if action.is_complete(&tokens, &text) {
+                    Some(ActionEnd::Complete)
+                } else if tokens.len() >= batch[i].max_tokens {
+                    Some(ActionEnd::Length)
+                } else {
+                    None
+                }
+            };
+            if let Some(end) = end {
+                outputs[i].end = end;
+                open[i] = false;
+            }
+        }
+    }
 }

@@ -1,9 +1,11 @@
 //! Reproducible sampling on a host-side logits row.
 //!
 //! Randomness is *counter-based*: the uniform draw for a step is a pure function of the run's
-//! seed, the sequence id and the position in that sequence. A run is therefore reproducible
-//! however a backend groups sequences into batches, and two forks of one state draw
-//! different tokens because their sequence ids differ.
+//! seed, a stream key and the position in the sequence. The stream is the request's own key
+//! ([`StepRequest::stream`](crate::StepRequest::stream): a search derives it from its seed and
+//! the node's place in the tree) or else the sequence id. A run is therefore reproducible
+//! however a backend groups sequences into batches, and two forks of one state draw different
+//! tokens because their streams differ.
 
 use serde::{Deserialize, Serialize};
 

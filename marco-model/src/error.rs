@@ -125,5 +125,21 @@ impl From<ModelError> for marco_core::Error {
     }
 }
 
+impl From<marco_formats::FormatError> for ModelError {
+    fn from(e: marco_formats::FormatError) -> Self {
+        use marco_formats::FormatError as F;
+        match e {
+            F::Io { path, source } => ModelError::Io { path, source },
+            F::Truncated { path, what } => ModelError::Truncated { path, what },
+            F::Corrupt { path, reason } => ModelError::Corrupt { path, reason },
+            F::UnsupportedDtype { path, tensor, dtype } => ModelError::UnsupportedDtype { path, tensor, dtype },
+            F::MissingTensor { path, tensor } => ModelError::MissingTensor { path, tensor },
+            F::Tokenizer(m) => ModelError::Tokenizer(m),
+            F::ChatTemplate(m) => ModelError::ChatTemplate(m),
+            other => ModelError::Corrupt { path: std::path::PathBuf::new(), reason: other.to_string() },
+        }
+    }
+}
+
 /// `Result` with [`ModelError`].
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

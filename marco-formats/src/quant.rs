@@ -14,7 +14,7 @@
 
 use half::{bf16, f16};
 
-use crate::KernelError;
+use crate::FormatError;
 
 /// Elements per block of the k-quant super-block formats.
 pub const QK_K: usize = 256;
@@ -154,20 +154,20 @@ impl std::fmt::Display for GgmlType {
 /// Number of bytes that `n_elements` elements of type `ty` occupy.
 ///
 /// Errors if `n_elements` is not a whole number of blocks, or if the byte count overflows.
-pub fn row_bytes(ty: GgmlType, n_elements: usize) -> Result<usize, KernelError> {
+pub fn row_bytes(ty: GgmlType, n_elements: usize) -> Result<usize, FormatError> {
     let block_size = ty.block_size();
     if !n_elements.is_multiple_of(block_size) {
-        return Err(KernelError::NotBlockMultiple { ty: ty.name(), n_elements, block_size });
+        return Err(FormatError::NotBlockMultiple { ty: ty.name(), n_elements, block_size });
     }
     (n_elements / block_size)
         .checked_mul(ty.type_size())
-        .ok_or_else(|| KernelError::InvalidShape { reason: format!("{n_elements} elements of {ty} overflow usize") })
+        .ok_or_else(|| FormatError::InvalidShape { reason: format!("{n_elements} elements of {ty} overflow usize") })
 }
 
 /// Dequantizes `n_elements` elements of type `ty` stored in `data` to f32.
 ///
 /// `data` must hold exactly [`row_bytes`]`(ty, n_elements)` bytes.
-pub fn dequantize(ty: GgmlType, data: &[u8], n_elements: usize) -> Result<Vec<f32>, KernelError> {
+pub fn dequantize(ty: GgmlType, data: &[u8], n_elements: usize) -> Result<Vec<f32>, FormatError> {
     let mut out = vec![0.0f32; n_elements];
     dequantize_into(ty, data, &mut out)?;
     Ok(out)
@@ -176,10 +176,10 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n_elements: usize) -> Result<Vec<f3
 /// Dequantizes `data` (blocks of type `ty`) into `out`; the element count is `out.len()`.
 ///
 /// `data` must hold exactly [`row_bytes`]`(ty, out.len())` bytes.
-pub fn dequantize_into(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), KernelError> {
+pub fn dequantize_into(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), FormatError> {
     let expected = row_bytes(ty, out.len())?;
     if data.len() != expected {
-        return Err(KernelError::LengthMismatch {
+        return Err(FormatError::LengthMismatch {
             what: "quantized data",
             expected,
             actual: data.len(),
@@ -211,9 +211,10 @@ pub fn dequantize_into(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(),
     Ok(())
 }
 
-/// Reads a little-endian f16 at `offset` and widens it (exactly) to f32.
+/// Reads a little-endian f16 at `offset` and widens it (exactly) to f32; `bytes` must hold
+/// `offset + 2` bytes (the kernels call it on blocks whose length is checked at pack time).
 #[inline]
-pub(crate) fn read_f16(bytes: &[u8], offset: usize) -> f32 {
+pub fn read_f16(bytes: &[u8], offset: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([bytes[offset], bytes[offset + 1]])).to_f32()
 }
 
@@ -361,7 +362,7 @@ fn decode_q3_k(block: &[u8], out: &mut [f32]) {
 
 /// Scale and min (both 6-bit) of sub-block `j` (0..8) of a Q4_K/Q5_K block's 12 scale bytes.
 #[inline]
-pub(crate) fn k4_scale_min(j: usize, packed: &[u8]) -> (u8, u8) {
+pub fn k4_scale_min(j: usize, packed: &[u8]) -> (u8, u8) {
     if j < 4 {
         (packed[j] & 63, packed[j + 4] & 63)
     } else {
@@ -438,7 +439,7 @@ fn decode_q6_k(block: &[u8], out: &mut [f32]) {
 ///
 /// Each block of 32 gets `d = max|x| / 127` (stored as f16) and `q = round(x / d)` with ties
 /// away from zero. Errors if `values.len()` is not a multiple of 32.
-pub fn quantize_q8_0(values: &[f32]) -> Result<Vec<u8>, KernelError> {
+pub fn quantize_q8_0(values: &[f32]) -> Result<Vec<u8>, FormatError> {
     let mut out = vec![0u8; row_bytes(GgmlType::Q8_0, values.len())?];
     for (x, block) in values.chunks_exact(QK).zip(out.chunks_exact_mut(GgmlType::Q8_0.type_size())) {
         let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -486,17 +487,17 @@ mod tests {
 
     #[test]
     fn row_bytes_rejects_partial_blocks() {
-        assert_eq!(row_bytes(GgmlType::Q4_K, 512), Ok(288));
-        assert!(matches!(row_bytes(GgmlType::Q4_K, 500), Err(KernelError::NotBlockMultiple { .. })));
-        assert!(matches!(row_bytes(GgmlType::Q8_0, usize::MAX - 31), Err(KernelError::InvalidShape { .. })));
+        assert_eq!(row_bytes(GgmlType::Q4_K, 512).ok(), Some(288));
+        assert!(matches!(row_bytes(GgmlType::Q4_K, 500), Err(FormatError::NotBlockMultiple { .. })));
+        assert!(matches!(row_bytes(GgmlType::Q8_0, usize::MAX - 31), Err(FormatError::InvalidShape { .. })));
     }
 
     #[test]
     fn dequantize_rejects_length_mismatch() {
         let err = dequantize(GgmlType::Q8_0, &[0u8; 33], 32);
-        assert!(matches!(err, Err(KernelError::LengthMismatch { expected: 34, actual: 33, .. })));
+        assert!(matches!(err, Err(FormatError::LengthMismatch { expected: 34, actual: 33, .. })));
         let err = dequantize(GgmlType::Q8_0, &[0u8; 34], 31);
-        assert!(matches!(err, Err(KernelError::NotBlockMultiple { .. })));
+        assert!(matches!(err, Err(FormatError::NotBlockMultiple { .. })));
     }
 
     fn f16_bytes(v: f32) -> [u8; 2] {

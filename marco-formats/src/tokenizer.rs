@@ -42,7 +42,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
-use crate::error::{ModelError, Result};
+use crate::error::{FormatError, Result};
 use crate::gguf::GgufFile;
 
 /// GGUF `token_type` of a control token (`<|im_start|>`, `<|endoftext|>`, ...).
@@ -95,11 +95,14 @@ impl std::fmt::Debug for MarcoTokenizer {
 }
 
 impl MarcoTokenizer {
-    /// Loads the tokenizer of `path`: a Hugging Face model directory, or a `.gguf` file.
+    /// Loads the tokenizer of `path`: a Hugging Face model directory (or its `tokenizer.json`,
+    /// read with the files beside it), or a `.gguf` file.
     pub fn load(path: impl AsRef<Path>) -> Result<MarcoTokenizer> {
         let path = path.as_ref();
         if path.is_dir() {
             Self::from_hf_dir(path)
+        } else if path.file_name().is_some_and(|n| n == "tokenizer.json") {
+            Self::from_hf_dir(path.parent().unwrap_or_else(|| Path::new(".")))
         } else {
             Self::from_gguf(&GgufFile::open(path)?)
         }
@@ -111,9 +114,9 @@ impl MarcoTokenizer {
     pub fn from_hf_dir(dir: impl AsRef<Path>) -> Result<MarcoTokenizer> {
         let dir = dir.as_ref();
         let tokenizer_path = dir.join("tokenizer.json");
-        let bytes = std::fs::read(&tokenizer_path).map_err(|e| ModelError::io(&tokenizer_path, e))?;
+        let bytes = std::fs::read(&tokenizer_path).map_err(|e| FormatError::io(&tokenizer_path, e))?;
         let special: tokenizers::Tokenizer = serde_json::from_slice(&bytes)
-            .map_err(|e| ModelError::corrupt(&tokenizer_path, format!("not a tokenizers JSON file: {e}")))?;
+            .map_err(|e| FormatError::corrupt(&tokenizer_path, format!("not a tokenizers JSON file: {e}")))?;
 
         let tokenizer_config = read_json_if_present(&dir.join("tokenizer_config.json"))?;
         let generation_config = read_json_if_present(&dir.join("generation_config.json"))?;
@@ -154,18 +157,18 @@ impl MarcoTokenizer {
         let path = file.path();
         let model = file
             .get_str("tokenizer.ggml.model")
-            .ok_or_else(|| ModelError::corrupt(path, "metadata key tokenizer.ggml.model is missing"))?;
+            .ok_or_else(|| FormatError::corrupt(path, "metadata key tokenizer.ggml.model is missing"))?;
         match model {
             "gpt2" => {}
             "llama" => {
-                return Err(ModelError::Tokenizer(format!(
+                return Err(FormatError::Tokenizer(format!(
                     "{}: SentencePiece GGUF vocabularies (tokenizer.ggml.model = \"llama\") are not supported; \
                      load the model's Hugging Face directory (tokenizer.json) instead",
                     path.display()
                 )))
             }
             other => {
-                return Err(ModelError::Tokenizer(format!(
+                return Err(FormatError::Tokenizer(format!(
                     "{}: tokenizer.ggml.model = {other:?} is not supported (only \"gpt2\" byte-level BPE is)",
                     path.display()
                 )))
@@ -173,24 +176,24 @@ impl MarcoTokenizer {
         }
         let tokens = file
             .get_str_array("tokenizer.ggml.tokens")
-            .ok_or_else(|| ModelError::corrupt(path, "tokenizer.ggml.tokens is missing or not a string array"))?;
+            .ok_or_else(|| FormatError::corrupt(path, "tokenizer.ggml.tokens is missing or not a string array"))?;
         let merges = file
             .get_str_array("tokenizer.ggml.merges")
-            .ok_or_else(|| ModelError::corrupt(path, "tokenizer.ggml.merges is missing or not a string array"))?;
+            .ok_or_else(|| FormatError::corrupt(path, "tokenizer.ggml.merges is missing or not a string array"))?;
         let token_types = match file.get("tokenizer.ggml.token_type") {
             None => vec![1; tokens.len()],
             Some(_) => file
                 .get_i64_array("tokenizer.ggml.token_type")
                 .filter(|types| types.len() == tokens.len())
                 .ok_or_else(|| {
-                    ModelError::corrupt(
+                    FormatError::corrupt(
                         path,
                         "tokenizer.ggml.token_type is not an integer array as long as the vocabulary",
                     )
                 })?,
         };
         let vocab_size = tokens.len();
-        let id_of = |i: usize| TokenId::try_from(i).map_err(|_| ModelError::corrupt(path, "vocabulary too large"));
+        let id_of = |i: usize| TokenId::try_from(i).map_err(|_| FormatError::corrupt(path, "vocabulary too large"));
 
         let mut vocab: HashMap<String, TokenId> = HashMap::with_capacity(vocab_size);
         for (i, token) in tokens.iter().enumerate() {
@@ -201,7 +204,7 @@ impl MarcoTokenizer {
         for (i, merge) in merges.iter().enumerate() {
             let (left, right) =
                 merge.split_once(' ').filter(|(l, r)| !l.is_empty() && !r.is_empty() && !r.contains(' ')).ok_or_else(
-                    || ModelError::corrupt(path, format!("tokenizer.ggml.merges[{i}] = {merge:?} is not a pair")),
+                    || FormatError::corrupt(path, format!("tokenizer.ggml.merges[{i}] = {merge:?} is not a pair")),
                 )?;
             merge_pairs.push((left.to_string(), right.to_string()));
         }
@@ -212,7 +215,7 @@ impl MarcoTokenizer {
             .ignore_merges(ignore_merges)
             .build()
             .map_err(|e| {
-                ModelError::corrupt(path, format!("the BPE vocabulary and merges do not fit together: {e}"))
+                FormatError::corrupt(path, format!("the BPE vocabulary and merges do not fit together: {e}"))
             })?;
         let mut special = tokenizers::Tokenizer::new(bpe);
         special.with_pre_tokenizer(Some(pre_tokenizer));
@@ -231,7 +234,7 @@ impl MarcoTokenizer {
                 None => Ok(None),
                 Some(id) if (id as usize) < vocab_size => Ok(Some(id as TokenId)),
                 Some(id) => {
-                    Err(ModelError::corrupt(path, format!("{key} = {id} is outside the vocabulary of {vocab_size}")))
+                    Err(FormatError::corrupt(path, format!("{key} = {id} is outside the vocabulary of {vocab_size}")))
                 }
             }
         };
@@ -285,7 +288,7 @@ impl MarcoTokenizer {
         dedup_in_order(&mut stop);
         for &id in eos.iter().chain(&bos) {
             if id as usize >= vocab_size {
-                return Err(ModelError::corrupt(
+                return Err(FormatError::corrupt(
                     &source,
                     format!("special token id {id} is outside the vocabulary of {vocab_size}"),
                 ));
@@ -354,7 +357,7 @@ impl MarcoTokenizer {
     fn encode_impl(&self, text: &str, parse_special: bool) -> Result<Vec<TokenId>> {
         let tokenizer = if parse_special { &self.special } else { &self.plain };
         let encoding =
-            tokenizer.encode_fast(text, true).map_err(|e| ModelError::Tokenizer(format!("encoding failed: {e}")))?;
+            tokenizer.encode_fast(text, true).map_err(|e| FormatError::Tokenizer(format!("encoding failed: {e}")))?;
         let mut ids = encoding.get_ids().to_vec();
         if let Some(bos) = self.bos {
             let text_has_bos =
@@ -408,7 +411,7 @@ fn gguf_pre_tokenizer(path: &Path, pre: &str) -> Result<(PreTokenizerWrapper, bo
     let byte_level_regex = || PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true));
     let split_then_bytes = |pattern: &str| -> Result<PreTokenizerWrapper> {
         let split = Split::new(SplitPattern::Regex(pattern.to_string()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| ModelError::Tokenizer(format!("pre-tokenizer regex: {e}")))?;
+            .map_err(|e| FormatError::Tokenizer(format!("pre-tokenizer regex: {e}")))?;
         Ok(PreTokenizerWrapper::Sequence(Sequence::new(vec![
             PreTokenizerWrapper::Split(split),
             PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
@@ -427,7 +430,7 @@ fn gguf_pre_tokenizer(path: &Path, pre: &str) -> Result<(PreTokenizerWrapper, bo
         "qwen2" | "stablelm2" => (split_then_bytes(QWEN2_PATTERN)?, false),
         "llama3" | "llama-v3" | "llama-bpe" => (split_then_bytes(LLAMA3_PATTERN)?, true),
         other => {
-            return Err(ModelError::Tokenizer(format!(
+            return Err(FormatError::Tokenizer(format!(
                 "{}: pre-tokenizer tokenizer.ggml.pre = {other:?} is not supported \
                  (supported: smollm, starcoder, gpt-2, qwen2, llama-bpe and their aliases)",
                 path.display()
@@ -440,9 +443,9 @@ fn read_json_if_present(path: &Path) -> Result<Option<Json>> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
-            .map_err(|e| ModelError::corrupt(path, format!("invalid JSON: {e}"))),
+            .map_err(|e| FormatError::corrupt(path, format!("invalid JSON: {e}"))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(ModelError::io(path, e)),
+        Err(e) => Err(FormatError::io(path, e)),
     }
 }
 
@@ -472,7 +475,7 @@ fn chat_template_source(dir: &Path, tokenizer_config: Option<&Json>) -> Result<O
     match std::fs::read_to_string(&jinja) {
         Ok(source) => return Ok(Some(source)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(ModelError::io(&jinja, e)),
+        Err(e) => return Err(FormatError::io(&jinja, e)),
     }
     let Some(value) = tokenizer_config.and_then(|c| c.get("chat_template")) else { return Ok(None) };
     match value {
@@ -488,7 +491,7 @@ fn chat_template_source(dir: &Path, tokenizer_config: Option<&Json>) -> Result<O
             Ok(template_of(Some("default")).or_else(|| template_of(None)))
         }
         Json::Null => Ok(None),
-        _ => Err(ModelError::corrupt(
+        _ => Err(FormatError::corrupt(
             dir.join("tokenizer_config.json"),
             "chat_template is neither a string nor a list of named templates",
         )),
@@ -533,7 +536,7 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, source.clone())
-            .map_err(|e| ModelError::ChatTemplate(format!("the template does not compile: {e}")))?;
+            .map_err(|e| FormatError::ChatTemplate(format!("the template does not compile: {e}")))?;
         Ok(ChatTemplate {
             env,
             source,
@@ -553,7 +556,7 @@ impl ChatTemplate {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
-            .map_err(|e| ModelError::ChatTemplate(format!("template missing: {e}")))?;
+            .map_err(|e| FormatError::ChatTemplate(format!("template missing: {e}")))?;
         template
             .render(minijinja::context! {
                 messages => messages,
@@ -563,7 +566,7 @@ impl ChatTemplate {
                 tools => minijinja::Value::from(()),
                 documents => minijinja::Value::from(()),
             })
-            .map_err(|e| ModelError::ChatTemplate(render_error(&e)))
+            .map_err(|e| FormatError::ChatTemplate(render_error(&e)))
     }
 }
 
@@ -790,7 +793,7 @@ mod tests {
     #[test]
     fn template_errors_are_typed() {
         let err = ChatTemplate::new("{% for %}", None, None).unwrap_err();
-        assert!(matches!(err, ModelError::ChatTemplate(_)), "{err:?}");
+        assert!(matches!(err, FormatError::ChatTemplate(_)), "{err:?}");
         let raising = ChatTemplate::new("{{ raise_exception('no system role') }}", None, None).unwrap();
         let err = raising.render(&[], false).unwrap_err();
         assert!(err.to_string().contains("no system role"), "{err}");

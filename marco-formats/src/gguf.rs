@@ -4,12 +4,12 @@
 //! table, and validates every tensor's type, size, alignment and extent before returning, so a
 //! later [`GgufFile::tensor_bytes`] is a plain slice of the map. Nothing trusts a length read
 //! from the file: each count is compared with the bytes that remain before anything is
-//! allocated, every offset is bounds-checked, and each fault becomes a typed [`ModelError`]
+//! allocated, every offset is bounds-checked, and each fault becomes a typed [`FormatError`]
 //! that names the file (and the tensor, where there is one) — a bad file never panics.
 //!
 //! Tensor dimensions keep ggml's order (`dims[0]` is the innermost, contiguous one);
 //! [`GgufTensorInfo::shape`] gives the row-major shape (outermost first) that burn expects.
-//! Quantised tensors are dequantised through [`marco_backend_cpu::quant::dequantize`].
+//! Quantised tensors are dequantised through [`crate::quant::dequantize`].
 //!
 //! [`GgufWriter`] writes the same format; tests use it to build small (and deliberately
 //! broken) files.
@@ -18,9 +18,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use marco_backend_cpu::quant::{self, GgmlType};
+use crate::quant::{self, GgmlType};
 
-use crate::error::{ModelError, Result};
+use crate::error::{FormatError, Result};
 
 /// The four bytes every GGUF file starts with.
 pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";
@@ -188,14 +188,14 @@ impl std::fmt::Debug for GgufFile {
 impl GgufFile {
     /// Opens and validates `path`.
     ///
-    /// Errors: [`ModelError::Io`] if it cannot be read, [`ModelError::Truncated`] if it ends
-    /// early (or a tensor's data runs past its end), [`ModelError::Corrupt`] for a bad magic,
+    /// Errors: [`FormatError::Io`] if it cannot be read, [`FormatError::Truncated`] if it ends
+    /// early (or a tensor's data runs past its end), [`FormatError::Corrupt`] for a bad magic,
     /// version, count, string, alignment or overlapping/misaligned tensor, and
-    /// [`ModelError::UnsupportedDtype`] for a tensor type marco cannot read.
+    /// [`FormatError::UnsupportedDtype`] for a tensor type marco cannot read.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref().to_path_buf();
-        let file = File::open(&path).map_err(|e| ModelError::io(&path, e))?;
-        let len = file.metadata().map_err(|e| ModelError::io(&path, e))?.len();
+        let file = File::open(&path).map_err(|e| FormatError::io(&path, e))?;
+        let len = file.metadata().map_err(|e| FormatError::io(&path, e))?.len();
         if len < 4 {
             return Err(truncated(&path, "the GGUF magic"));
         }
@@ -203,7 +203,7 @@ impl GgufFile {
         // that truncates or rewrites the file while it is mapped can change what we read (or
         // fault on access); model files are not modified in place, and every read below is
         // bounds-checked against the length the map had when it was created.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| FormatError::io(&path, e))?;
         let parsed = parse(&path, &map)?;
         Ok(GgufFile {
             path,
@@ -284,7 +284,7 @@ impl GgufFile {
     /// `general.architecture` (`llama`, `qwen2`, ...).
     pub fn architecture(&self) -> Result<&str> {
         self.get_str("general.architecture")
-            .ok_or_else(|| ModelError::corrupt(&self.path, "metadata key general.architecture is missing"))
+            .ok_or_else(|| FormatError::corrupt(&self.path, "metadata key general.architecture is missing"))
     }
 
     /// The tensor table, in file order.
@@ -292,12 +292,12 @@ impl GgufFile {
         &self.tensors
     }
 
-    /// The tensor called `name`, or [`ModelError::MissingTensor`].
+    /// The tensor called `name`, or [`FormatError::MissingTensor`].
     pub fn tensor_info(&self, name: &str) -> Result<&GgufTensorInfo> {
         self.by_name
             .get(name)
             .map(|&index| &self.tensors[index])
-            .ok_or_else(|| ModelError::MissingTensor { path: self.path.clone(), tensor: name.to_string() })
+            .ok_or_else(|| FormatError::MissingTensor { path: self.path.clone(), tensor: name.to_string() })
     }
 
     /// The raw stored bytes of `info` (a tensor of this file).
@@ -307,7 +307,7 @@ impl GgufFile {
             .get(&info.name)
             .copied()
             .filter(|&index| &self.tensors[index] == info)
-            .ok_or_else(|| ModelError::MissingTensor { path: self.path.clone(), tensor: info.name.clone() })?;
+            .ok_or_else(|| FormatError::MissingTensor { path: self.path.clone(), tensor: info.name.clone() })?;
         let (start, end) = self.ranges[index];
         self.map.get(start..end).ok_or_else(|| truncated(&self.path, format!("data of tensor {}", info.name)))
     }
@@ -317,9 +317,9 @@ impl GgufFile {
         let info = self.tensor_info(name)?;
         let bytes = self.tensor_bytes(info)?;
         let n_elements = usize::try_from(info.n_elements())
-            .map_err(|_| ModelError::corrupt(&self.path, format!("tensor {name}: too many elements")))?;
+            .map_err(|_| FormatError::corrupt(&self.path, format!("tensor {name}: too many elements")))?;
         let values = quant::dequantize(info.ggml_type, bytes, n_elements)
-            .map_err(|e| ModelError::corrupt(&self.path, format!("tensor {name} ({}): {e}", info.ggml_type.name())))?;
+            .map_err(|e| FormatError::corrupt(&self.path, format!("tensor {name} ({}): {e}", info.ggml_type.name())))?;
         Ok((info.shape(), values))
     }
 }
@@ -334,8 +334,8 @@ struct Parsed {
     by_name: HashMap<String, usize>,
 }
 
-fn truncated(path: &Path, what: impl Into<String>) -> ModelError {
-    ModelError::Truncated { path: path.to_path_buf(), what: what.into() }
+fn truncated(path: &Path, what: impl Into<String>) -> FormatError {
+    FormatError::Truncated { path: path.to_path_buf(), what: what.into() }
 }
 
 /// A bounds-checked little-endian reader over the bytes of one file.
@@ -384,7 +384,7 @@ impl<'a> Cursor<'a> {
             .ok()
             .filter(|&n| n.checked_mul(min_item_bytes).is_some_and(|bytes| bytes <= self.remaining()));
         fits.ok_or_else(|| {
-            ModelError::corrupt(
+            FormatError::corrupt(
                 self.path,
                 format!("{what} is {len}, more than the {} bytes left in the file can hold", self.remaining()),
             )
@@ -395,7 +395,7 @@ impl<'a> Cursor<'a> {
         let len = self.count(1, &format!("length of {what}"))?;
         let bytes = self.take(len, what)?;
         String::from_utf8(bytes.to_vec())
-            .map_err(|_| ModelError::corrupt(self.path, format!("{what} is not valid UTF-8")))
+            .map_err(|_| FormatError::corrupt(self.path, format!("{what} is not valid UTF-8")))
     }
 
     fn value(&mut self, type_id: u32, key: &str, depth: usize) -> Result<GgufValue> {
@@ -411,16 +411,16 @@ impl<'a> Cursor<'a> {
             7 => match u8::from_le_bytes(self.array(&what)?) {
                 0 => GgufValue::Bool(false),
                 1 => GgufValue::Bool(true),
-                other => return Err(ModelError::corrupt(self.path, format!("{key}: bool value {other}"))),
+                other => return Err(FormatError::corrupt(self.path, format!("{key}: bool value {other}"))),
             },
             8 => GgufValue::String(self.string(&what)?),
             9 => {
                 if depth >= MAX_ARRAY_DEPTH {
-                    return Err(ModelError::corrupt(self.path, format!("{key}: arrays nested too deeply")));
+                    return Err(FormatError::corrupt(self.path, format!("{key}: arrays nested too deeply")));
                 }
                 let item_type = self.u32(&what)?;
                 let item_size = min_value_size(item_type)
-                    .ok_or_else(|| ModelError::corrupt(self.path, format!("{key}: unknown value type {item_type}")))?;
+                    .ok_or_else(|| FormatError::corrupt(self.path, format!("{key}: unknown value type {item_type}")))?;
                 let len = self.count(item_size, &format!("element count of {key}"))?;
                 let mut items = Vec::with_capacity(len);
                 for _ in 0..len {
@@ -431,7 +431,7 @@ impl<'a> Cursor<'a> {
             10 => GgufValue::U64(u64::from_le_bytes(self.array(&what)?)),
             11 => GgufValue::I64(i64::from_le_bytes(self.array(&what)?)),
             12 => GgufValue::F64(f64::from_le_bytes(self.array(&what)?)),
-            other => return Err(ModelError::corrupt(self.path, format!("{key}: unknown value type {other}"))),
+            other => return Err(FormatError::corrupt(self.path, format!("{key}: unknown value type {other}"))),
         })
     }
 }
@@ -453,15 +453,15 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     let mut cur = Cursor { path, bytes, pos: 0 };
     let magic: [u8; 4] = cur.array("the GGUF magic")?;
     if magic != GGUF_MAGIC {
-        return Err(ModelError::corrupt(path, format!("not a GGUF file (magic {magic:02x?}, expected \"GGUF\")")));
+        return Err(FormatError::corrupt(path, format!("not a GGUF file (magic {magic:02x?}, expected \"GGUF\")")));
     }
     let version = cur.u32("the GGUF version")?;
     if version == 1 {
-        return Err(ModelError::corrupt(path, "GGUF version 1 is obsolete and not supported (versions 2 and 3 are)"));
+        return Err(FormatError::corrupt(path, "GGUF version 1 is obsolete and not supported (versions 2 and 3 are)"));
     }
     if version != 2 && version != 3 {
         let hint = if version.swap_bytes() == 2 || version.swap_bytes() == 3 { " (a big-endian file?)" } else { "" };
-        return Err(ModelError::corrupt(path, format!("unsupported GGUF version {version}{hint}")));
+        return Err(FormatError::corrupt(path, format!("unsupported GGUF version {version}{hint}")));
     }
     let tensor_count = cur.u64("the tensor count")?;
     let kv_count = cur.u64("the metadata count")?;
@@ -471,7 +471,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     let min_tensor = 8 + 4 + 4 + 8;
     let check_count = |count: u64, min: usize, what: &str, remaining: usize| -> Result<usize> {
         usize::try_from(count).ok().filter(|&n| n.checked_mul(min).is_some_and(|b| b <= remaining)).ok_or_else(|| {
-            ModelError::corrupt(
+            FormatError::corrupt(
                 path,
                 format!("{what} is {count}, more than the {remaining} bytes left in the file can hold"),
             )
@@ -484,7 +484,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
         let type_id = cur.u32(&format!("type of {key}"))?;
         let value = cur.value(type_id, &key, 0)?;
         if metadata.insert(key.clone(), value).is_some() {
-            return Err(ModelError::corrupt(path, format!("metadata key {key} appears twice")));
+            return Err(FormatError::corrupt(path, format!("metadata key {key} appears twice")));
         }
     }
     let alignment = match metadata.get("general.alignment") {
@@ -492,7 +492,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
         Some(value) => value
             .as_u64()
             .filter(|a| a.is_power_of_two())
-            .ok_or_else(|| ModelError::corrupt(path, format!("general.alignment {value:?} is not a power of two")))?,
+            .ok_or_else(|| FormatError::corrupt(path, format!("general.alignment {value:?} is not a power of two")))?,
     };
 
     let tensor_count = check_count(tensor_count, min_tensor, "the tensor count", cur.remaining())?;
@@ -502,7 +502,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
         let name = cur.string(&format!("name of tensor #{index} of {tensor_count}"))?;
         let n_dims = cur.u32(&format!("dimension count of tensor {name}"))?;
         if n_dims == 0 || n_dims > MAX_DIMS {
-            return Err(ModelError::corrupt(path, format!("tensor {name}: {n_dims} dimensions (1 to 4 allowed)")));
+            return Err(FormatError::corrupt(path, format!("tensor {name}: {n_dims} dimensions (1 to 4 allowed)")));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
@@ -510,13 +510,13 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
         }
         let type_id = cur.u32(&format!("type of tensor {name}"))?;
         let offset = cur.u64(&format!("offset of tensor {name}"))?;
-        let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| ModelError::UnsupportedDtype {
+        let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| FormatError::UnsupportedDtype {
             path: path.to_path_buf(),
             tensor: name.clone(),
             dtype: format!("ggml type id {type_id}"),
         })?;
         if by_name.insert(name.clone(), index).is_some() {
-            return Err(ModelError::corrupt(path, format!("tensor {name} appears twice")));
+            return Err(FormatError::corrupt(path, format!("tensor {name} appears twice")));
         }
         tensors.push(GgufTensorInfo { name, dims, ggml_type, offset });
     }
@@ -544,11 +544,11 @@ fn tensor_ranges(
             .iter()
             .try_fold(1u64, |acc, &d| acc.checked_mul(d))
             .filter(|&n| usize::try_from(n).is_ok())
-            .ok_or_else(|| ModelError::corrupt(path, format!("tensor {name}: dimensions {:?} overflow", info.dims)))?;
+            .ok_or_else(|| FormatError::corrupt(path, format!("tensor {name}: dimensions {:?} overflow", info.dims)))?;
         let row = info.dims[0];
         let block = info.ggml_type.block_size() as u64;
         if !row.is_multiple_of(block) {
-            return Err(ModelError::corrupt(
+            return Err(FormatError::corrupt(
                 path,
                 format!(
                     "tensor {name}: row length {row} is not a multiple of the {} block size {block}",
@@ -558,9 +558,9 @@ fn tensor_ranges(
         }
         let n_bytes = (n_elements / block)
             .checked_mul(info.ggml_type.type_size() as u64)
-            .ok_or_else(|| ModelError::corrupt(path, format!("tensor {name}: byte size overflows")))?;
+            .ok_or_else(|| FormatError::corrupt(path, format!("tensor {name}: byte size overflows")))?;
         if !info.offset.is_multiple_of(alignment) {
-            return Err(ModelError::corrupt(
+            return Err(FormatError::corrupt(
                 path,
                 format!("tensor {name}: offset {} is not a multiple of the alignment {alignment}", info.offset),
             ));
@@ -586,7 +586,7 @@ fn tensor_ranges(
     for pair in order.windows(2) {
         let (a, b) = (pair[0], pair[1]);
         if ranges[a].1 > ranges[b].0 {
-            return Err(ModelError::corrupt(
+            return Err(FormatError::corrupt(
                 path,
                 format!("tensors {} and {} overlap", tensors[a].name, tensors[b].name),
             ));
@@ -678,7 +678,7 @@ impl GgufWriter {
     /// Writes the file to `path`.
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        std::fs::write(path, self.to_bytes()).map_err(|e| ModelError::io(path, e))
+        std::fs::write(path, self.to_bytes()).map_err(|e| FormatError::io(path, e))
     }
 }
 
