@@ -353,7 +353,10 @@ impl RemoteLm {
                 let generated = g.generated.unwrap_or(g.tokens.len() as u64).max(g.tokens.len() as u64);
                 self.stats.prompt_tokens_computed += computed;
                 self.stats.tokens_generated += generated;
-                self.counters.tokens_computed += computed + generated;
+                // A generation of n tokens runs n - 1 positions after the prompt: the last token
+                // is sampled but only run through the model when a later prompt sends it (and
+                // is counted there). In-process, a step runs the token it chose at once.
+                self.counters.tokens_computed += computed + generated.saturating_sub(1);
             }
         }
         results
