@@ -605,7 +605,7 @@ impl LanguageModel for RemoteLm {
                     let (limit, stop) = if p.after_dropped_stop {
                         (4, &no_stops)
                     } else if hints_known(action) {
-                        (hint_max, &stops)
+                        (hint_max.saturating_sub(p.steps.len()).max(1), &stops)
                     } else {
                         (1, &no_stops)
                     };
@@ -640,9 +640,6 @@ impl LanguageModel for RemoteLm {
                         empty_answers: 0,
                     },
                 );
-                if let Some(Some(first)) = g.entries.first() {
-                    self.remember_next(prompt, &first.top);
-                }
                 let mut prefix = prompt.clone();
                 for (token, entry) in g.tokens.into_iter().zip(g.entries) {
                     let step = match entry {
@@ -650,6 +647,10 @@ impl LanguageModel for RemoteLm {
                         None => self.probe_step(&prefix, token, r.top_logprobs)?,
                     };
                     self.check_vocab(std::iter::once(step.token).chain(step.top.iter().map(|t| t.token)))?;
+                    if kept == 0 {
+                        // The candidates at this state, for siblings forced to other first tokens.
+                        self.remember_next(&prefix, &step.top);
+                    }
                     prefix.push(token);
                     kept += 1;
                     p.end = self.walk_one(&mut p, step, r, action)?;

@@ -895,7 +895,6 @@ fn a_forced_first_token_needs_candidates_the_server_reported() {
 }
 
 #[test]
-#[ignore = "RemoteLm::extend asks for the granularity's whole max_tokens hint after a forced first token"]
 fn a_forced_first_token_costs_no_request_and_the_rest_of_the_action_one() {
     let fake = Fake::normal();
     let mut model = fake.connect();
@@ -986,7 +985,6 @@ fn without_first_entry(body: &Value) -> Value {
 }
 
 #[test]
-#[ignore = "RemoteLm::extend remembers a state's candidates only from a reported entry, not from a probed one"]
 fn candidates_of_a_probed_first_token_serve_forced_siblings() {
     // The leader's first token has no entry (its candidates come from a probe); a sibling is
     // then forced to one of those candidates, as a search with distinct first tokens does.
@@ -1006,7 +1004,6 @@ fn candidates_of_a_probed_first_token_serve_forced_siblings() {
 }
 
 #[test]
-#[ignore = "RemoteLm::extend remembers a state's candidates only from a reported entry, not from a probed one"]
 fn a_search_survives_first_tokens_without_entries() {
     let fake = Fake::start(|_, body| {
         // A probe (one token, biased) gets its entry; every other answer lacks its first one.
@@ -1024,7 +1021,6 @@ fn a_search_survives_first_tokens_without_entries() {
 }
 
 #[test]
-#[ignore = "RemoteLm::extend remembers an answer's candidates before checking them against the vocabulary"]
 fn candidates_of_a_refused_answer_are_not_remembered() {
     // The first answer names a token outside the vocabulary among its first alternatives and
     // is refused; forcing a first token at that state must not hand out those alternatives.
