@@ -230,13 +230,13 @@ fn tiny_llama_hf_directory() {
 #[test]
 fn bad_hf_directories_are_typed_errors() {
     let err = MarcoTokenizer::from_hf_dir("/nonexistent/model").unwrap_err();
-    assert!(matches!(err, marco_model::ModelError::Io { .. }), "{err:?}");
+    assert!(matches!(err, marco_formats::FormatError::Io { .. }), "{err:?}");
     assert!(err.to_string().contains("/nonexistent/model/tokenizer.json"), "{err}");
     let dir = std::env::temp_dir().join(format!("marco-hf-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("tokenizer.json"), "{ not json").unwrap();
     let err = MarcoTokenizer::from_hf_dir(&dir).unwrap_err();
-    assert!(matches!(err, marco_model::ModelError::Corrupt { .. }), "{err:?}");
+    assert!(matches!(err, marco_formats::FormatError::Corrupt { .. }), "{err:?}");
     assert!(err.to_string().contains("tokenizer.json"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
