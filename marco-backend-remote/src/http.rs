@@ -23,7 +23,7 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// Timeouts and retries of a [`Client`].
+/// Timeouts and retries of the HTTP requests a remote model sends.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HttpOptions {
     /// Time to open a connection.
