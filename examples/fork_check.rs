@@ -43,7 +43,7 @@ struct Args {
     /// Batched steps after the forks.
     #[arg(long, default_value_t = 8)]
     steps: usize,
-    /// Largest allowed |logit difference| (the bound; 0 asks for bit-for-bit).
+    /// Largest allowed |logit difference| (default 1e-4; 0 asks for bit-for-bit).
     #[arg(long, default_value_t = 1e-4)]
     tolerance: f32,
 }

@@ -38,7 +38,7 @@ build() {
     done
     cargo build --release --features cuda --example decode_bench
     strip -o "$BUNDLE/decode_bench" target/release/examples/decode_bench
-    # Batched decode (issue 5; see run_batch_bench below).
+    # Batched decode (see run_batch_bench below).
     cargo build --release --features cuda --example batch_bench
     strip -o "$BUNDLE/batch_bench" target/release/examples/batch_bench
     # Forked and batched states against each sequence alone, on a few prompts (the default model).
@@ -83,7 +83,7 @@ run() {
     exit $status
 }
 
-# ---- Forks against each sequence alone, on CUDA (issue 5) --------------------------------
+# ---- Forks against each sequence alone, on CUDA -----------------------------------------
 # Up to 24 forks of each prompt, ragged appends, sampled batched steps and a reflected re-fork;
 # every leaf's logits against its whole sequence prefilled alone, bit for bit (f32 on CUDA is
 # batch invariant). Needs the real model (a tokenizer); ~30 s.
@@ -100,7 +100,7 @@ run_fork_check() {
         "A train leaves at 3 pm going 60 miles per hour; when has it gone 150 miles?"
 }
 
-# ---- Batched decode on CUDA (issue 5) ---------------------------------------------------
+# ---- Batched decode on CUDA ------------------------------------------------------------
 # Aggregate decode tok/s with 1, 8 and 32 sequences stepping together (forks of one shared
 # prompt, ragged lengths), for the default model (or a random-weight model of its shape) and
 # for a random-weight Qwen2 with Marco-o1's 7B shape (hidden 3584, 28 layers, 28/4 heads,

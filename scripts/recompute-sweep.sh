@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5 on prompts and configurations the tests do not use: runs `reason` on the default
+# The recompute and batching bounds on prompts and configurations the tests do not use: runs `reason` on the default
 # model for 5 questions × 11 search configurations (MCTS, beam, greedy+reflection; token, line,
 # step and mini-step edges; widths 2–6; reflection; temperatures; node budgets) and checks, from
 # each trace's statistics, that tokens computed ÷ distinct tokens ≤ 1.01 and KV bytes in use ≤

@@ -199,7 +199,7 @@ fn reason_answers_on_the_default_model() {
     assert!(outcome.stats.tokens_generated <= 64, "budget exceeded: {}", outcome.stats.tokens_generated);
     assert!(outcome.stats.tokens_generated > 0);
     assert!(summary.contains(&format!("{} tokens generated", outcome.stats.tokens_generated)), "{summary}");
-    // The summary reports the shared cache's work: no position computed twice (issue 5's bound).
+    // The summary reports the shared cache's work: no position computed twice.
     let stats = &outcome.stats;
     let recompute = format!(
         "{} computed for {} distinct (recompute {:.3})",
@@ -268,7 +268,7 @@ fn generate_teacher_forces_like_the_llamacpp_oracle() {
                 .into_iter()
                 .zip(expected["top5_logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()))
                 .collect();
-            // 0.25, not the issue's 0.2: see `marco-model/tests/llamacpp_oracle.rs` on the
+            // 0.25, not the 0.2 of the oracle test: see `marco-model/tests/llamacpp_oracle.rs` on the
             // oracle's own noise.
             if oracle_top[0].1 - oracle_top[1].1 > 0.25 {
                 assert_eq!(top[0].0, oracle_top[0].0, "{name} step {i}: top-1 differs from llama.cpp's clear choice");

@@ -91,7 +91,7 @@ fn compare(lm: &mut BurnLm<NdArray>, cases: &[Case]) -> (usize, Vec<(String, f64
 /// noise, 0.08 nats per step. Our exact-f32 path is 0.086 from the oracle (closer than either
 /// llama.cpp variant) and differs at one decisive step (the 0.201 one, which both llama.cpp
 /// variants also flip); the 8-bit path is 0.098 away with a few flips at small leads. The
-/// checks: the mean criterion of the issue, agreement at every step led by more than
+/// checks: a mean criterion (0.1 nats), agreement at every step led by more than
 /// `clear_gap`, and at `max_flips` of the decisive steps at most.
 fn check(path: LinearPath, cases: usize, max_mean: f64, clear_gap: f64, max_flips: usize) {
     let oracle = oracle();
@@ -115,7 +115,7 @@ fn default_model_matches_llamacpp_kernel_seam_exact_activations() {
 
 #[test]
 fn default_model_matches_llamacpp_kernel_seam_8bit_activations() {
-    // The issue's 0.1 is asserted on the exact path above. The 8-bit path re-draws its
+    // 0.1 is asserted on the exact path above. The 8-bit path re-draws its
     // quantization noise with every last-bit change of the kernels' summation order; measured
     // over the kernel builds since prompts, too, are multiplied with 8-bit activations (batch
     // invariance): 0.0983 (AVX512-VNNI), 0.0940 (AVX-512), 0.0954 (AVX2), 0.0926 (portable);

@@ -1,4 +1,4 @@
-//! The tree-shaped KV cache (issue 5): forked and batched states give the logits of the same
+//! The tree-shaped KV cache: forked and batched states give the logits of the same
 //! sequence run alone, forks copy no KV, memory follows the distinct tokens and comes back on
 //! release, and the search policies on the default model compute each token once.
 //!
@@ -67,9 +67,9 @@ fn default_model_on<B: KernelBackend>(device: &B::Device) -> BurnLm<B> {
     marco_model::load::<B>(&path, device).unwrap()
 }
 
-/// The issue's bound on |logits of a forked/batched state − the same sequence alone|: the CPU
+/// The bound on |logits of a forked/batched state − the same sequence alone|: the CPU
 /// tiny checkpoints' f32 weights prefill through a GEMM that sums in another order (~1e-6).
-const ISSUE_BOUND: f32 = 1e-4;
+const FORK_BOUND: f32 = 1e-4;
 
 /// Bit-for-bit: the quantized default model on the CPU (its products and attention give a row
 /// the same bits whatever the batch), and every model on CUDA (exact f32 matmuls summing in
@@ -149,7 +149,7 @@ fn wide_batches_match_sequences_run_alone_tiny() {
     for name in ["tiny-qwen2", "tiny-llama"] {
         let (mut lm, mut reference) = (tiny(name), tiny(name));
         let vocab = lm.model().config().vocab_size;
-        wide_batch_matches_alone(&mut lm, &mut reference, vocab, name, ISSUE_BOUND);
+        wide_batch_matches_alone(&mut lm, &mut reference, vocab, name, FORK_BOUND);
     }
 }
 
@@ -192,8 +192,8 @@ fn forks_after_batched_steps(
 
 /// A batched step cut by sequence (each thread runs its share through the whole model, as the
 /// CPU backend does when its cores are far apart) gives every sequence the logits of the step
-/// whose products all threads share: the same bits on the quantized default model, within the
-/// issue's bound on the f32 tiny checkpoints (their f32 kernels group rows differently for
+/// whose products all threads share: the same bits on the quantized default model, within
+/// the 1e-4 bound on the f32 tiny checkpoints (their f32 kernels group rows differently for
 /// fewer rows, ~3e-6).
 #[test]
 fn steps_split_by_sequence_give_the_bits_of_shared_steps() {
@@ -203,7 +203,7 @@ fn steps_split_by_sequence_give_the_bits_of_shared_steps() {
         .map(|name| {
             let lm = tiny(name);
             let vocab = lm.model().config().vocab_size;
-            (name.to_string(), lm, vocab, ISSUE_BOUND)
+            (name.to_string(), lm, vocab, FORK_BOUND)
         })
         .collect();
     models.push(("default model".into(), default_model(), 20_000, EXACT));
@@ -323,7 +323,7 @@ fn forked_and_batched_states_match_sequences_run_alone_tiny() {
         let mut lm = tiny(name);
         let mut reference = tiny(name);
         let vocab = lm.model().config().vocab_size;
-        tree_matches_alone(&mut lm, &mut reference, vocab, name, ISSUE_BOUND);
+        tree_matches_alone(&mut lm, &mut reference, vocab, name, FORK_BOUND);
     }
 }
 
