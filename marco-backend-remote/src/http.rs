@@ -193,6 +193,12 @@ impl Client {
 
     fn transport_failure(&self, url: &str, e: ureq::Error) -> Failure {
         match e {
+            ureq::Error::Timeout(ureq::Timeout::Connect | ureq::Timeout::Resolve) => {
+                Failure::Final(RemoteError::Connect {
+                    url: url.to_string(),
+                    reason: format!("no connection within {:?}", self.options.connect_timeout),
+                })
+            }
             ureq::Error::Timeout(_) => {
                 Failure::Final(RemoteError::Timeout { url: url.to_string(), after: self.options.request_timeout })
             }

@@ -307,15 +307,14 @@ impl RemoteLm {
     }
 
     /// Sends `jobs` (at most `concurrency` at once) and returns their answers in order.
-    fn generate_all(&mut self, jobs: &[(Vec<TokenId>, Generate<'_>)]) -> Vec<Result<Generated>> {
+    fn generate_all(&mut self, jobs: &[Generate]) -> Vec<Result<Generated>> {
         let results: Vec<Mutex<Option<Result<Generated>>>> = jobs.iter().map(|_| Mutex::new(None)).collect();
         let next = AtomicUsize::new(0);
         let kind = self.kind;
         let run = |client: &Client| loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some((prompt, g)) = jobs.get(i) else { break };
-            let g = Generate { prompt, ..g.clone() };
-            let body = request_body(kind, &g);
+            let Some(g) = jobs.get(i) else { break };
+            let body = request_body(kind, g);
             let result = client
                 .post(kind.generate_path(), &body)
                 .and_then(|a| parse_generated(kind, &a.url, &a.json, g.top_logprobs));
@@ -344,7 +343,7 @@ impl RemoteLm {
                     .unwrap_or_else(|| Err(RemoteError::Unsupported("a request thread ended without an answer".into())))
             })
             .collect();
-        for ((prompt, _), r) in jobs.iter().zip(&results) {
+        for (Generate { prompt, .. }, r) in jobs.iter().zip(&results) {
             self.stats.requests += 1;
             self.counters.forward_passes += 1;
             self.stats.prompt_tokens_sent += prompt.len() as u64;
@@ -368,19 +367,16 @@ impl RemoteLm {
     /// raw distribution's top alternatives; the token's log-probability is read among them.
     fn probe_step(&mut self, prefix: &[TokenId], token: TokenId, top_logprobs: usize) -> Result<StepOutput> {
         const PROBE_ALTERNATIVES: usize = 40;
-        let model = self.model.clone();
-        let g = Generate {
-            prompt: &[],
+        let jobs = [Generate {
+            prompt: prefix.to_vec(),
             max_tokens: 1,
             sampling: marco_core::SamplingParams::greedy(),
             seed: 0,
             top_logprobs: PROBE_ALTERNATIVES.max(top_logprobs),
-            stop: &[],
-            slot: None,
-            model: model.as_deref(),
+            stop: Vec::new(),
+            model: self.model.clone(),
             bias_to: Some(self.probe_token),
-        };
-        let jobs = [(prefix.to_vec(), g)];
+        }];
         let answer = self.generate_all(&jobs).pop().ok_or_else(|| RemoteError::Unsupported("no answer".into()))??;
         let entry = answer.entries.into_iter().flatten().next().ok_or_else(|| RemoteError::Malformed {
             url: self.client.base().to_string(),
@@ -499,7 +495,6 @@ impl LanguageModel for RemoteLm {
                 return Err(Error::ContextOverflow { needed: len + 1, limit: self.max_context });
             }
         }
-        let model = self.model.clone();
         let mut outputs: Vec<Option<StepOutput>> = vec![None; batch.len()];
         let mut jobs = Vec::new();
         let mut members = Vec::new();
@@ -511,24 +506,22 @@ impl LanguageModel for RemoteLm {
                     outputs[i] = Some(self.forced_step(&tokens, token)?);
                 }
                 None => {
-                    let g = Generate {
-                        prompt: &[],
+                    jobs.push(Generate {
+                        seed: Self::seed(r.stream_key(), tokens.len()),
+                        prompt: tokens,
                         max_tokens: 1,
                         sampling: r.sampling,
-                        seed: Self::seed(r.stream_key(), tokens.len()),
                         top_logprobs: r.top_logprobs.max(1),
-                        stop: &[],
-                        slot: None,
-                        model: model.as_deref(),
+                        stop: Vec::new(),
+                        model: self.model.clone(),
                         bias_to: None,
-                    };
-                    jobs.push((tokens, g));
+                    });
                     members.push(i);
                 }
             }
         }
         let answers = self.generate_all(&jobs);
-        for ((&i, answer), (prompt, _)) in members.iter().zip(answers).zip(&jobs) {
+        for ((&i, answer), Generate { prompt, .. }) in members.iter().zip(answers).zip(&jobs) {
             let g = answer?;
             let (token, entry) = g.tokens.into_iter().zip(g.entries).next().ok_or_else(|| RemoteError::Malformed {
                 url: self.client.base().to_string(),
@@ -563,9 +556,11 @@ impl LanguageModel for RemoteLm {
                 return Err(Error::InvalidConfig(format!("sequence {} appears twice in one extend", r.seq.0)));
             }
         }
-        let hints = action.hints();
-        let hint_max = hints.as_ref().and_then(|h| h.max_tokens).unwrap_or(1).max(1);
-        let stops: Vec<String> = hints.map(|h| h.stop_strings).unwrap_or_default();
+        // Requests are bounded by the granularity's hints; without them, one token each.
+        let (hint_max, stops) = match action.hints() {
+            Some(h) => (h.max_tokens.unwrap_or(usize::MAX).max(1), h.stop_strings),
+            None => (1, Vec::new()),
+        };
         let max_context = self.max_context;
         let mut pending = Vec::with_capacity(batch.len());
         for r in batch {
@@ -584,17 +579,15 @@ impl LanguageModel for RemoteLm {
             if let (None, Some(token)) = (p.end, r.force_first) {
                 self.check_vocab([token])?;
                 let step = self.forced_step(&p.base, token)?;
-                p.end = self.walk_one(p, step, r, action)?;
+                p.end = self.add_step(p, step, r, action)?;
             }
         }
-        let no_stops: Vec<String> = Vec::new();
         loop {
             let open: Vec<usize> = (0..batch.len()).filter(|&i| pending[i].end.is_none()).collect();
             if open.is_empty() {
                 break;
             }
-            let model = self.model.clone();
-            let jobs: Vec<(Vec<TokenId>, Generate<'_>)> = open
+            let jobs: Vec<Generate> = open
                 .iter()
                 .map(|&i| {
                     let (p, r) = (&pending[i], &batch[i]);
@@ -603,82 +596,61 @@ impl LanguageModel for RemoteLm {
                     let room = max_context.saturating_sub(prompt.len());
                     let left = r.max_tokens.saturating_sub(p.steps.len());
                     let (limit, stop) = if p.after_dropped_stop {
-                        (4, &no_stops)
-                    } else if hints_known(action) {
-                        (hint_max.saturating_sub(p.steps.len()).max(1), &stops)
+                        (4, Vec::new())
                     } else {
-                        (1, &no_stops)
+                        (hint_max.saturating_sub(p.steps.len()).max(1), stops.clone())
                     };
-                    let g = Generate {
-                        prompt: &[],
+                    Generate {
+                        seed: Self::seed(r.stream.unwrap_or(r.seq.0), prompt.len()),
+                        prompt,
                         max_tokens: limit.min(left).min(room).max(1),
                         sampling: r.sampling,
-                        seed: Self::seed(r.stream.unwrap_or(r.seq.0), prompt.len()),
                         top_logprobs: r.top_logprobs.max(1),
-                        stop: stop.as_slice(),
-                        slot: None,
-                        model: model.as_deref(),
+                        stop,
+                        model: self.model.clone(),
                         bias_to: None,
-                    };
-                    (prompt, g)
+                    }
                 })
                 .collect();
             let answers = self.generate_all(&jobs);
-            for ((&i, answer), (prompt, _)) in open.iter().zip(answers).zip(&jobs) {
+            for ((&i, answer), job) in open.iter().zip(answers).zip(&jobs) {
                 let g = answer?;
-                let r = &batch[i];
+                let (r, p) = (&batch[i], &mut pending[i]);
                 let returned = g.tokens.len();
-                let finish = g.finish;
-                let mut kept = 0usize;
-                let mut p = std::mem::replace(
-                    &mut pending[i],
-                    Pending {
-                        base: Vec::new(),
-                        steps: Vec::new(),
-                        end: None,
-                        after_dropped_stop: false,
-                        empty_answers: 0,
-                    },
-                );
-                let mut prefix = prompt.clone();
+                let mut prefix = job.prompt.clone();
                 for (token, entry) in g.tokens.into_iter().zip(g.entries) {
                     let step = match entry {
                         Some(step) => step,
                         None => self.probe_step(&prefix, token, r.top_logprobs)?,
                     };
                     self.check_vocab(std::iter::once(step.token).chain(step.top.iter().map(|t| t.token)))?;
-                    if kept == 0 {
+                    if prefix.len() == job.prompt.len() {
                         // The candidates at this state, for siblings forced to other first tokens.
                         self.remember_next(&prefix, &step.top);
                     }
                     prefix.push(token);
-                    kept += 1;
-                    p.end = self.walk_one(&mut p, step, r, action)?;
+                    p.end = self.add_step(p, step, r, action)?;
                     if p.end.is_some() {
                         break;
                     }
                 }
-                self.stats.tokens_trimmed += (returned - kept) as u64;
+                self.stats.tokens_trimmed += (returned - (prefix.len() - job.prompt.len())) as u64;
                 if p.end.is_none() {
-                    if returned == 0 {
-                        p.empty_answers += 1;
-                        if p.empty_answers >= 3 {
-                            return Err(RemoteError::Malformed {
-                                url: self.client.base().to_string(),
-                                reason: "the server keeps generating nothing for an open action".into(),
-                            }
-                            .into());
+                    p.empty_answers = if returned == 0 { p.empty_answers + 1 } else { 0 };
+                    if p.empty_answers >= 3 {
+                        return Err(RemoteError::Malformed {
+                            url: self.client.base().to_string(),
+                            reason: "the server keeps generating nothing for an open action".into(),
                         }
-                    } else {
-                        p.empty_answers = 0;
+                        .into());
                     }
                     // Stopped at a stop string before the action was complete: the string sat in
                     // leading whitespace (go on as before), or the server dropped the tokens that
                     // made it up (go on without stop strings for a few tokens, which generates
                     // them again).
-                    p.after_dropped_stop = finish == Finish::Stop && (returned == 0 || !self.kind.keeps_stop_tokens());
+                    p.after_dropped_stop =
+                        g.finish == Finish::Stop && (returned == 0 || !self.kind.keeps_stop_tokens());
                 }
-                pending[i] = p;
             }
         }
         let mut outputs = Vec::with_capacity(batch.len());
@@ -709,36 +681,18 @@ impl LanguageModel for RemoteLm {
 }
 
 impl RemoteLm {
-    /// Adds `step` to an action in progress and says whether the action ends with it, by the
-    /// rules of the in-process loop ([`marco_core::extend_by_steps`]).
-    fn walk_one(
+    /// Adds `step` to an action in progress and says whether the action ends with it
+    /// ([`marco_core::action_end`], the rule of the in-process loop).
+    fn add_step(
         &self,
         p: &mut Pending,
         step: StepOutput,
         r: &ExtendRequest,
         action: &dyn ActionGranularity,
     ) -> marco_core::Result<Option<ActionEnd>> {
-        let stop = self.tokenizer.is_stop(step.token);
         p.steps.push(step);
-        let len = p.base.len() + p.steps.len();
-        Ok(if stop {
-            Some(ActionEnd::Stop)
-        } else if len >= self.max_context {
-            Some(ActionEnd::Context)
-        } else {
-            let tokens: Vec<TokenId> = p.steps.iter().map(|s| s.token).collect();
-            let text = self.tokenizer.decode(&tokens, true)?;
-            if action.is_complete(&tokens, &text) {
-                Some(ActionEnd::Complete)
-            } else if tokens.len() >= r.max_tokens {
-                Some(ActionEnd::Length)
-            } else {
-                None
-            }
-        })
+        let tokens: Vec<TokenId> = p.steps.iter().map(|s| s.token).collect();
+        let len = p.base.len() + tokens.len();
+        marco_core::action_end(&self.tokenizer, action, &tokens, len, self.max_context, r.max_tokens)
     }
-}
-
-fn hints_known(action: &dyn ActionGranularity) -> bool {
-    action.hints().is_some()
 }

@@ -76,17 +76,15 @@ impl std::str::FromStr for ServerKind {
 
 /// One generation request.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Generate<'a> {
-    pub prompt: &'a [TokenId],
+pub(crate) struct Generate {
+    pub prompt: Vec<TokenId>,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub seed: u32,
     pub top_logprobs: usize,
-    pub stop: &'a [String],
-    /// llama-server slot to run on.
-    pub slot: Option<usize>,
+    pub stop: Vec<String>,
     /// Served model name (vLLM checks it).
-    pub model: Option<&'a str>,
+    pub model: Option<String>,
     /// A token to generate whatever the distribution says (llama-server's `logit_bias`): its
     /// entry still reports the raw distribution's top alternatives.
     pub bias_to: Option<TokenId>,
@@ -131,7 +129,7 @@ impl Generated {
 }
 
 /// The request body for `kind`.
-pub(crate) fn request_body(kind: ServerKind, g: &Generate<'_>) -> Value {
+pub(crate) fn request_body(kind: ServerKind, g: &Generate) -> Value {
     let temperature = if g.sampling.is_greedy() { 0.0 } else { g.sampling.temperature };
     let top_p = g.sampling.top_p;
     // 0 and -1 both mean "no top-k" on the servers that take it; llama.cpp wants 0.
@@ -164,9 +162,6 @@ pub(crate) fn request_body(kind: ServerKind, g: &Generate<'_>) -> Value {
                 "samplers": ["top_k", "temperature", "top_p"],
                 "stream": false,
             });
-            if let Some(slot) = g.slot {
-                body["id_slot"] = json!(slot);
-            }
             if let Some(token) = g.bias_to {
                 body["logit_bias"] = json!([[token, 1000.0]]);
             }
@@ -191,7 +186,7 @@ pub(crate) fn request_body(kind: ServerKind, g: &Generate<'_>) -> Value {
                 "skip_special_tokens": false,
                 "stream": false,
             });
-            if let Some(model) = g.model {
+            if let Some(model) = &g.model {
                 body["model"] = json!(model);
             }
             body
@@ -505,20 +500,19 @@ mod tests {
 
     #[test]
     fn request_bodies_carry_what_the_confidence_reward_needs() {
-        let stop = vec!["\n".to_string()];
         let g = Generate {
-            prompt: &[1, 2, 3],
+            prompt: vec![1, 2, 3],
             max_tokens: 32,
             sampling: SamplingParams::with_temperature(0.7, 9),
             seed: 77,
             top_logprobs: 5,
-            stop: &stop,
-            slot: Some(1),
-            model: Some("m"),
-            bias_to: None,
+            stop: vec!["\n".to_string()],
+            model: Some("m".into()),
+            bias_to: Some(4),
         };
         let l = request_body(ServerKind::LlamaCpp, &g);
-        assert_eq!((l["n_probs"].as_u64(), l["seed"].as_u64(), l["id_slot"].as_u64()), (Some(5), Some(77), Some(1)));
+        assert_eq!((l["n_probs"].as_u64(), l["seed"].as_u64()), (Some(5), Some(77)));
+        assert_eq!((l["stop"].clone(), l["logit_bias"].clone()), (json!(["\n"]), json!([[4, 1000.0]])));
         assert_eq!(l["prompt"], json!([1, 2, 3]));
         assert_eq!((l["cache_prompt"].as_bool(), l["return_tokens"].as_bool()), (Some(true), Some(true)));
         let v = request_body(ServerKind::Vllm, &g);
@@ -527,7 +521,7 @@ mod tests {
         let s = request_body(ServerKind::Sglang, &g);
         assert_eq!(s["input_ids"], json!([1, 2, 3]));
         assert_eq!(s["sampling_params"]["max_new_tokens"].as_u64(), Some(32));
-        let greedy = Generate { sampling: SamplingParams::greedy(), ..g };
+        let greedy = Generate { sampling: SamplingParams::greedy(), ..g.clone() };
         assert_eq!(request_body(ServerKind::LlamaCpp, &greedy)["temperature"].as_f64(), Some(0.0));
     }
 }

@@ -235,6 +235,36 @@ pub trait LanguageModel {
     }
 }
 
+/// Whether an action ends with its last token, by the rules of [`LanguageModel::extend`], in
+/// their order: a stop token, a full context, the granularity's completion, the token limit.
+/// `tokens` are the action's tokens so far (the last one just added) and `seq_len` the
+/// sequence's length with them. Every whole-action generator, in-process or remote, decides
+/// with this one function, so their trees agree token for token.
+pub fn action_end(
+    tokenizer: &dyn Tokenizer,
+    action: &dyn ActionGranularity,
+    tokens: &[TokenId],
+    seq_len: usize,
+    max_context: usize,
+    max_tokens: usize,
+) -> Result<Option<ActionEnd>> {
+    let Some(&last) = tokens.last() else { return Ok(None) };
+    if tokenizer.is_stop(last) {
+        return Ok(Some(ActionEnd::Stop));
+    }
+    if seq_len >= max_context {
+        return Ok(Some(ActionEnd::Context));
+    }
+    let text = tokenizer.decode(tokens, true)?;
+    Ok(if action.is_complete(tokens, &text) {
+        Some(ActionEnd::Complete)
+    } else if tokens.len() >= max_tokens {
+        Some(ActionEnd::Length)
+    } else {
+        None
+    })
+}
+
 /// [`LanguageModel::extend`] as a loop of batched [`LanguageModel::step`]s: the default of
 /// that method, callable by an implementation that overrides it for some requests only.
 pub fn extend_by_steps<M: LanguageModel + ?Sized>(
@@ -284,24 +314,10 @@ pub fn extend_by_steps<M: LanguageModel + ?Sized>(
             ))));
         }
         for (&i, step) in members.iter().zip(steps) {
-            let stop = model.tokenizer().is_stop(step.token);
             outputs[i].steps.push(step);
             lens[i] += 1;
-            let end = if stop {
-                Some(ActionEnd::Stop)
-            } else if lens[i] >= max_context {
-                Some(ActionEnd::Context)
-            } else {
-                let tokens: Vec<TokenId> = outputs[i].steps.iter().map(|s| s.token).collect();
-                let text = model.tokenizer().decode(&tokens, true)?;
-                if action.is_complete(&tokens, &text) {
-                    Some(ActionEnd::Complete)
-                } else if tokens.len() >= batch[i].max_tokens {
-                    Some(ActionEnd::Length)
-                } else {
-                    None
-                }
-            };
+            let tokens: Vec<TokenId> = outputs[i].steps.iter().map(|s| s.token).collect();
+            let end = action_end(model.tokenizer(), action, &tokens, lens[i], max_context, batch[i].max_tokens)?;
             if let Some(end) = end {
                 outputs[i].end = end;
                 open[i] = false;

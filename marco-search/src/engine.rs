@@ -73,7 +73,6 @@ pub(crate) struct Walker {
     key: u64,
     tokens: Vec<TokenId>,
     steps: Vec<StepOutput>,
-    text: String,
     end: ActionEnd,
     done: bool,
     /// Last node this walker committed.
@@ -272,7 +271,6 @@ impl<'a> Engine<'a> {
             key,
             tokens: Vec::new(),
             steps: Vec::new(),
-            text: String::new(),
             end: ActionEnd::Open,
             done: false,
             last: None,
@@ -352,109 +350,8 @@ impl<'a> Engine<'a> {
     /// Advances `walkers` together, one batched step per token, until each has finished its
     /// action (or, in rollout mode, its rollout) or a budget ends them all.
     pub fn walk(&mut self, walkers: &mut [Walker], mode: WalkMode) -> Result<()> {
-        if self.model.generates_whole_actions() {
-            return self.walk_actions(walkers, mode);
-        }
-        loop {
-            if walkers.iter().all(|w| w.done) {
-                return Ok(());
-            }
-            if self.step_forbidden() {
-                for w in walkers.iter_mut().filter(|w| !w.done) {
-                    w.end = ActionEnd::Budget;
-                    self.commit(w, mode, 0)?;
-                }
-                return Ok(());
-            }
-            let tokens_left = self.tracker.tokens_left();
-            let mut requests = Vec::new();
-            let mut members = Vec::new();
-            for (i, w) in walkers.iter().enumerate() {
-                if requests.len() as u64 >= tokens_left {
-                    break;
-                }
-                if w.done {
-                    continue;
-                }
-                let mut force = None;
-                if w.tokens.is_empty() {
-                    if let Some(g) = w.group {
-                        if self.groups[g].top.is_some() {
-                            force = self.distinct_first_token(g);
-                        } else if self.groups[g].leader_started {
-                            continue; // waits for the leader to reveal the state's candidates
-                        } else {
-                            self.groups[g].leader_started = true;
-                        }
-                    }
-                }
-                let mut request = StepRequest::new(w.seq, self.generation.sampling);
-                request.force = force;
-                request.top_logprobs = self.generation.top_logprobs;
-                request.stream = Some(w.key);
-                requests.push(request);
-                members.push(i);
-            }
-            if requests.is_empty() {
-                return Err(Error::Internal("no walker could advance".into()));
-            }
-            let outputs = self.model.step(&requests)?;
-            if outputs.len() != requests.len() {
-                return Err(Error::backend(std::io::Error::other(format!(
-                    "the model answered {} of {} step requests",
-                    outputs.len(),
-                    requests.len()
-                ))));
-            }
-            self.tracker.generated_tokens += outputs.len() as u64;
-            let open_after: usize = walkers.iter().filter(|w| !w.done).count();
-            for (&i, output) in members.iter().zip(outputs) {
-                let w = &mut walkers[i];
-                if w.tokens.is_empty() {
-                    if let Some(g) = w.group {
-                        let group = &mut self.groups[g];
-                        if group.top.is_none() {
-                            group.top = Some(output.top.clone());
-                        }
-                        if !group.used.contains(&output.token) {
-                            group.used.push(output.token);
-                        }
-                    }
-                }
-                let stop = self.model.tokenizer().is_stop(output.token);
-                w.tokens.push(output.token);
-                w.steps.push(output);
-                w.seq_len += 1;
-                w.text = self.decode(&w.tokens)?;
-                w.end = if stop {
-                    ActionEnd::Stop
-                } else if w.seq_len >= self.max_context {
-                    ActionEnd::Context
-                } else if self.granularity.is_complete(&w.tokens, &w.text) {
-                    ActionEnd::Complete
-                } else {
-                    ActionEnd::Open
-                };
-            }
-            // Walkers other than the one committing each hold one node reservation.
-            let mut open = open_after;
-            for &i in &members {
-                if walkers[i].end != ActionEnd::Open {
-                    open -= 1;
-                    self.commit(&mut walkers[i], mode, open)?;
-                    if !walkers[i].done {
-                        open += 1;
-                    }
-                }
-            }
-        }
-    }
-
-    /// [`Engine::walk`] for a model that generates whole actions: rounds of one
-    /// [`LanguageModel::extend`] over every walker that can start an action, each request
-    /// bounded by the granularity's hints, the context's room and its share of the token
-    /// budget (reserved in walker order, so a round never generates past the budget).
-    fn walk_actions(&mut self, walkers: &mut [Walker], mode: WalkMode) -> Result<()> {
+        let whole_actions = self.model.generates_whole_actions();
+        // The longest action the granularity allows (whole-action rounds reserve this much).
         let hint = self.granularity.hints().and_then(|h| h.max_tokens).unwrap_or(usize::MAX).max(1);
         loop {
             if walkers.iter().all(|w| w.done) {
@@ -467,10 +364,11 @@ impl<'a> Engine<'a> {
                 }
                 return Ok(());
             }
+            // Who advances this round: token steps give each open walker one token of the
+            // budget; whole actions reserve each one's share in walker order, so a round never
+            // generates past the budget.
             let mut tokens_left = self.tracker.tokens_left();
-            let mut requests = Vec::new();
             let mut members = Vec::new();
-            let mut capped = Vec::new();
             for (i, w) in walkers.iter().enumerate() {
                 if tokens_left == 0 {
                     break;
@@ -478,83 +376,147 @@ impl<'a> Engine<'a> {
                 if w.done {
                     continue;
                 }
-                let mut force = None;
-                if let Some(g) = w.group {
-                    if self.groups[g].top.is_some() {
-                        force = self.distinct_first_token(g);
-                    } else if self.groups[g].leader_started {
-                        continue; // waits for the leader to reveal the state's candidates
-                    } else {
-                        self.groups[g].leader_started = true;
+                let Some(force) = self.first_token(w) else { continue };
+                let share = if whole_actions {
+                    let room = self.max_context.saturating_sub(w.seq_len);
+                    let share = (tokens_left.min(usize::MAX as u64) as usize).min(hint).min(room);
+                    if share == 0 {
+                        continue;
                     }
-                }
-                let room = self.max_context.saturating_sub(w.seq_len);
-                let share = (tokens_left.min(usize::MAX as u64) as usize).min(hint).min(room);
-                if share == 0 {
-                    continue;
-                }
+                    share
+                } else {
+                    1
+                };
                 tokens_left -= share as u64;
-                let mut request = ExtendRequest::new(w.seq, self.generation.sampling, share);
-                request.force_first = force;
-                request.top_logprobs = self.generation.top_logprobs;
-                request.stream = Some(w.key);
-                requests.push(request);
-                members.push(i);
-                capped.push(share < hint.min(room));
+                members.push((i, force, share));
             }
-            if requests.is_empty() {
+            if members.is_empty() {
                 return Err(Error::Internal("no walker could advance".into()));
             }
-            let outputs = self.model.extend(&requests, self.granularity)?;
-            if outputs.len() != requests.len() {
-                return Err(Error::backend(std::io::Error::other(format!(
-                    "the model answered {} of {} extend requests",
-                    outputs.len(),
-                    requests.len()
-                ))));
-            }
             let open_after: usize = walkers.iter().filter(|w| !w.done).count();
-            for ((&i, output), (request, capped)) in members.iter().zip(outputs).zip(requests.iter().zip(&capped)) {
-                let w = &mut walkers[i];
-                if output.steps.len() > request.max_tokens {
-                    return Err(Error::backend(std::io::Error::other(format!(
-                        "the model added {} tokens to an action limited to {}",
-                        output.steps.len(),
-                        request.max_tokens
-                    ))));
-                }
-                self.tracker.generated_tokens += output.steps.len() as u64;
-                if let (Some(g), Some(first)) = (w.group, output.steps.first()) {
-                    let group = &mut self.groups[g];
-                    if group.top.is_none() {
-                        group.top = Some(first.top.clone());
-                    }
-                    if !group.used.contains(&first.token) {
-                        group.used.push(first.token);
-                    }
-                }
-                w.seq_len += output.steps.len();
-                w.tokens.extend(output.steps.iter().map(|s| s.token));
-                w.steps.extend(output.steps);
-                w.end = match output.end {
-                    marco_core::ActionEnd::Complete => ActionEnd::Complete,
-                    marco_core::ActionEnd::Stop => ActionEnd::Stop,
-                    marco_core::ActionEnd::Context => ActionEnd::Context,
-                    // The granularity's own cap ends an action like its completion; a budget's
-                    // share ends it as the budget does.
-                    marco_core::ActionEnd::Length if *capped => ActionEnd::Budget,
-                    marco_core::ActionEnd::Length => ActionEnd::Complete,
-                };
+            if whole_actions {
+                self.extend_round(walkers, &members, hint)?;
+            } else {
+                self.step_round(walkers, &members)?;
             }
+            // Walkers other than the one committing each hold one node reservation.
             let mut open = open_after;
-            for &i in &members {
-                open -= 1;
-                self.commit(&mut walkers[i], mode, open)?;
-                if !walkers[i].done {
-                    open += 1;
+            for &(i, _, _) in &members {
+                if walkers[i].end != ActionEnd::Open {
+                    open -= 1;
+                    self.commit(&mut walkers[i], mode, open)?;
+                    if !walkers[i].done {
+                        open += 1;
+                    }
                 }
             }
         }
+    }
+
+    /// Whether `w` may advance now and with which forced first token: `None` while it waits for
+    /// its sibling group's leader to reveal the state's candidates; `Some(force)` otherwise.
+    fn first_token(&mut self, w: &Walker) -> Option<Option<TokenId>> {
+        let Some(g) = w.group.filter(|_| w.tokens.is_empty()) else { return Some(None) };
+        if self.groups[g].top.is_some() {
+            Some(self.distinct_first_token(g))
+        } else if self.groups[g].leader_started {
+            None
+        } else {
+            self.groups[g].leader_started = true;
+            Some(None)
+        }
+    }
+
+    /// Records the first token of a walker's action in its sibling group.
+    fn note_first_token(&mut self, w: &Walker, first: &StepOutput) {
+        if let Some(g) = w.group.filter(|_| w.tokens.is_empty()) {
+            let group = &mut self.groups[g];
+            if group.top.is_none() {
+                group.top = Some(first.top.clone());
+            }
+            if !group.used.contains(&first.token) {
+                group.used.push(first.token);
+            }
+        }
+    }
+
+    /// One batched [`LanguageModel::step`]: a token for each member.
+    fn step_round(&mut self, walkers: &mut [Walker], members: &[(usize, Option<TokenId>, usize)]) -> Result<()> {
+        let requests: Vec<StepRequest> = members
+            .iter()
+            .map(|&(i, force, _)| {
+                let mut request = StepRequest::new(walkers[i].seq, self.generation.sampling);
+                request.force = force;
+                request.top_logprobs = self.generation.top_logprobs;
+                request.stream = Some(walkers[i].key);
+                request
+            })
+            .collect();
+        let outputs = self.model.step(&requests)?;
+        check_answer_count(outputs.len(), requests.len(), "step")?;
+        self.tracker.generated_tokens += outputs.len() as u64;
+        for (&(i, _, _), output) in members.iter().zip(outputs) {
+            let w = &mut walkers[i];
+            self.note_first_token(w, &output);
+            w.tokens.push(output.token);
+            w.steps.push(output);
+            w.seq_len += 1;
+            let end = marco_core::action_end(
+                self.model.tokenizer(),
+                self.granularity,
+                &w.tokens,
+                w.seq_len,
+                self.max_context,
+                usize::MAX,
+            )?;
+            w.end = end.map_or(ActionEnd::Open, ActionEnd::from);
+        }
+        Ok(())
+    }
+
+    /// One [`LanguageModel::extend`]: a whole action for each member, within its share.
+    fn extend_round(
+        &mut self,
+        walkers: &mut [Walker],
+        members: &[(usize, Option<TokenId>, usize)],
+        hint: usize,
+    ) -> Result<()> {
+        let requests: Vec<ExtendRequest> = members
+            .iter()
+            .map(|&(i, force, share)| {
+                let mut request = ExtendRequest::new(walkers[i].seq, self.generation.sampling, share);
+                request.force_first = force;
+                request.top_logprobs = self.generation.top_logprobs;
+                request.stream = Some(walkers[i].key);
+                request
+            })
+            .collect();
+        let outputs = self.model.extend(&requests, self.granularity)?;
+        check_answer_count(outputs.len(), requests.len(), "extend")?;
+        for (&(i, _, share), output) in members.iter().zip(outputs) {
+            let w = &mut walkers[i];
+            if output.steps.len() > share {
+                return Err(Error::backend(std::io::Error::other(format!(
+                    "the model added {} tokens to an action limited to {share}",
+                    output.steps.len()
+                ))));
+            }
+            self.tracker.generated_tokens += output.steps.len() as u64;
+            if let Some(first) = output.steps.first() {
+                self.note_first_token(w, first);
+            }
+            let capped = share < hint.min(self.max_context.saturating_sub(w.seq_len));
+            w.seq_len += output.steps.len();
+            w.tokens.extend(output.steps.iter().map(|s| s.token));
+            w.steps.extend(output.steps);
+            w.end = match output.end {
+                // A budget's share ends an action as the budget does; the granularity's own cap
+                // ends it like its completion.
+                marco_core::ActionEnd::Length if capped => ActionEnd::Budget,
+                end => ActionEnd::from(end),
+            };
+        }
+        Ok(())
     }
 
     /// Turns a walker's action into a node; in rollout mode starts its next action if the
@@ -569,7 +531,6 @@ impl<'a> Engine<'a> {
         }
         let tokens = std::mem::take(&mut w.tokens);
         let steps = std::mem::take(&mut w.steps);
-        w.text.clear();
         let confidence = self.confidence.mean_confidence(&steps)?;
         let node = self.tree.add_child(w.parent, NodeKind::Action, tokens, steps, String::new());
         let terminal = matches!(w.end, ActionEnd::Stop | ActionEnd::Context)
@@ -770,6 +731,25 @@ impl<'a> Engine<'a> {
         }
         .with_model_counters(&self.start_counters, &end_counters);
         Ok(SearchOutcome { policy, text, answer, path: self.tree.path(chosen), value, stats, tree: self.tree })
+    }
+}
+
+impl From<marco_core::ActionEnd> for ActionEnd {
+    fn from(end: marco_core::ActionEnd) -> Self {
+        match end {
+            marco_core::ActionEnd::Complete | marco_core::ActionEnd::Length => ActionEnd::Complete,
+            marco_core::ActionEnd::Stop => ActionEnd::Stop,
+            marco_core::ActionEnd::Context => ActionEnd::Context,
+        }
+    }
+}
+
+/// Fails unless a model answered each of `asked` requests.
+fn check_answer_count(answered: usize, asked: usize, what: &str) -> Result<()> {
+    if answered == asked {
+        Ok(())
+    } else {
+        Err(Error::backend(std::io::Error::other(format!("the model answered {answered} of {asked} {what} requests"))))
     }
 }
 
