@@ -86,6 +86,9 @@ pub struct RemoteConfig {
     pub server: Option<ServerKind>,
     /// The context length to assume; `None` asks the server (and fails if it cannot say).
     pub max_context: Option<usize>,
+    /// Let the server reuse cached prefixes (default). Off, llama-server computes every prompt
+    /// whole, as a client that cannot share prefixes would make it: for benchmarks.
+    pub prefix_cache: bool,
 }
 
 impl RemoteConfig {
@@ -99,6 +102,7 @@ impl RemoteConfig {
             http: HttpOptions::default(),
             server: None,
             max_context: None,
+            prefix_cache: true,
         }
     }
 }
@@ -126,6 +130,7 @@ pub struct RemoteLm {
     tokenizer: MarcoTokenizer,
     max_context: usize,
     concurrency: usize,
+    prefix_cache: bool,
     /// A token whose text is plain ASCII, for [`RemoteLm::probe_step`].
     probe_token: TokenId,
     seqs: HashMap<u64, Vec<TokenId>>,
@@ -219,6 +224,7 @@ impl RemoteLm {
             tokenizer,
             max_context,
             concurrency: config.concurrency,
+            prefix_cache: config.prefix_cache,
             seqs: HashMap::new(),
             next_seq: 0,
             known_next: HashMap::new(),
@@ -376,6 +382,7 @@ impl RemoteLm {
             stop: Vec::new(),
             model: self.model.clone(),
             bias_to: Some(self.probe_token),
+            cache_prompt: self.prefix_cache,
         }];
         let answer = self.generate_all(&jobs).pop().ok_or_else(|| RemoteError::Unsupported("no answer".into()))??;
         let entry = answer.entries.into_iter().flatten().next().ok_or_else(|| RemoteError::Malformed {
@@ -422,6 +429,34 @@ impl RemoteLm {
         })?;
         Ok(StepOutput { token, logprob, top: top.clone() })
     }
+}
+
+/// The entries of an answer, each at the token it belongs to. llama-server gives a token an
+/// entry only when the text generated so far ends on a whole character, so an entry belongs
+/// to the last token of its character; matching by id alone could give it to an earlier token
+/// with the same id inside that character (a repeated byte). Where the answer has gaps, the
+/// entries are placed by that rule (decoding each prefix); if the rule cannot place them all
+/// (a tokenizer that decodes differently), they stay where the ids put them.
+fn align_entries(
+    tokenizer: &dyn Tokenizer,
+    tokens: &[TokenId],
+    entries: Vec<Option<StepOutput>>,
+) -> marco_core::Result<Vec<Option<StepOutput>>> {
+    if entries.iter().all(Option::is_some) {
+        return Ok(entries);
+    }
+    let reported: Vec<&StepOutput> = entries.iter().flatten().collect();
+    let mut placed = Vec::with_capacity(tokens.len());
+    let mut next = reported.iter().peekable();
+    for (j, &token) in tokens.iter().enumerate() {
+        let matches = next.peek().is_some_and(|e| e.token == token);
+        if matches && !tokenizer.decode(&tokens[..=j], false)?.ends_with('\u{FFFD}') {
+            placed.push(next.next().map(|e| (*e).clone()));
+        } else {
+            placed.push(None);
+        }
+    }
+    Ok(if next.next().is_none() { placed } else { entries })
 }
 
 fn key_of(tokens: &[TokenId]) -> (u64, usize) {
@@ -486,10 +521,9 @@ impl LanguageModel for RemoteLm {
     }
 
     fn step(&mut self, batch: &[StepRequest]) -> marco_core::Result<Vec<StepOutput>> {
-        for (i, r) in batch.iter().enumerate() {
-            if batch[..i].iter().any(|o| o.seq == r.seq) {
-                return Err(Error::InvalidConfig(format!("sequence {} appears twice in one step", r.seq.0)));
-            }
+        marco_core::check_distinct(batch.iter().map(|r| r.seq), "step")?;
+        for r in batch {
+            r.sampling.validate()?;
             let len = self.tokens(r.seq)?.len();
             if len >= self.max_context {
                 return Err(Error::ContextOverflow { needed: len + 1, limit: self.max_context });
@@ -515,6 +549,7 @@ impl LanguageModel for RemoteLm {
                         stop: Vec::new(),
                         model: self.model.clone(),
                         bias_to: None,
+                        cache_prompt: self.prefix_cache,
                     });
                     members.push(i);
                 }
@@ -523,7 +558,8 @@ impl LanguageModel for RemoteLm {
         let answers = self.generate_all(&jobs);
         for ((&i, answer), Generate { prompt, .. }) in members.iter().zip(answers).zip(&jobs) {
             let g = answer?;
-            let (token, entry) = g.tokens.into_iter().zip(g.entries).next().ok_or_else(|| RemoteError::Malformed {
+            let entries = align_entries(&self.tokenizer, &g.tokens, g.entries)?;
+            let (token, entry) = g.tokens.into_iter().zip(entries).next().ok_or_else(|| RemoteError::Malformed {
                 url: self.client.base().to_string(),
                 reason: "the server generated no token for a one-token request".into(),
             })?;
@@ -551,10 +587,9 @@ impl LanguageModel for RemoteLm {
         batch: &[ExtendRequest],
         action: &dyn ActionGranularity,
     ) -> marco_core::Result<Vec<ExtendOutput>> {
-        for (i, r) in batch.iter().enumerate() {
-            if batch[..i].iter().any(|o| o.seq == r.seq) {
-                return Err(Error::InvalidConfig(format!("sequence {} appears twice in one extend", r.seq.0)));
-            }
+        marco_core::check_distinct(batch.iter().map(|r| r.seq), "extend")?;
+        for r in batch {
+            r.sampling.validate()?;
         }
         // Requests are bounded by the granularity's hints; without them, one token each.
         let (hint_max, stops) = match action.hints() {
@@ -609,6 +644,7 @@ impl LanguageModel for RemoteLm {
                         stop,
                         model: self.model.clone(),
                         bias_to: None,
+                        cache_prompt: self.prefix_cache,
                     }
                 })
                 .collect();
@@ -618,7 +654,8 @@ impl LanguageModel for RemoteLm {
                 let (r, p) = (&batch[i], &mut pending[i]);
                 let returned = g.tokens.len();
                 let mut prefix = job.prompt.clone();
-                for (token, entry) in g.tokens.into_iter().zip(g.entries) {
+                let entries = align_entries(&self.tokenizer, &g.tokens, g.entries)?;
+                for (token, entry) in g.tokens.into_iter().zip(entries) {
                     let step = match entry {
                         Some(step) => step,
                         None => self.probe_step(&prefix, token, r.top_logprobs)?,
@@ -694,5 +731,67 @@ impl RemoteLm {
         let tokens: Vec<TokenId> = p.steps.iter().map(|s| s.token).collect();
         let len = p.base.len() + tokens.len();
         marco_core::action_end(&self.tokenizer, action, &tokens, len, self.max_context, r.max_tokens)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A byte-level BPE tokenizer whose token `b` is the byte `b` (GPT-2's byte alphabet, no
+    /// merges): multi-byte characters take several tokens, as in real vocabularies.
+    fn byte_tokenizer() -> MarcoTokenizer {
+        let mut bytes: Vec<u32> = (u32::from(b'!')..=u32::from(b'~')).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+        let mut chars = bytes.clone();
+        let mut n = 0;
+        for b in 0..256 {
+            if !bytes.contains(&b) {
+                bytes.push(b);
+                chars.push(256 + n);
+                n += 1;
+            }
+        }
+        let vocab: serde_json::Map<String, Value> = bytes
+            .iter()
+            .zip(&chars)
+            .map(|(&b, &c)| (char::from_u32(c).map(String::from).unwrap_or_default(), json!(b)))
+            .collect();
+        let byte_level =
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+        let tokenizer = json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+            "pre_tokenizer": byte_level, "post_processor": null, "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "ignore_merges": false, "vocab": vocab, "merges": []}
+        });
+        let dir = std::env::temp_dir().join(format!("marco-remote-byte-tokenizer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+        let t = MarcoTokenizer::load(dir.join("tokenizer.json")).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        t
+    }
+
+    fn entry(token: TokenId, logprob: f32) -> Option<StepOutput> {
+        Some(StepOutput { token, logprob, top: vec![TokenLogprob { token, logprob }] })
+    }
+
+    #[test]
+    fn entries_go_to_the_last_token_of_their_character() {
+        let t = byte_tokenizer();
+        assert_eq!(t.encode("\u{2000}", false).unwrap(), vec![0xE2, 0x80, 0x80]);
+        // "a", then U+2000 (E2 80 80): the server reports "a" and the character's last byte.
+        let tokens = [u32::from(b'a'), 0xE2, 0x80, 0x80];
+        let by_id = vec![entry(u32::from(b'a'), -0.1), None, entry(0x80, -0.7), None];
+        let placed = align_entries(&t, &tokens, by_id).unwrap();
+        assert_eq!(placed.iter().map(Option::is_some).collect::<Vec<_>>(), vec![true, false, false, true]);
+        assert_eq!(placed[3].as_ref().unwrap().logprob, -0.7);
+        // Complete answers stay as they are.
+        let full = vec![entry(1, -0.1), entry(2, -0.2)];
+        assert_eq!(align_entries(&t, &[1, 2], full.clone()).unwrap(), full);
+        // Entries the rule cannot place keep the places their ids gave them.
+        let odd = vec![None, entry(0x80, -0.5)];
+        assert_eq!(align_entries(&t, &[0xE2, 0x80], odd.clone()).unwrap(), odd);
     }
 }

@@ -88,6 +88,9 @@ pub(crate) struct Generate {
     /// A token to generate whatever the distribution says (llama-server's `logit_bias`): its
     /// entry still reports the raw distribution's top alternatives.
     pub bias_to: Option<TokenId>,
+    /// Let the server reuse a cached prefix (llama-server's `cache_prompt`; vLLM and SGLang
+    /// decide on the server's command line).
+    pub cache_prompt: bool,
 }
 
 /// How a generation ended, as the server says.
@@ -155,7 +158,7 @@ pub(crate) fn request_body(kind: ServerKind, g: &Generate) -> Value {
                 "n_probs": g.top_logprobs,
                 "post_sampling_probs": false,
                 "stop": g.stop,
-                "cache_prompt": true,
+                "cache_prompt": g.cache_prompt,
                 "return_tokens": true,
                 // marco's order: temperature, then the nucleus (llama.cpp's default chain cuts
                 // top-p before the temperature).
@@ -509,6 +512,7 @@ mod tests {
             stop: vec!["\n".to_string()],
             model: Some("m".into()),
             bias_to: Some(4),
+            cache_prompt: true,
         };
         let l = request_body(ServerKind::LlamaCpp, &g);
         assert_eq!((l["n_probs"].as_u64(), l["seed"].as_u64()), (Some(5), Some(77)));

@@ -36,8 +36,8 @@ pub use answer::{AnswerExtractor, Boxed, FirstOf, LastNumber, OutputTag};
 pub use budget::{Budget, BudgetTracker, StopReason};
 pub use error::{Error, Result};
 pub use model::{
-    action_end, extend_by_steps, ActionEnd, ChatMessage, ExtendOutput, ExtendRequest, LanguageModel, ModelCounters,
-    SeqId, StepRequest, Tokenizer,
+    action_end, check_distinct, extend_by_steps, ActionEnd, ChatMessage, ExtendOutput, ExtendRequest, LanguageModel,
+    ModelCounters, SeqId, StepRequest, Tokenizer,
 };
 pub use reward::{ConfidenceReward, OutsideTopK, PathView, Reward};
 pub use sampling::SamplingParams;

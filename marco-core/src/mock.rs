@@ -411,11 +411,9 @@ impl LanguageModel for MockModel {
 
     fn step(&mut self, batch: &[StepRequest]) -> Result<Vec<StepOutput>> {
         let started = Instant::now();
-        for (i, r) in batch.iter().enumerate() {
+        crate::model::check_distinct(batch.iter().map(|r| r.seq), "step")?;
+        for r in batch {
             r.sampling.validate()?;
-            if batch[..i].iter().any(|o| o.seq == r.seq) {
-                return Err(Error::InvalidConfig(format!("sequence {} appears twice in one step", r.seq.0)));
-            }
             let s = self.seq(r.seq)?;
             if s.tokens.len() >= self.max_context {
                 return Err(Error::ContextOverflow { needed: s.tokens.len() + 1, limit: self.max_context });

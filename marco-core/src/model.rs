@@ -235,6 +235,18 @@ pub trait LanguageModel {
     }
 }
 
+/// Fails with [`Error::InvalidConfig`] if a sequence appears twice among `seqs`, the sequences
+/// of one batched `call` (`"step"`, `"extend"`).
+pub fn check_distinct(seqs: impl IntoIterator<Item = SeqId>, call: &str) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for seq in seqs {
+        if !seen.insert(seq) {
+            return Err(Error::InvalidConfig(format!("sequence {} appears twice in one {call}", seq.0)));
+        }
+    }
+    Ok(())
+}
+
 /// Whether an action ends with its last token, by the rules of [`LanguageModel::extend`], in
 /// their order: a stop token, a full context, the granularity's completion, the token limit.
 /// `tokens` are the action's tokens so far (the last one just added) and `seq_len` the
@@ -272,11 +284,7 @@ pub fn extend_by_steps<M: LanguageModel + ?Sized>(
     batch: &[ExtendRequest],
     action: &dyn ActionGranularity,
 ) -> Result<Vec<ExtendOutput>> {
-    for (i, r) in batch.iter().enumerate() {
-        if batch[..i].iter().any(|other| other.seq == r.seq) {
-            return Err(Error::InvalidConfig(format!("sequence {} appears twice in one extend", r.seq.0)));
-        }
-    }
+    check_distinct(batch.iter().map(|r| r.seq), "extend")?;
     let max_context = model.max_context();
     let mut lens = batch.iter().map(|r| model.seq_len(r.seq)).collect::<Result<Vec<_>>>()?;
     let mut outputs: Vec<ExtendOutput> =
