@@ -198,13 +198,13 @@ fn run(args: Args) -> Result<()> {
     }
     let server_decode = median(&decode);
     println!(
-        "MCTS width {}, mini-step:{}, {} tokens, seed {}, prompt {} tokens; {} at {}; medians of {} round(s)\n",
+        "MCTS width {}, mini-step:{}, {} tokens, seed {}, prompt {} tokens; {:?} at {}; medians of {} round(s)\n",
         args.width,
         args.mini_step,
         args.budget_tokens,
         args.seed,
         problem(0, names[0])?.prompt_tokens.len(),
-        format!("{:?}", with_cache.server_kind()),
+        with_cache.server_kind(),
         args.url,
         args.runs.max(1)
     );

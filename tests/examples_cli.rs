@@ -125,6 +125,66 @@ fn reason_rejects_bad_input_with_one_line() {
     assert_one_line_error("reason", &["--granularity", "words", Q], "unknown granularity");
     assert_one_line_error("reason", &["--granularity", "mini-step:0", Q], "positive token count");
     assert_one_line_error("reason", &["--no-such-flag", Q], "--no-such-flag");
+    assert_one_line_error("reason", &["--concurrency", "2", Q], "--url");
+}
+
+/// A dead server: one line naming it, from every example that takes `--url`.
+#[test]
+fn examples_name_a_server_that_is_not_running() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    assert_one_line_error("reason", &["--url", &url, Q], &url);
+    assert_one_line_error("translate", &["--url", &url, "你好"], &url);
+    // `eval` says what it is about to run first; its error is still one line, the last.
+    let results = std::env::temp_dir().join(format!("marco-eval-dead-server-{}.jsonl", std::process::id()));
+    let results_arg = results.to_string_lossy().to_string();
+    let r = run("eval", &["--url", &url, "--limit", "1", "--results", &results_arg], Duration::from_secs(120));
+    let context = format!("code {:?}\nstderr: {}", r.code, r.stderr);
+    assert!(matches!(r.code, Some(c) if c != 0) && !r.stderr.contains("panicked"), "{context}");
+    let last = r.stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or_default();
+    assert!(last.starts_with("error: ") && last.contains(&url), "{context}");
+    assert_eq!(r.stderr.lines().filter(|l| l.starts_with("error")).count(), 1, "{context}");
+    let _ = std::fs::remove_file(&results);
+    assert_one_line_error("reason", &["--url", &url, "--concurrency", "0", Q], "--concurrency");
+}
+
+/// `reason --url` against the llama-server that `.ci/run` starts: the summary and the trace
+/// report the same statistics as in-process runs.
+#[test]
+fn reason_over_a_server_reports_like_in_process() {
+    let url = match std::env::var("MARCO_LLAMA_SERVER_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => {
+            assert!(std::env::var_os("CI").is_none(), "CI must start llama-server and set MARCO_LLAMA_SERVER_URL");
+            eprintln!("MARCO_LLAMA_SERVER_URL is not set: start scripts/llama-server.sh to run this test");
+            return;
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("marco-reason-remote-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let trace = dir.join("trace.json");
+    let trace_arg = trace.to_string_lossy().to_string();
+    let question = "Janet has 3 apples and buys 5 more. How many apples does she have now?";
+    let args =
+        ["--url", &url, "--granularity", "mini-step:16", "--budget-tokens", "96", "--trace", &trace_arg, question];
+    let r = run("reason", &args, Duration::from_secs(300));
+    assert_eq!(r.code, Some(0), "stdout: {}\nstderr: {}", r.stdout, r.stderr);
+    let summary = r.stdout.lines().find(|l| l.starts_with("mcts on remote ")).expect("summary line");
+    let outcome = marco::core::SearchOutcome::from_json(&std::fs::read_to_string(&trace).expect("trace written"))
+        .expect("trace parses");
+    let stats = &outcome.stats;
+    assert_eq!(stats.tokens_generated, 96, "{summary}");
+    let counts = format!(
+        "{} tokens generated / {} computed for {} distinct (recompute {:.3})",
+        stats.tokens_generated,
+        stats.tokens_computed,
+        stats.distinct_tokens,
+        stats.recompute_ratio()
+    );
+    assert!(summary.contains(&counts), "{summary} (want {counts})");
+    assert!(stats.tokens_computed > 0 && stats.recompute_ratio() <= 1.1, "{summary}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

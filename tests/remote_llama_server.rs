@@ -62,6 +62,38 @@ fn connects_and_tokenizes_like_the_server() {
     }
 }
 
+/// The server's own tokenizer (no file): the same tokens, texts, stop token and chat prompt
+/// as the model's file, and the same search.
+#[test]
+fn the_servers_own_tokenizer_is_the_files() {
+    let Some(url) = server_url() else { return };
+    let mut by_file = remote(&url);
+    let mut by_server = RemoteLm::connect(RemoteConfig::new(url), TokenizerSource::Server).unwrap();
+    let (file, server) = (by_file.tokenizer(), by_server.tokenizer());
+    assert_eq!(server.vocab_size(), file.vocab_size());
+    assert!(!server.stop_tokens().is_empty());
+    assert!(server.stop_tokens().iter().all(|t| file.stop_tokens().contains(t)), "{:?}", server.stop_tokens());
+    for case in oracle().cases {
+        assert_eq!(server.encode(&case.text, true).unwrap(), case.token_ids, "{}", case.name);
+        for skip in [false, true] {
+            assert_eq!(
+                server.decode(&case.token_ids, skip).unwrap(),
+                file.decode(&case.token_ids, skip).unwrap(),
+                "{} skip_special {skip}",
+                case.name
+            );
+        }
+    }
+    let question = "Janet has 3 apples and buys 5 more. How many apples does she have now?";
+    let a = Problem::from_question(file, question, None).unwrap();
+    let b = Problem::from_question(server, question, None).unwrap();
+    assert_eq!(a, b);
+    let x = greedy(48).search(&mut by_file, &a).unwrap();
+    let y = greedy(48).search(&mut by_server, &b).unwrap();
+    assert_eq!(x.text, y.text);
+    assert_eq!(canonical(&x), canonical(&y));
+}
+
 #[test]
 fn a_foreign_tokenizer_is_refused() {
     let Some(url) = server_url() else { return };

@@ -386,7 +386,8 @@ pub struct RemoteArgs {
     #[arg(long, value_name = "NAME", requires = "url")]
     pub remote_model: Option<String>,
     /// The served model's tokenizer: a .gguf file, a Hugging Face directory or its
-    /// tokenizer.json (default: --model, else the default model's).
+    /// tokenizer.json (default: --model, else the default model's), or `server` to ask a
+    /// llama-server's /tokenize and /detokenize (slower: a request per decoding).
     #[arg(long, value_name = "PATH", requires = "url")]
     pub tokenizer: Option<PathBuf>,
     /// Requests in flight at once against the server.
@@ -408,22 +409,23 @@ pub fn load_any(
                 bail!("--concurrency must be at least 1");
             }
             let tokenizer = match (&remote.tokenizer, model) {
+                (Some(path), _) if path.as_os_str() == "server" => marco::remote::TokenizerSource::Server,
                 (Some(path), _) => {
                     check_model_path(path)?;
-                    path.clone()
+                    marco::remote::TokenizerSource::File(path.clone())
                 }
                 (None, Some(path)) => {
                     check_model_path(path)?;
-                    path.to_path_buf()
+                    marco::remote::TokenizerSource::File(path.to_path_buf())
                 }
-                (None, None) => fetch_default_model()?,
+                (None, None) => marco::remote::TokenizerSource::File(fetch_default_model()?),
             };
             let mut config = marco::remote::RemoteConfig::new(url.clone());
             config.api_key_env = remote.api_key_env.clone();
             config.model = remote.remote_model.clone();
             config.concurrency = remote.concurrency;
             let spinner = spinner(format!("connecting to {url}"));
-            let lm = marco::remote::RemoteLm::connect(config, marco::remote::TokenizerSource::File(tokenizer))
+            let lm = marco::remote::RemoteLm::connect(config, tokenizer)
                 .with_context(|| format!("cannot use the server at {url}"))?;
             spinner.finish_and_clear();
             Ok(Box::new(lm))

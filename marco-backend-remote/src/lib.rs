@@ -35,8 +35,10 @@ pub mod error;
 mod http;
 pub mod lm;
 pub mod protocol;
+pub mod tokenizer;
 
 pub use error::{RemoteError, Result};
 pub use http::HttpOptions;
 pub use lm::{RemoteConfig, RemoteLm, RemoteStats, TokenizerSource, DEFAULT_API_KEY_ENV, TOKENIZER_PROBE};
 pub use protocol::ServerKind;
+pub use tokenizer::ServerTokenizer;

@@ -50,6 +50,7 @@ use serde_json::{json, Value};
 use crate::error::{RemoteError, Result};
 use crate::http::{Client, HttpOptions, Secret};
 use crate::protocol::{parse_generated, request_body, Finish, Generate, Generated, ServerKind};
+use crate::tokenizer::ServerTokenizer;
 
 /// The environment variable the API key is read from by default.
 pub const DEFAULT_API_KEY_ENV: &str = "OPENAI_API_KEY";
@@ -62,8 +63,12 @@ pub const TOKENIZER_PROBE: &str =
 /// Where the remote model's tokenizer comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenizerSource {
-    /// A `.gguf` file, a Hugging Face model directory or its `tokenizer.json`.
+    /// A `.gguf` file, a Hugging Face model directory or its `tokenizer.json` (checked against
+    /// the server's tokenization at connect time).
     File(PathBuf),
+    /// The server's own `/tokenize` and `/detokenize` (llama-server only): no file needed, one
+    /// request per encoding or decoding ([`ServerTokenizer`]).
+    Server,
 }
 
 /// How to reach a server.
@@ -127,7 +132,10 @@ pub struct RemoteLm {
     client: Client,
     kind: ServerKind,
     model: Option<String>,
-    tokenizer: MarcoTokenizer,
+    tokenizer: Box<dyn Tokenizer + Send + Sync>,
+    /// The BOS token a local tokenizer puts before a text, which the server's `/tokenize`
+    /// leaves out (for the probe check); `None` for the server's own tokenizer.
+    local_bos: Option<Option<TokenId>>,
     max_context: usize,
     concurrency: usize,
     prefix_cache: bool,
@@ -208,8 +216,13 @@ impl RemoteLm {
         if max_context < 2 {
             return Err(RemoteError::InvalidConfig(format!("a context of {max_context} tokens is too short")));
         }
-        let tokenizer = match tokenizer {
-            TokenizerSource::File(path) => MarcoTokenizer::load(&path)?,
+        let (tokenizer, local_bos): (Box<dyn Tokenizer + Send + Sync>, _) = match tokenizer {
+            TokenizerSource::File(path) => {
+                let local = MarcoTokenizer::load(&path)?;
+                let bos = local.bos_token().filter(|_| local.adds_bos());
+                (Box::new(local), Some(bos))
+            }
+            TokenizerSource::Server => (Box::new(ServerTokenizer::connect(client.clone(), kind, &models.json)?), None),
         };
         let probe_token = tokenizer
             .encode("a", false)
@@ -222,6 +235,7 @@ impl RemoteLm {
             kind,
             model,
             tokenizer,
+            local_bos,
             max_context,
             concurrency: config.concurrency,
             prefix_cache: config.prefix_cache,
@@ -231,7 +245,9 @@ impl RemoteLm {
             counters: ModelCounters::default(),
             stats: RemoteStats::default(),
         };
-        lm.check_tokenizer(TOKENIZER_PROBE)?;
+        if lm.local_bos.is_some() {
+            lm.check_tokenizer(TOKENIZER_PROBE)?;
+        }
         Ok(lm)
     }
 
@@ -288,9 +304,8 @@ impl RemoteLm {
     /// `probe` alike.
     pub fn check_tokenizer(&self, probe: &str) -> Result<()> {
         let local = self.tokenizer.encode(probe, true).map_err(|e| RemoteError::Unsupported(e.to_string()))?;
-        // A BOS that marco adds is not part of the text.
-        let local: Vec<TokenId> = match self.tokenizer.bos_token() {
-            Some(bos) if self.tokenizer.adds_bos() && local.first() == Some(&bos) => local[1..].to_vec(),
+        let local = match (self.local_bos.flatten(), local.split_first()) {
+            (Some(bos), Some((&first, rest))) if first == bos => rest.to_vec(),
             _ => local,
         };
         let server = self.server_tokenize(probe)?;
@@ -480,7 +495,7 @@ struct Pending {
 
 impl LanguageModel for RemoteLm {
     fn tokenizer(&self) -> &dyn Tokenizer {
-        &self.tokenizer
+        self.tokenizer.as_ref()
     }
 
     fn max_context(&self) -> usize {
@@ -558,7 +573,7 @@ impl LanguageModel for RemoteLm {
         let answers = self.generate_all(&jobs);
         for ((&i, answer), Generate { prompt, .. }) in members.iter().zip(answers).zip(&jobs) {
             let g = answer?;
-            let entries = align_entries(&self.tokenizer, &g.tokens, g.entries)?;
+            let entries = align_entries(self.tokenizer.as_ref(), &g.tokens, g.entries)?;
             let (token, entry) = g.tokens.into_iter().zip(entries).next().ok_or_else(|| RemoteError::Malformed {
                 url: self.client.base().to_string(),
                 reason: "the server generated no token for a one-token request".into(),
@@ -654,7 +669,7 @@ impl LanguageModel for RemoteLm {
                 let (r, p) = (&batch[i], &mut pending[i]);
                 let returned = g.tokens.len();
                 let mut prefix = job.prompt.clone();
-                let entries = align_entries(&self.tokenizer, &g.tokens, g.entries)?;
+                let entries = align_entries(self.tokenizer.as_ref(), &g.tokens, g.entries)?;
                 for (token, entry) in g.tokens.into_iter().zip(entries) {
                     let step = match entry {
                         Some(step) => step,
@@ -730,7 +745,7 @@ impl RemoteLm {
         p.steps.push(step);
         let tokens: Vec<TokenId> = p.steps.iter().map(|s| s.token).collect();
         let len = p.base.len() + tokens.len();
-        marco_core::action_end(&self.tokenizer, action, &tokens, len, self.max_context, r.max_tokens)
+        marco_core::action_end(self.tokenizer.as_ref(), action, &tokens, len, self.max_context, r.max_tokens)
     }
 }
 
