@@ -150,11 +150,11 @@ fn server_decode(lm: &mut RemoteLm, problem: &Problem, tokens: usize) -> Result<
 fn run(args: Args) -> Result<()> {
     let model_path = common::fetch_default_model()?;
     let mut local = common::load_lm::<common::Backend>(&model_path)?;
-    // Each search gets its own first tokens ("[run 1, remote tokens] ..."), so that no variant
-    // finds states that another one left in the server's prefix cache.
+    // Each search gets its own first tokens ("[run 1 of <pid>, remote tokens] ..."), so that no
+    // variant, and no earlier invocation, left states in the server's prefix cache for it.
     let tokenizer = marco::formats::MarcoTokenizer::load(&model_path)?;
     let problem = |round: usize, variant: &str| {
-        let system = format!("[run {}, {variant}] {}", round + 1, args.system);
+        let system = format!("[run {} of {}, {variant}] {}", round + 1, std::process::id(), args.system);
         Problem::from_question(&tokenizer, &args.question, Some(&system))
     };
     let mut with_cache = remote(&args, true, &model_path)?;
