@@ -13,9 +13,14 @@ use marco::core::{
 use marco::remote::{RemoteConfig, RemoteError, RemoteLm, ServerKind, TokenizerSource};
 use marco::search::{GenerationConfig, GreedyConfig, GreedyReflection, Mcts, MctsConfig};
 
-fn server_url() -> Option<String> {
+/// One test at a time talks to the server: its prompt cache holds one search's states, and the
+/// recompute test measures exactly that.
+static SERVER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The server's URL, and the right to use it until the guard drops.
+fn server_url() -> Option<(String, std::sync::MutexGuard<'static, ()>)> {
     match std::env::var("MARCO_LLAMA_SERVER_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
+        Ok(url) if !url.is_empty() => Some((url, SERVER.lock().unwrap_or_else(|e| e.into_inner()))),
         _ => {
             assert!(std::env::var_os("CI").is_none(), "CI must start llama-server and set MARCO_LLAMA_SERVER_URL");
             eprintln!("MARCO_LLAMA_SERVER_URL is not set: start scripts/llama-server.sh to run this test");
@@ -52,7 +57,7 @@ fn oracle() -> Oracle {
 
 #[test]
 fn connects_and_tokenizes_like_the_server() {
-    let Some(url) = server_url() else { return };
+    let Some((url, _server)) = server_url() else { return };
     let lm = remote(&url);
     assert_eq!(lm.server_kind(), ServerKind::LlamaCpp);
     assert!(lm.max_context() >= 1024, "context {}", lm.max_context());
@@ -66,7 +71,7 @@ fn connects_and_tokenizes_like_the_server() {
 /// as the model's file, and the same search.
 #[test]
 fn the_servers_own_tokenizer_is_the_files() {
-    let Some(url) = server_url() else { return };
+    let Some((url, _server)) = server_url() else { return };
     let mut by_file = remote(&url);
     let mut by_server = RemoteLm::connect(RemoteConfig::new(url), TokenizerSource::Server).unwrap();
     let (file, server) = (by_file.tokenizer(), by_server.tokenizer());
@@ -96,7 +101,7 @@ fn the_servers_own_tokenizer_is_the_files() {
 
 #[test]
 fn a_foreign_tokenizer_is_refused() {
-    let Some(url) = server_url() else { return };
+    let Some((url, _server)) = server_url() else { return };
     let foreign = Path::new(env!("CARGO_MANIFEST_DIR")).join("marco-model/tests/data/tiny-llama/tokenizer.json");
     let err = RemoteLm::connect(RemoteConfig::new(url), TokenizerSource::File(foreign)).unwrap_err();
     assert!(matches!(err, RemoteError::TokenizerMismatch { .. }), "{err}");
@@ -117,7 +122,7 @@ fn a_server_that_is_not_running_is_named() {
 /// server's top-5 at every step, as the llama.cpp oracle test does.
 #[test]
 fn remote_logprobs_agree_with_in_process() {
-    let Some(url) = server_url() else { return };
+    let Some((url, _server)) = server_url() else { return };
     let mut server = remote(&url);
     let mut local = marco::model::load::<marco::Cpu>(&default_model(), &Default::default()).unwrap();
     let (mut decisive, mut flips, mut diff_sum, mut diff_count) = (0usize, Vec::new(), 0.0f64, 0usize);
@@ -180,7 +185,7 @@ fn greedy(budget: u64) -> GreedyReflection {
 /// same answers (`raw-digits` and `raw-unicode` part and end on other numbers); the goal is 9.
 #[test]
 fn greedy_search_matches_in_process_on_the_oracle_prompts() {
-    let Some(url) = server_url() else { return };
+    let Some((url, _server)) = server_url() else { return };
     let mut server = remote(&url);
     let mut local = marco::model::load::<marco::Cpu>(&default_model(), &Default::default()).unwrap();
     let (mut same_answer, mut same_text, mut differ) = (0, 0, Vec::new());
@@ -210,12 +215,16 @@ fn canonical(o: &SearchOutcome) -> Vec<Vec<u32>> {
 /// prompt cache keeps what the tree shares (recompute ratio at most 1.05).
 #[test]
 fn mcts_over_the_server_computes_each_token_about_once() {
-    let Some(url) = server_url() else { return };
+    let Some((url, _server)) = server_url() else { return };
     let mut server = remote(&url);
+    // A system prompt no earlier request sent (the process id and the time), so the server's
+    // cache holds nothing of this search when it starts.
+    let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let system = format!("Session {} {nonce}. Answer briefly.", std::process::id());
     let problem = Problem::from_question(
         server.tokenizer(),
         "Janet has 3 apples and buys 5 more. How many apples does she have now?",
-        None,
+        Some(&system),
     )
     .unwrap();
     let mcts = Mcts::new(
@@ -239,6 +248,12 @@ fn mcts_over_the_server_computes_each_token_about_once() {
         stats.tokens_trimmed
     );
     assert_eq!(o.stats.tokens_generated, 1500);
+    // Every prompt token and every generated token computed at least once, and little more.
+    assert!(
+        o.stats.recompute_ratio() >= 0.99,
+        "recompute {:.3}: counted less than computed",
+        o.stats.recompute_ratio()
+    );
     assert!(o.stats.recompute_ratio() <= 1.05, "recompute {:.3}", o.stats.recompute_ratio());
     // One request per action (a mini-step of 32): far fewer than one per token.
     assert!(requests * 8 <= o.stats.tokens_generated, "{requests} requests for {} tokens", o.stats.tokens_generated);
@@ -251,7 +266,7 @@ fn mcts_over_the_server_computes_each_token_about_once() {
 /// gains or loses nothing by how the server is asked.
 #[test]
 fn actions_give_the_tokens_of_one_request() {
-    let Some(url) = server_url() else { return };
+    let Some((url, _server)) = server_url() else { return };
     let mut server = remote(&url);
     for case in oracle().cases {
         let n = 32;
