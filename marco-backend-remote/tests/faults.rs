@@ -472,7 +472,7 @@ fn a_server_that_is_not_running_is_a_connect_error_naming_the_url() {
     assert!(matches!(err, RemoteError::Connect { .. }), "{err:?}");
     assert!(err.to_string().contains(&url), "{err}");
     // A refused connection is not retried.
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
 }
 
 #[test]
@@ -533,7 +533,7 @@ fn a_server_busy_for_good_is_overloaded_after_every_retry() {
     assert_eq!(fake.completions().len(), 4);
     // Backoff waits at least half of 40 + 80 + 160 ms.
     assert!(elapsed >= Duration::from_millis(140), "{elapsed:?}");
-    assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
 }
 
 #[test]
@@ -553,7 +553,7 @@ fn retry_after_is_honoured_up_to_the_longest_wait() {
     assert_eq!(extend_once(&mut model, seq, &Granularity::MiniStep(4)).unwrap().len(), 4);
     let elapsed = started.elapsed();
     assert!(elapsed >= Duration::from_millis(160), "{elapsed:?}");
-    assert!(elapsed < Duration::from_secs(1), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
     assert_eq!(fake.completions().len(), 3);
 }
 
@@ -662,7 +662,7 @@ fn a_server_killed_mid_search_fails_the_search_and_frees_every_state() {
     let elapsed = started.elapsed();
     let err = result.expect_err("a dead server fails the search");
     assert!(matches!(remote(&err), RemoteError::Connect { .. }), "{err:?}");
-    assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
     assert!(fake.completions().len() >= 4, "three answers, then the fatal request");
     assert_eq!(model.counters().live_sequences, 0);
 }
@@ -686,7 +686,7 @@ fn an_answer_cut_short_is_retried_then_a_connect_error() {
     let mut model = fake.connect();
     let started = Instant::now();
     let err = failing_extend(&mut model);
-    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(started.elapsed() < Duration::from_secs(5));
     match remote(&err) {
         RemoteError::Connect { url, .. } => assert!(url.ends_with(generate_path()), "{url}"),
         other => panic!("expected Connect after the retries, got {other:?}"),
@@ -702,7 +702,7 @@ fn an_answer_cut_short_is_retried_then_a_connect_error() {
 
 #[test]
 fn a_slow_server_times_out() {
-    let fake = Fake::start(|_, _| Fault::Sleep(Duration::from_millis(1500)));
+    let fake = Fake::start(|_, _| Fault::Sleep(Duration::from_millis(6000)));
     let mut config = fake.config();
     config.http = HttpOptions { request_timeout: Duration::from_millis(300), ..fast_http() };
     let mut model = fake.connect_with(config);
@@ -717,7 +717,7 @@ fn a_slow_server_times_out() {
         other => panic!("expected Timeout, got {other:?}"),
     }
     assert!(elapsed >= Duration::from_millis(250), "{elapsed:?}");
-    assert!(elapsed < Duration::from_secs(1), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
     assert_eq!(fake.completions().len(), 1, "a timeout is not retried");
 }
 
@@ -878,7 +878,7 @@ fn a_server_that_generates_nothing_is_an_error_not_a_loop() {
     let err = failing_extend(&mut model);
     assert!(matches!(remote(&err), RemoteError::Malformed { .. }), "{err:?}");
     assert_eq!(fake.completions().len(), 3);
-    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(started.elapsed() < Duration::from_secs(3));
 }
 
 #[test]
