@@ -35,7 +35,8 @@ struct Args {
     /// A `.gguf` file or a Hugging Face directory (default: the default model).
     #[arg(long, conflicts_with = "random")]
     model: Option<PathBuf>,
-    /// Quantize the model's dense (f32/f16/bf16) linear weights at load: `q8_0`.
+    /// Quantize the model's dense (f32/f16/bf16) linear weights at load: `q8_0` or `q4_0`
+    /// (converted once and cached as a GGUF file under $MARCO_HOME).
     #[arg(long, value_parser = common::parse_quantize)]
     quantize: Option<marco::model::loader::QuantizeAtLoad>,
     /// Benchmark a random-weight model of this shape instead of loading one.
@@ -91,10 +92,12 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
         let linear_path = LinearPath::from(which);
         let load_start = Instant::now();
         let mut model: BurnLm<B> = match (&path, args.random) {
-            (Some(path), _) => {
-                marco::model::load_with::<B>(path, &device, LoadOptions { linear_path, quantize: args.quantize })
-                    .with_context(|| format!("cannot load the model {}", path.display()))?
-            }
+            (Some(path), _) => marco::model::load_with::<B>(
+                path,
+                &device,
+                LoadOptions { linear_path, quantize: args.quantize, ..LoadOptions::default() },
+            )
+            .with_context(|| format!("cannot load the model {}", path.display()))?,
             (None, Some(shape)) => {
                 let config = shape.config();
                 let vocab = config.vocab_size;

@@ -42,7 +42,8 @@ struct Args {
     /// A `.gguf` file or a Hugging Face directory (default: the default model).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Quantize the model's dense (f32/f16/bf16) linear weights at load: `q8_0`.
+    /// Quantize the model's dense (f32/f16/bf16) linear weights at load: `q8_0` or `q4_0`
+    /// (converted once and cached as a GGUF file under $MARCO_HOME).
     #[arg(long, value_parser = common::parse_quantize)]
     quantize: Option<marco::model::loader::QuantizeAtLoad>,
     /// Which linear-layer path to run: `kernel` (the default; 8-bit activations on the CPU, as
@@ -107,7 +108,7 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
     let mut model = marco::model::load_with::<B>(
         &path,
         &device,
-        LoadOptions { quantize: args.quantize, linear_path: args.linear_path.into() },
+        LoadOptions { quantize: args.quantize, linear_path: args.linear_path.into(), ..LoadOptions::default() },
     )
     .with_context(|| format!("cannot load the model {}", path.display()))?;
     let load_time = load_start.elapsed();

@@ -91,7 +91,8 @@ struct Args {
     /// A .gguf file or Hugging Face directory (default: the default model, fetched on first use).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Quantize the model's dense (f32/f16/bf16) linear weights at load: `q8_0`.
+    /// Quantize the model's dense (f32/f16/bf16) linear weights at load: `q8_0` or `q4_0`
+    /// (converted once and cached as a GGUF file under $MARCO_HOME).
     #[arg(long, value_parser = common::parse_quantize)]
     quantize: Option<marco::model::loader::QuantizeAtLoad>,
     #[command(flatten)]

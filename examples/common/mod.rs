@@ -365,7 +365,7 @@ pub fn bench_prompt(
     Ok(paragraph.iter().copied().cycle().take(len).collect())
 }
 
-/// Parses `--quantize` values (`q8_0`).
+/// Parses `--quantize` values (`q8_0`, `q4_0`).
 pub fn parse_quantize(value: &str) -> Result<QuantizeAtLoad, String> {
     value.parse().map_err(|e: marco::model::ModelError| e.to_string())
 }

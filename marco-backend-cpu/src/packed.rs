@@ -4,7 +4,9 @@
 //! each output feature's weights are one contiguous row), and the kernels compute
 //! `y = x · Wᵀ`, streaming one weight row per output feature. [`PackedMatrix`] keeps either
 //!
-//! * plain f32 rows (f32, f16 and bf16 checkpoints; every ggml type without a fused kernel), or
+//! * plain f32 rows (f32 checkpoints; every ggml type without a fused kernel),
+//! * bf16 or f16 rows as the checkpoint stores them (two bytes per weight, widened to f32 in
+//!   registers by the kernels: a 7B bf16 model holds ~15 GB, not the ~30 GB of f32), or
 //! * the GGUF blocks themselves, unchanged, for the types with fused dequantize-dot kernels
 //!   ([`PackedMatrix::KEPT_QUANTIZED`]): a Q4_1 layer stays at 5 bits per weight in memory and
 //!   is decoded in registers while it is multiplied, so decode reads ~6× fewer bytes than f32.
@@ -22,6 +24,10 @@ use crate::KernelError;
 pub(crate) enum Storage {
     /// Row-major f32, `out_features * in_features` values.
     F32(Vec<f32>),
+    /// Row-major bf16, as stored by the checkpoint.
+    Bf16(Vec<half::bf16>),
+    /// Row-major f16, as stored by the checkpoint.
+    F16(Vec<half::f16>),
     /// Q8_0/Q4_0/Q4_1 blocks with scales and quants split apart (see [`SplitBlocks`]).
     Split(SplitBlocks),
     /// Q8_0/Q4_0/Q4_1 blocks of sixteen rows interleaved (see [`Interleaved16`]).
@@ -244,7 +250,8 @@ impl PackedMatrix {
     /// Packs a GGUF tensor of type `ty` whose raw data is `data` and whose logical shape is
     /// `[out_features, in_features]` (GGUF lists it as `ne = [in_features, out_features]`).
     ///
-    /// Types in [`Self::KEPT_QUANTIZED`] are kept as blocks; all others are dequantized to f32.
+    /// Types in [`Self::KEPT_QUANTIZED`] are kept as blocks, F16 and BF16 as 16-bit values; all
+    /// others are dequantized to f32.
     pub fn from_ggml(ty: GgmlType, data: &[u8], out_features: usize, in_features: usize) -> Result<Self, KernelError> {
         Self::from_ggml_for(ty, data, out_features, in_features, crate::ActivationMode::Q8)
     }
@@ -291,6 +298,15 @@ impl PackedMatrix {
                 storage: Storage::Split(SplitBlocks::from_ggml(ty, data, blocks)),
             });
         }
+        if matches!(ty, GgmlType::BF16 | GgmlType::F16) {
+            let bits = data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
+            let storage = if ty == GgmlType::BF16 {
+                Storage::Bf16(bits.map(half::bf16::from_bits).collect())
+            } else {
+                Storage::F16(bits.map(half::f16::from_bits).collect())
+            };
+            return Ok(PackedMatrix { out_features, in_features, storage });
+        }
         if Self::KEPT_QUANTIZED.contains(&ty) {
             return Ok(PackedMatrix {
                 out_features,
@@ -313,10 +329,13 @@ impl PackedMatrix {
         self.in_features
     }
 
-    /// The storage type: [`GgmlType::F32`] or one of [`Self::KEPT_QUANTIZED`].
+    /// The storage type: [`GgmlType::F32`], [`GgmlType::BF16`], [`GgmlType::F16`] or one of
+    /// [`Self::KEPT_QUANTIZED`].
     pub fn ggml_type(&self) -> GgmlType {
         match &self.storage {
             Storage::F32(_) => GgmlType::F32,
+            Storage::Bf16(_) => GgmlType::BF16,
+            Storage::F16(_) => GgmlType::F16,
             Storage::Split(split) => split.ty,
             Storage::Interleaved(w) => w.ty,
             Storage::Blocks { ty, .. } => *ty,
@@ -327,6 +346,8 @@ impl PackedMatrix {
     pub fn weight_bytes(&self) -> usize {
         match &self.storage {
             Storage::F32(values) => values.len() * 4,
+            Storage::Bf16(values) => values.len() * 2,
+            Storage::F16(values) => values.len() * 2,
             Storage::Split(split) => split.qs.len() + 2 * (split.d.len() + split.m.len()),
             Storage::Interleaved(w) => w.data.len(),
             Storage::Blocks { data, .. } => data.len(),
@@ -354,6 +375,16 @@ impl PackedMatrix {
                 out.copy_from_slice(&values[row * self.in_features..(row + 1) * self.in_features]);
                 Ok(())
             }
+            Storage::Bf16(values) => {
+                let span = &values[row * self.in_features..(row + 1) * self.in_features];
+                out.iter_mut().zip(span).for_each(|(o, v)| *o = v.to_f32());
+                Ok(())
+            }
+            Storage::F16(values) => {
+                let span = &values[row * self.in_features..(row + 1) * self.in_features];
+                out.iter_mut().zip(span).for_each(|(o, v)| *o = v.to_f32());
+                Ok(())
+            }
             Storage::Split(split) => {
                 let mut bytes = Vec::new();
                 split.ggml_rows_into(row..row + 1, &mut bytes);
@@ -374,6 +405,8 @@ impl PackedMatrix {
     pub fn to_f32(&self) -> Vec<f32> {
         match &self.storage {
             Storage::F32(values) => values.clone(),
+            Storage::Bf16(values) => values.iter().map(|v| v.to_f32()).collect(),
+            Storage::F16(values) => values.iter().map(|v| v.to_f32()).collect(),
             Storage::Split(split) => {
                 let mut bytes = Vec::new();
                 split.ggml_rows_into(0..self.out_features, &mut bytes);

@@ -87,6 +87,36 @@ pub enum FormatError {
         /// Why the shape is rejected.
         reason: String,
     },
+    /// Encoding to a ggml type that has no encoder here (the k-quants, ...).
+    #[error("encoding to {ty} is not supported (F32, F16, BF16, Q8_0 and Q4_0 are)")]
+    UnsupportedEncoding {
+        /// The type's ggml name.
+        ty: &'static str,
+    },
+    /// A streaming GGUF write was handed a tensor out of the declared order (or after the
+    /// last one).
+    #[error("{path}: tensor {actual} written where {} was declared", expected.as_deref().unwrap_or("no further tensor"))]
+    TensorOrder {
+        /// The file being written.
+        path: PathBuf,
+        /// The tensor the table declares next (`None` when all were written).
+        expected: Option<String>,
+        /// The tensor the caller wrote.
+        actual: String,
+    },
+    /// A streaming GGUF write was handed a tensor whose byte length disagrees with its
+    /// declared dimensions and type.
+    #[error("{path}: tensor {tensor}: {actual} bytes written, its dimensions and type need {expected}")]
+    TensorSize {
+        /// The file being written.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// The bytes its declaration implies.
+        expected: u64,
+        /// The bytes handed over.
+        actual: u64,
+    },
 }
 
 impl FormatError {

@@ -11,11 +11,18 @@
 //! [`GgufTensorInfo::shape`] gives the row-major shape (outermost first) that burn expects.
 //! Quantised tensors are dequantised through [`crate::quant::dequantize`].
 //!
-//! [`GgufWriter`] writes the same format; tests use it to build small (and deliberately
-//! broken) files.
+//! Two writers share one encoder of the header (metadata, tensor table, offsets at the
+//! alignment). [`GgufWriter`] builds a whole file in memory; tests use it for small (and
+//! deliberately broken) files. [`GgufStreamWriter`] writes a model to disk one tensor at a
+//! time: the tensor table is declared up front (so every offset is known before any data),
+//! then each tensor's bytes are handed over in that order, checked against their declared size
+//! and padded to the alignment. It writes to `<path>.partial` and renames to `<path>` only in
+//! [`GgufStreamWriter::finish`], after syncing, so a conversion that fails or is killed never
+//! leaves a file that looks complete; a writer dropped unfinished deletes its partial file.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use crate::quant::{self, GgmlType};
@@ -58,8 +65,17 @@ pub enum GgufValue {
     Bool(bool),
     /// A UTF-8 string.
     String(String),
-    /// An array of values of one type.
+    /// An array of values of one type (the type of its first element; see
+    /// [`GgufValue::EmptyArray`] for an empty one).
     Array(Vec<GgufValue>),
+    /// An array with no elements, which still has an element type in the file (readers such
+    /// as llama.cpp check that `tokenizer.ggml.merges` is an array of *strings* even when it
+    /// is empty). The reader returns every empty array in this form.
+    EmptyArray {
+        /// The GGUF value type id of the elements (8 for strings, 5 for `int32`; the ids of
+        /// the variants above, in the order of the GGUF specification).
+        item_type: u32,
+    },
 }
 
 impl GgufValue {
@@ -110,7 +126,26 @@ impl GgufValue {
     pub fn as_array(&self) -> Option<&[GgufValue]> {
         match self {
             GgufValue::Array(items) => Some(items),
+            GgufValue::EmptyArray { .. } => Some(&[]),
             _ => None,
+        }
+    }
+
+    /// An array of strings (typed as one even when `items` is empty).
+    pub fn string_array<S: Into<String>>(items: impl IntoIterator<Item = S>) -> GgufValue {
+        Self::array_of(items.into_iter().map(|s| GgufValue::String(s.into())).collect(), 8)
+    }
+
+    /// An array of `int32` (typed as one even when `items` is empty).
+    pub fn i32_array(items: impl IntoIterator<Item = i32>) -> GgufValue {
+        Self::array_of(items.into_iter().map(GgufValue::I32).collect(), 5)
+    }
+
+    fn array_of(items: Vec<GgufValue>, item_type: u32) -> GgufValue {
+        if items.is_empty() {
+            GgufValue::EmptyArray { item_type }
+        } else {
+            GgufValue::Array(items)
         }
     }
 
@@ -126,7 +161,7 @@ impl GgufValue {
             GgufValue::F32(_) => 6,
             GgufValue::Bool(_) => 7,
             GgufValue::String(_) => 8,
-            GgufValue::Array(_) => 9,
+            GgufValue::Array(_) | GgufValue::EmptyArray { .. } => 9,
             GgufValue::U64(_) => 10,
             GgufValue::I64(_) => 11,
             GgufValue::F64(_) => 12,
@@ -422,6 +457,9 @@ impl<'a> Cursor<'a> {
                 let item_size = min_value_size(item_type)
                     .ok_or_else(|| FormatError::corrupt(self.path, format!("{key}: unknown value type {item_type}")))?;
                 let len = self.count(item_size, &format!("element count of {key}"))?;
+                if len == 0 {
+                    return Ok(GgufValue::EmptyArray { item_type });
+                }
                 let mut items = Vec::with_capacity(len);
                 for _ in 0..len {
                     items.push(self.value(item_type, key, depth + 1)?);
@@ -597,6 +635,9 @@ fn tensor_ranges(
 
 /// Builds a GGUF v3 file in memory: metadata in insertion order, tensors laid out in order at
 /// the alignment.
+///
+/// It writes whatever it is given (a tensor's bytes need not match its dimensions), which is
+/// what fault tests need; [`GgufStreamWriter`] is the checked writer for real files.
 #[derive(Debug, Clone)]
 pub struct GgufWriter {
     alignment: u64,
@@ -641,32 +682,19 @@ impl GgufWriter {
         self.tensor(name, &dims, GgmlType::F32, data)
     }
 
-    /// The file's bytes.
+    /// The file's bytes (the last tensor is not padded).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        out.extend_from_slice(&GGUF_MAGIC);
-        out.extend_from_slice(&3u32.to_le_bytes());
-        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
-        out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
-        for (key, value) in &self.metadata {
-            write_string(&mut out, key);
-            out.extend_from_slice(&value.type_id().to_le_bytes());
-            write_value(&mut out, value);
-        }
-        let mut offset = 0u64;
-        let mut offsets = Vec::with_capacity(self.tensors.len());
-        for (name, dims, ggml_type, data) in &self.tensors {
-            write_string(&mut out, name);
-            out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
-            for d in dims {
-                out.extend_from_slice(&d.to_le_bytes());
-            }
-            out.extend_from_slice(&ggml_type.id().to_le_bytes());
-            out.extend_from_slice(&offset.to_le_bytes());
-            offsets.push(offset);
-            offset = (offset + data.len() as u64).div_ceil(self.alignment) * self.alignment;
-        }
-        pad_to(&mut out, self.alignment);
+        let table: Vec<TableEntry<'_>> = self
+            .tensors
+            .iter()
+            .map(|(name, dims, ggml_type, data)| TableEntry {
+                name,
+                dims,
+                ggml_type: *ggml_type,
+                n_bytes: data.len() as u64,
+            })
+            .collect();
+        let (mut out, offsets) = encode_header(&self.metadata, &table, self.alignment);
         let data_start = out.len();
         for ((_, _, _, data), offset) in self.tensors.iter().zip(offsets) {
             out.resize(data_start + offset as usize, 0);
@@ -680,6 +708,297 @@ impl GgufWriter {
         let path = path.as_ref();
         std::fs::write(path, self.to_bytes()).map_err(|e| FormatError::io(path, e))
     }
+}
+
+/// A tensor as declared to [`GgufStreamWriter::create`]: its name, dimensions and type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GgufTensorDesc {
+    /// The tensor's name (`blk.0.attn_q.weight`, ...).
+    pub name: String,
+    /// Dimensions in ggml order: `dims[0]` is the innermost (contiguous) one.
+    pub dims: Vec<u64>,
+    /// The storage type.
+    pub ggml_type: GgmlType,
+}
+
+impl GgufTensorDesc {
+    /// A tensor with row-major `shape` (outermost first, as Hugging Face and burn write it).
+    pub fn from_shape(name: impl Into<String>, shape: &[usize], ggml_type: GgmlType) -> Self {
+        GgufTensorDesc { name: name.into(), dims: shape.iter().rev().map(|&d| d as u64).collect(), ggml_type }
+    }
+
+    /// The row-major shape, outermost dimension first (`dims` reversed).
+    pub fn shape(&self) -> Vec<usize> {
+        self.dims.iter().rev().map(|&d| usize::try_from(d).unwrap_or(usize::MAX)).collect()
+    }
+
+    /// Number of elements (`None` on overflow).
+    pub fn n_elements(&self) -> Option<u64> {
+        self.dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))
+    }
+
+    /// Bytes of the stored data: fails for 0 or more than 4 dimensions, a row that is not a
+    /// whole number of blocks, or a size that overflows.
+    pub fn n_bytes(&self) -> Result<u64> {
+        if self.dims.is_empty() || self.dims.len() > MAX_DIMS as usize {
+            return Err(FormatError::InvalidShape {
+                reason: format!("tensor {}: {} dimensions (1 to 4 allowed)", self.name, self.dims.len()),
+            });
+        }
+        let overflow = || FormatError::InvalidShape {
+            reason: format!("tensor {}: dimensions {:?} overflow", self.name, self.dims),
+        };
+        let n_elements = self.n_elements().and_then(|n| usize::try_from(n).ok()).ok_or_else(overflow)?;
+        let row = usize::try_from(self.dims[0]).map_err(|_| overflow())?;
+        // The row check first: a tensor is a whole number of blocks per row, not just in total.
+        quant::row_bytes(self.ggml_type, row)?;
+        Ok(quant::row_bytes(self.ggml_type, n_elements)? as u64)
+    }
+}
+
+/// Writes a GGUF v3 file to disk one tensor at a time, in a declared order (see the module
+/// documentation).
+///
+/// ```no_run
+/// # use marco_formats::gguf::{GgufStreamWriter, GgufTensorDesc, GgufValue};
+/// # use marco_formats::GgmlType;
+/// # fn main() -> marco_formats::Result<()> {
+/// let metadata = vec![("general.architecture".to_string(), GgufValue::String("llama".into()))];
+/// let tensors = vec![GgufTensorDesc::from_shape("output_norm.weight", &[4], GgmlType::F32)];
+/// let mut writer = GgufStreamWriter::create("model.gguf", &metadata, tensors)?;
+/// let norm: Vec<u8> = [1.0f32; 4].iter().flat_map(|v| v.to_le_bytes()).collect();
+/// writer.write_tensor("output_norm.weight", &norm)?;
+/// let bytes = writer.finish()?; // model.gguf.partial renamed to model.gguf
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct GgufStreamWriter {
+    path: PathBuf,
+    partial: PathBuf,
+    /// `None` once finished (or after a failed finish).
+    out: Option<BufWriter<File>>,
+    alignment: u64,
+    tensors: Vec<GgufTensorDesc>,
+    /// Declared byte size of each tensor, parallel to `tensors`.
+    sizes: Vec<u64>,
+    /// Index of the next tensor to write.
+    next: usize,
+    /// Bytes written so far.
+    position: u64,
+    /// Set once the partial file has been renamed to `path`.
+    renamed: bool,
+}
+
+impl GgufStreamWriter {
+    /// Creates `<path>.partial` and writes the header: `metadata` in order, then the table of
+    /// `tensors` with offsets at the alignment (`general.alignment` in `metadata`, else 32).
+    ///
+    /// Errors: [`FormatError::InvalidShape`] or [`FormatError::NotBlockMultiple`] for a tensor
+    /// whose dimensions do not fit its type, [`FormatError::Corrupt`] for a repeated metadata
+    /// key or tensor name or an alignment that is not a power of two, [`FormatError::Io`] if
+    /// the file cannot be written.
+    pub fn create(
+        path: impl AsRef<Path>,
+        metadata: &[(String, GgufValue)],
+        tensors: Vec<GgufTensorDesc>,
+    ) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let mut alignment = DEFAULT_ALIGNMENT;
+        let mut keys = HashSet::with_capacity(metadata.len());
+        for (key, value) in metadata {
+            if !keys.insert(key.as_str()) {
+                return Err(FormatError::corrupt(&path, format!("metadata key {key} given twice")));
+            }
+            if key == "general.alignment" {
+                alignment = value.as_u64().filter(|a| a.is_power_of_two()).ok_or_else(|| {
+                    FormatError::corrupt(&path, format!("general.alignment {value:?} is not a power of two"))
+                })?;
+            }
+        }
+        let mut names = HashSet::with_capacity(tensors.len());
+        let mut sizes = Vec::with_capacity(tensors.len());
+        for tensor in &tensors {
+            if !names.insert(tensor.name.as_str()) {
+                return Err(FormatError::corrupt(&path, format!("tensor {} declared twice", tensor.name)));
+            }
+            sizes.push(tensor.n_bytes()?);
+        }
+        let table: Vec<TableEntry<'_>> = tensors
+            .iter()
+            .zip(&sizes)
+            .map(|(t, &n_bytes)| TableEntry { name: &t.name, dims: &t.dims, ggml_type: t.ggml_type, n_bytes })
+            .collect();
+        let (header, _) = encode_header(metadata, &table, alignment);
+        drop(table);
+
+        let mut partial = path.clone().into_os_string();
+        partial.push(".partial");
+        let partial = PathBuf::from(partial);
+        let file = File::create(&partial).map_err(|e| FormatError::io(&partial, e))?;
+        let mut writer = GgufStreamWriter {
+            path,
+            partial,
+            out: Some(BufWriter::with_capacity(1 << 20, file)),
+            alignment,
+            tensors,
+            sizes,
+            next: 0,
+            position: 0,
+            renamed: false,
+        };
+        // On failure the writer is dropped here, which deletes the partial file.
+        writer.write_raw(&header)?;
+        Ok(writer)
+    }
+
+    /// The file this writer produces (once finished).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file being written until [`finish`](Self::finish) renames it.
+    pub fn partial_path(&self) -> &Path {
+        &self.partial
+    }
+
+    /// The tensor table, in the order the tensors must be written.
+    pub fn tensors(&self) -> &[GgufTensorDesc] {
+        &self.tensors
+    }
+
+    /// The tensor expected next, if any remain.
+    pub fn next_tensor(&self) -> Option<&GgufTensorDesc> {
+        self.tensors.get(self.next)
+    }
+
+    /// Bytes written so far (the file's length if it were finished now).
+    pub fn bytes_written(&self) -> u64 {
+        self.position
+    }
+
+    /// Writes the data of tensor `name`, which must be the next one declared, and pads it to
+    /// the alignment.
+    ///
+    /// Errors: [`FormatError::TensorOrder`] if `name` is not the next tensor,
+    /// [`FormatError::TensorSize`] if `data` is not exactly its declared size (nothing is
+    /// written then, so the caller may retry with the right data), [`FormatError::Io`].
+    pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        let Some(expected) = self.tensors.get(self.next) else {
+            return Err(FormatError::TensorOrder { path: self.path.clone(), expected: None, actual: name.to_string() });
+        };
+        if expected.name != name {
+            return Err(FormatError::TensorOrder {
+                path: self.path.clone(),
+                expected: Some(expected.name.clone()),
+                actual: name.to_string(),
+            });
+        }
+        let size = self.sizes[self.next];
+        if data.len() as u64 != size {
+            return Err(FormatError::TensorSize {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+                expected: size,
+                actual: data.len() as u64,
+            });
+        }
+        self.write_raw(data)?;
+        let padding = self.position.next_multiple_of(self.alignment) - self.position;
+        self.write_raw(&vec![0u8; padding as usize])?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Checks that every declared tensor was written, flushes and syncs the file, and renames
+    /// it from `<path>.partial` to `<path>` (replacing any file there). Returns the file's
+    /// length in bytes.
+    ///
+    /// Errors: [`FormatError::MissingTensor`] naming the first tensor not written (the partial
+    /// file is deleted), [`FormatError::Io`].
+    pub fn finish(mut self) -> Result<u64> {
+        if let Some(missing) = self.tensors.get(self.next) {
+            return Err(FormatError::MissingTensor { path: self.path.clone(), tensor: missing.name.clone() });
+        }
+        let Some(out) = self.out.take() else {
+            return Err(FormatError::io(&self.partial, std::io::Error::other("the writer already failed")));
+        };
+        let partial = self.partial.clone();
+        let file = out.into_inner().map_err(|e| FormatError::io(&partial, e.into_error()))?;
+        // Data first, then the name: a crash in between leaves only the partial file.
+        file.sync_all().map_err(|e| FormatError::io(&partial, e))?;
+        drop(file);
+        std::fs::rename(&partial, &self.path).map_err(|e| FormatError::io(&self.path, e))?;
+        self.renamed = true;
+        Ok(self.position)
+    }
+
+    /// Stops writing and deletes the partial file (what dropping the writer does too).
+    pub fn abort(self) {}
+
+    fn write_raw(&mut self, bytes: &[u8]) -> Result<()> {
+        let partial = &self.partial;
+        let out = self
+            .out
+            .as_mut()
+            .ok_or_else(|| FormatError::io(partial, std::io::Error::other("the writer already failed")))?;
+        if let Err(e) = out.write_all(bytes) {
+            // A half-written tensor cannot be resumed: refuse further writes.
+            self.out = None;
+            return Err(FormatError::io(partial, e));
+        }
+        self.position += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+impl Drop for GgufStreamWriter {
+    fn drop(&mut self) {
+        // Unfinished or failed: close and remove the partial file (an error here has no one
+        // to go to). After a successful `finish` it has been renamed away.
+        if !self.renamed {
+            self.out = None;
+            let _ = std::fs::remove_file(&self.partial);
+        }
+    }
+}
+
+/// One row of the tensor table for [`encode_header`].
+struct TableEntry<'a> {
+    name: &'a str,
+    dims: &'a [u64],
+    ggml_type: GgmlType,
+    /// Bytes of the tensor's data (its offset advances by this, rounded up to the alignment).
+    n_bytes: u64,
+}
+
+/// The GGUF v3 header for `metadata` and `tensors`, padded to `alignment` (so the data section
+/// starts right after it), and the offset of each tensor within the data section.
+fn encode_header(metadata: &[(String, GgufValue)], tensors: &[TableEntry<'_>], alignment: u64) -> (Vec<u8>, Vec<u64>) {
+    let mut out = Vec::new();
+    out.extend_from_slice(&GGUF_MAGIC);
+    out.extend_from_slice(&3u32.to_le_bytes());
+    out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+    for (key, value) in metadata {
+        write_string(&mut out, key);
+        out.extend_from_slice(&value.type_id().to_le_bytes());
+        write_value(&mut out, value);
+    }
+    let mut offset = 0u64;
+    let mut offsets = Vec::with_capacity(tensors.len());
+    for tensor in tensors {
+        write_string(&mut out, tensor.name);
+        out.extend_from_slice(&(tensor.dims.len() as u32).to_le_bytes());
+        for d in tensor.dims {
+            out.extend_from_slice(&d.to_le_bytes());
+        }
+        out.extend_from_slice(&tensor.ggml_type.id().to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        offsets.push(offset);
+        offset = (offset + tensor.n_bytes).div_ceil(alignment) * alignment;
+    }
+    pad_to(&mut out, alignment);
+    (out, offsets)
 }
 
 fn pad_to(out: &mut Vec<u8>, alignment: u64) {
@@ -707,7 +1026,7 @@ fn write_value(out: &mut Vec<u8>, value: &GgufValue) {
         GgufValue::Bool(v) => out.push(u8::from(*v)),
         GgufValue::String(s) => write_string(out, s),
         GgufValue::Array(items) => {
-            // An empty array is written as an array of u8; readers accept any element type.
+            // An empty `Array` is written as an array of u8 (`EmptyArray` names its type).
             let item_type = items.first().map_or(0, GgufValue::type_id);
             out.extend_from_slice(&item_type.to_le_bytes());
             out.extend_from_slice(&(items.len() as u64).to_le_bytes());
@@ -715,5 +1034,216 @@ fn write_value(out: &mut Vec<u8>, value: &GgufValue) {
                 write_value(out, item);
             }
         }
+        GgufValue::EmptyArray { item_type } => {
+            out.extend_from_slice(&item_type.to_le_bytes());
+            out.extend_from_slice(&0u64.to_le_bytes());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh directory for one test.
+    fn scratch(test: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("marco-gguf-stream-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn sample_metadata() -> Vec<(String, GgufValue)> {
+        vec![
+            ("general.architecture".into(), GgufValue::String("llama".into())),
+            ("llama.block_count".into(), GgufValue::U32(1)),
+            ("llama.rope.freq_base".into(), GgufValue::F32(1e4)),
+            ("tokenizer.ggml.tokens".into(), GgufValue::string_array(["a", "b c"])),
+            ("tokenizer.ggml.merges".into(), GgufValue::string_array(Vec::<String>::new())),
+            ("tokenizer.ggml.token_type".into(), GgufValue::i32_array([1, 3])),
+            ("tokenizer.ggml.add_bos_token".into(), GgufValue::Bool(false)),
+        ]
+    }
+
+    /// Three tensors of different types and sizes (the F32 one is not a multiple of the
+    /// alignment, so the next offset needs padding).
+    fn sample_tensors() -> Vec<(GgufTensorDesc, Vec<u8>)> {
+        let norm: Vec<u8> = [0.5f32, 1.0, 1.5].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let values: Vec<f32> = (0..64).map(|i| i as f32 / 7.0 - 4.0).collect();
+        vec![
+            (GgufTensorDesc::from_shape("blk.0.attn_norm.weight", &[3], GgmlType::F32), norm),
+            (
+                GgufTensorDesc::from_shape("blk.0.attn_q.weight", &[2, 32], GgmlType::Q8_0),
+                quant::quantize_q8_0(&values).unwrap(),
+            ),
+            (GgufTensorDesc::from_shape("output.weight", &[4, 16], GgmlType::F16), quant::encode_f16(&values)),
+        ]
+    }
+
+    fn partial_of(path: &Path) -> PathBuf {
+        PathBuf::from(format!("{}.partial", path.display()))
+    }
+
+    #[test]
+    fn streamed_file_reads_back_equal() {
+        let dir = scratch("roundtrip");
+        let path = dir.join("model.gguf");
+        let metadata = sample_metadata();
+        let tensors = sample_tensors();
+        let descs: Vec<GgufTensorDesc> = tensors.iter().map(|(d, _)| d.clone()).collect();
+        let mut writer = GgufStreamWriter::create(&path, &metadata, descs.clone()).unwrap();
+        assert!(writer.partial_path().exists() && !path.exists());
+        for (desc, data) in &tensors {
+            assert_eq!(writer.next_tensor(), Some(desc));
+            writer.write_tensor(&desc.name, data).unwrap();
+        }
+        assert_eq!(writer.next_tensor(), None);
+        let len = writer.finish().unwrap();
+        assert!(path.exists() && !partial_of(&path).exists());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+        assert_eq!(len % DEFAULT_ALIGNMENT, 0, "every tensor, the last included, is padded");
+
+        let file = GgufFile::open(&path).unwrap();
+        assert_eq!(file.version(), 3);
+        assert_eq!(file.metadata().len(), metadata.len());
+        for (key, value) in &metadata {
+            assert_eq!(file.get(key), Some(value), "{key}");
+        }
+        assert_eq!(file.get_str_array("tokenizer.ggml.merges"), Some(vec![]));
+        assert_eq!(file.tensors().len(), tensors.len());
+        for ((desc, data), info) in tensors.iter().zip(file.tensors()) {
+            assert_eq!((&info.name, &info.dims, info.ggml_type), (&desc.name, &desc.dims, desc.ggml_type));
+            assert_eq!(info.offset % DEFAULT_ALIGNMENT, 0);
+            assert_eq!(file.tensor_bytes(info).unwrap(), data.as_slice());
+        }
+        let (shape, norm) = file.tensor_f32("blk.0.attn_norm.weight").unwrap();
+        assert_eq!((shape, norm), (vec![3], vec![0.5, 1.0, 1.5]));
+
+        // The in-memory writer lays out the same header and offsets.
+        let mut memory = GgufWriter::new();
+        for (key, value) in &metadata {
+            memory.metadata(key.clone(), value.clone());
+        }
+        for (desc, data) in &tensors {
+            memory.tensor(desc.name.clone(), &desc.dims, desc.ggml_type, data.clone());
+        }
+        let bytes = memory.to_bytes();
+        let streamed = std::fs::read(&path).unwrap();
+        assert_eq!(&streamed[..bytes.len()], bytes.as_slice());
+        assert!(streamed[bytes.len()..].iter().all(|&b| b == 0));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn custom_alignment_is_honoured() {
+        let dir = scratch("alignment");
+        let path = dir.join("model.gguf");
+        let mut metadata = sample_metadata();
+        metadata.push(("general.alignment".into(), GgufValue::U32(64)));
+        let tensors = sample_tensors();
+        let mut writer =
+            GgufStreamWriter::create(&path, &metadata, tensors.iter().map(|(d, _)| d.clone()).collect()).unwrap();
+        for (desc, data) in &tensors {
+            writer.write_tensor(&desc.name, data).unwrap();
+        }
+        writer.finish().unwrap();
+        let file = GgufFile::open(&path).unwrap();
+        assert_eq!(file.alignment(), 64);
+        assert!(file.tensors().iter().all(|t| t.offset % 64 == 0));
+        for ((_, data), info) in tensors.iter().zip(file.tensors()) {
+            assert_eq!(file.tensor_bytes(info).unwrap(), data.as_slice());
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn wrong_order_length_or_missing_tensor_is_a_typed_error() {
+        let dir = scratch("errors");
+        let path = dir.join("model.gguf");
+        let tensors = sample_tensors();
+        let descs: Vec<GgufTensorDesc> = tensors.iter().map(|(d, _)| d.clone()).collect();
+        let mut writer = GgufStreamWriter::create(&path, &sample_metadata(), descs.clone()).unwrap();
+
+        let err = writer.write_tensor("output.weight", &tensors[2].1).unwrap_err();
+        assert!(
+            matches!(&err, FormatError::TensorOrder { expected: Some(e), actual, .. }
+                if e == "blk.0.attn_norm.weight" && actual == "output.weight"),
+            "{err:?}"
+        );
+        let err = writer.write_tensor("blk.0.attn_norm.weight", &tensors[0].1[..8]).unwrap_err();
+        assert!(matches!(err, FormatError::TensorSize { expected: 12, actual: 8, .. }), "{err:?}");
+        // Nothing was written by the failed calls: the right data still goes in.
+        writer.write_tensor("blk.0.attn_norm.weight", &tensors[0].1).unwrap();
+        let err = writer.finish().unwrap_err();
+        assert!(matches!(&err, FormatError::MissingTensor { tensor, .. } if tensor == "blk.0.attn_q.weight"));
+        assert!(!path.exists() && !partial_of(&path).exists(), "a failed finish leaves no file");
+
+        // One tensor too many.
+        let mut writer = GgufStreamWriter::create(&path, &sample_metadata(), descs[..1].to_vec()).unwrap();
+        writer.write_tensor("blk.0.attn_norm.weight", &tensors[0].1).unwrap();
+        let err = writer.write_tensor("output.weight", &tensors[2].1).unwrap_err();
+        assert!(matches!(err, FormatError::TensorOrder { expected: None, .. }), "{err:?}");
+        writer.finish().unwrap();
+        assert!(path.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_declarations_are_rejected_before_any_file_exists() {
+        let dir = scratch("declarations");
+        let path = dir.join("model.gguf");
+        let create = |metadata: &[(String, GgufValue)], tensors: Vec<GgufTensorDesc>| {
+            GgufStreamWriter::create(&path, metadata, tensors).map(|_| ()).unwrap_err()
+        };
+        let q8 = |name: &str, shape: &[usize]| GgufTensorDesc::from_shape(name, shape, GgmlType::Q8_0);
+        assert!(matches!(create(&[], vec![q8("a", &[4, 48])]), FormatError::NotBlockMultiple { .. }));
+        // 2 x 16 is 32 elements, but each row is half a block.
+        assert!(matches!(create(&[], vec![q8("a", &[2, 16])]), FormatError::NotBlockMultiple { .. }));
+        assert!(matches!(create(&[], vec![q8("a", &[])]), FormatError::InvalidShape { .. }));
+        assert!(matches!(create(&[], vec![q8("a", &[1, 32]), q8("a", &[1, 32])]), FormatError::Corrupt { .. }));
+        let twice = vec![("k".to_string(), GgufValue::U8(1)), ("k".to_string(), GgufValue::U8(2))];
+        assert!(matches!(create(&twice, vec![]), FormatError::Corrupt { .. }));
+        let odd = vec![("general.alignment".to_string(), GgufValue::U32(24))];
+        assert!(matches!(create(&odd, vec![]), FormatError::Corrupt { .. }));
+        assert!(!path.exists() && !partial_of(&path).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_unfinished_writer_leaves_nothing_and_keeps_an_older_file() {
+        let dir = scratch("unfinished");
+        let path = dir.join("model.gguf");
+        std::fs::write(&path, b"an older model").unwrap();
+        let tensors = sample_tensors();
+        let mut writer =
+            GgufStreamWriter::create(&path, &sample_metadata(), tensors.iter().map(|(d, _)| d.clone()).collect())
+                .unwrap();
+        writer.write_tensor(&tensors[0].0.name, &tensors[0].1).unwrap();
+        assert!(partial_of(&path).exists());
+        drop(writer);
+        assert!(!partial_of(&path).exists());
+        assert_eq!(std::fs::read(&path).unwrap(), b"an older model");
+
+        let writer = GgufStreamWriter::create(&path, &sample_metadata(), vec![]).unwrap();
+        writer.abort();
+        assert!(!partial_of(&path).exists());
+        // A finished writer replaces the older file.
+        GgufStreamWriter::create(&path, &sample_metadata(), vec![]).unwrap().finish().unwrap();
+        assert_eq!(GgufFile::open(&path).unwrap().tensors().len(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn empty_arrays_keep_their_element_type() {
+        let mut w = GgufWriter::new();
+        w.metadata("strings", GgufValue::string_array(Vec::<&str>::new()))
+            .metadata("ints", GgufValue::i32_array([]))
+            .metadata("untyped", GgufValue::Array(vec![]));
+        let bytes = w.to_bytes();
+        let parsed = parse(Path::new("mem"), &bytes).unwrap();
+        assert_eq!(parsed.metadata["strings"], GgufValue::EmptyArray { item_type: 8 });
+        assert_eq!(parsed.metadata["ints"], GgufValue::EmptyArray { item_type: 5 });
+        assert_eq!(parsed.metadata["untyped"], GgufValue::EmptyArray { item_type: 0 });
+        assert_eq!(parsed.metadata["strings"].as_array(), Some(&[][..]));
     }
 }

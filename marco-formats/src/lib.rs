@@ -5,9 +5,12 @@
 //! the remote backend (which loads only a tokenizer) share one reader:
 //!
 //! * [`gguf`]: a defensive GGUF v2/v3 reader (memory-mapped, every length and offset checked,
-//!   each fault a typed [`FormatError`]) and a writer.
+//!   each fault a typed [`FormatError`]) and two writers: one in memory, one streaming a model
+//!   to disk tensor by tensor ([`GgufStreamWriter`]).
+//! * [`mapping`]: giving a memory-mapped file's pages back once a tensor is copied out.
 //! * [`quant`]: the ggml tensor types ([`GgmlType`]), their block layouts and the exact scalar
-//!   reference codecs that the fast kernels are tested against.
+//!   reference codecs that the fast kernels are tested against, and the encoders a converter
+//!   writes with (F16, BF16, Q8_0, Q4_0, bit-exact with ggml's reference quantizers).
 //! * [`tokenizer`]: [`MarcoTokenizer`], marco-core's [`Tokenizer`](marco_core::Tokenizer) built
 //!   from `tokenizer.json` or GGUF metadata on the `tokenizers` crate, and [`ChatTemplate`],
 //!   the model's own Jinja template rendered with minijinja.
@@ -17,10 +20,11 @@
 
 pub mod error;
 pub mod gguf;
+pub mod mapping;
 pub mod quant;
 pub mod tokenizer;
 
 pub use error::{FormatError, Result};
-pub use gguf::{GgufFile, GgufValue, GgufWriter};
+pub use gguf::{GgufFile, GgufStreamWriter, GgufTensorDesc, GgufValue, GgufWriter};
 pub use quant::GgmlType;
 pub use tokenizer::{ChatTemplate, MarcoTokenizer, StreamingDecoder};

@@ -8,9 +8,12 @@
 //! this crate are tested against them, and the model loader uses them to dequantize at
 //! load time when a tensor is not kept quantized.
 //!
-//! Only decoding needs to be exact; the one encoder offered, [`quantize_q8_0`], mirrors ggml's
-//! reference `quantize_row_q8_0` (round half away from zero, scale `amax / 127` stored as f16),
-//! which is what `llama-quantize` produces for Q8_0.
+//! Decoding covers every type listed. Encoding covers what a converter writes: [`quantize_q8_0`]
+//! and [`quantize_q4_0`] mirror ggml's reference `quantize_row_q8_0_ref` and
+//! `quantize_row_q4_0_ref` bit for bit (what `llama-quantize` produces without an importance
+//! matrix), and [`encode_f16`] / [`encode_bf16`] round to nearest even as numpy and torch do.
+//! [`quantize_into`] picks the encoder for a type and writes into a caller's buffer, so a
+//! converter can encode a large tensor in row chunks on several threads.
 
 use half::{bf16, f16};
 
@@ -441,6 +444,86 @@ fn decode_q6_k(block: &[u8], out: &mut [f32]) {
 /// away from zero. Errors if `values.len()` is not a multiple of 32.
 pub fn quantize_q8_0(values: &[f32]) -> Result<Vec<u8>, FormatError> {
     let mut out = vec![0u8; row_bytes(GgmlType::Q8_0, values.len())?];
+    encode_q8_0(values, &mut out);
+    Ok(out)
+}
+
+/// Quantizes `values` to Q4_0 blocks exactly as ggml's reference `quantize_row_q4_0_ref` does.
+///
+/// Each block of 32 takes the value of largest magnitude *with its sign* (`max`; the first one
+/// on ties), `d = max / -8` (stored as f16) and `q = min(15, trunc(x / d + 8.5))`, so `max`
+/// itself lands on `q = 0` (value `-8 d = max`) and the other end of the range is clipped at
+/// 15. Byte `j` of a block holds element `j` in its low nibble and element `j + 16` in its
+/// high one. Errors if `values.len()` is not a multiple of 32.
+pub fn quantize_q4_0(values: &[f32]) -> Result<Vec<u8>, FormatError> {
+    let mut out = vec![0u8; row_bytes(GgmlType::Q4_0, values.len())?];
+    encode_q4_0(values, &mut out);
+    Ok(out)
+}
+
+/// `values` as little-endian IEEE binary16, rounded to nearest even (overflow becomes ±inf).
+pub fn encode_f16(values: &[f32]) -> Vec<u8> {
+    let mut out = vec![0u8; values.len() * 2];
+    encode_f16_into(values, &mut out);
+    out
+}
+
+/// `values` as little-endian bfloat16, rounded to nearest even (NaN stays NaN).
+pub fn encode_bf16(values: &[f32]) -> Vec<u8> {
+    let mut out = vec![0u8; values.len() * 2];
+    encode_bf16_into(values, &mut out);
+    out
+}
+
+/// Encodes `values` as type `ty` into `out`, which must hold exactly
+/// [`row_bytes`]`(ty, values.len())` bytes.
+///
+/// Supported types: F32, F16, BF16, Q8_0 and Q4_0 (the others are
+/// [`FormatError::UnsupportedEncoding`]). Blocks are independent, so encoding a tensor in
+/// chunks of whole blocks (whole rows, say) gives the same bytes as encoding it at once.
+pub fn quantize_into(ty: GgmlType, values: &[f32], out: &mut [u8]) -> Result<(), FormatError> {
+    let encode: fn(&[f32], &mut [u8]) = match ty {
+        GgmlType::F32 => encode_f32_into,
+        GgmlType::F16 => encode_f16_into,
+        GgmlType::BF16 => encode_bf16_into,
+        GgmlType::Q8_0 => encode_q8_0,
+        GgmlType::Q4_0 => encode_q4_0,
+        other => return Err(FormatError::UnsupportedEncoding { ty: other.name() }),
+    };
+    let expected = row_bytes(ty, values.len())?;
+    if out.len() != expected {
+        return Err(FormatError::LengthMismatch { what: "encoded data", expected, actual: out.len(), unit: "bytes" });
+    }
+    encode(values, out);
+    Ok(())
+}
+
+/// Whether [`quantize_into`] can encode type `ty`.
+pub fn can_encode(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 | GgmlType::Q4_0)
+}
+
+// The encoders below take buffers whose lengths the public functions checked.
+
+fn encode_f32_into(values: &[f32], out: &mut [u8]) {
+    for (v, o) in values.iter().zip(out.chunks_exact_mut(4)) {
+        o.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn encode_f16_into(values: &[f32], out: &mut [u8]) {
+    for (v, o) in values.iter().zip(out.chunks_exact_mut(2)) {
+        o.copy_from_slice(&f16::from_f32(*v).to_bits().to_le_bytes());
+    }
+}
+
+fn encode_bf16_into(values: &[f32], out: &mut [u8]) {
+    for (v, o) in values.iter().zip(out.chunks_exact_mut(2)) {
+        o.copy_from_slice(&bf16::from_f32(*v).to_bits().to_le_bytes());
+    }
+}
+
+fn encode_q8_0(values: &[f32], out: &mut [u8]) {
     for (x, block) in values.chunks_exact(QK).zip(out.chunks_exact_mut(GgmlType::Q8_0.type_size())) {
         let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
@@ -450,7 +533,28 @@ pub fn quantize_q8_0(values: &[f32]) -> Result<Vec<u8>, FormatError> {
             *q = (v * inv).round() as i8 as u8;
         }
     }
-    Ok(out)
+}
+
+fn encode_q4_0(values: &[f32], out: &mut [u8]) {
+    for (x, block) in values.chunks_exact(QK).zip(out.chunks_exact_mut(GgmlType::Q4_0.type_size())) {
+        // The signed value of largest magnitude; a strict `<` keeps the first on ties, as ggml.
+        let (mut amax, mut max) = (0.0f32, 0.0f32);
+        for &v in x {
+            if amax < v.abs() {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        let d = max / -8.0;
+        let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+        block[0..2].copy_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+        // C's `(int8_t)(x + 8.5f)` truncates toward zero; `as i8` does too (and saturates
+        // where C would be undefined).
+        let nibble = |v: f32| (((v * inv + 8.5) as i8).min(15)) as u8;
+        for j in 0..QK / 2 {
+            block[2 + j] = nibble(x[j]) | (nibble(x[j + QK / 2]) << 4);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -559,6 +663,126 @@ mod tests {
                 assert!((a - b).abs() <= 0.5 * step + 127.0 * step / 2048.0, "{a} vs {b}");
             }
         }
+    }
+
+    /// Values spread over several magnitudes, signs and blocks (deterministic).
+    fn sample_values(n: usize) -> Vec<f32> {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        (0..n)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let unit = (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                unit * [0.01f32, 1.0, 30.0][i / 32 % 3]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn q4_0_roundtrip_is_within_one_step() {
+        let values = sample_values(32 * 12);
+        let packed = quantize_q4_0(&values).unwrap();
+        assert_eq!(packed.len(), 12 * 18);
+        let back = dequantize(GgmlType::Q4_0, &packed, values.len()).unwrap();
+        for (block_in, block_out) in values.chunks(32).zip(back.chunks(32)) {
+            let max = block_in.iter().fold(0.0f32, |m, &v| if m.abs() < v.abs() { v } else { m });
+            let step = max.abs() / 8.0;
+            // The f16 scale is off by at most 2^-11 relative, times |q - 8| <= 8 steps.
+            let scale_error = 8.0 * step / 2048.0;
+            for (&a, &b) in block_in.iter().zip(block_out) {
+                // Only values beyond 7.5 steps on the side opposite `max` are clipped (to 7
+                // steps): at most one step off; everything else is rounded: half a step.
+                let clipped = a * max < 0.0 && a.abs() > 7.5 * step;
+                let bound = if clipped { step } else { 0.5 * step };
+                assert!((a - b).abs() <= bound + scale_error, "{a} vs {b} (step {step})");
+            }
+            // The extreme value itself is exact up to the f16 scale.
+            let at_max = block_in.iter().position(|&v| v == max).unwrap();
+            assert!((block_out[at_max] - max).abs() <= scale_error);
+        }
+    }
+
+    #[test]
+    fn q4_0_hand_block_matches_ggml_reference() {
+        // First half: -8 ..= 7 with max = -8 (first of the two largest magnitudes, so d = 1.0).
+        // Second half probes the rounding (trunc(x + 8.5)), the clip at 15 and the tie rule:
+        // 8.0 has the same magnitude as -8 but comes later, so it does not become `max`.
+        let mut x: Vec<f32> = (0..16).map(|j| j as f32 - 8.0).collect();
+        x.extend([0.49, 0.5, -0.5, -0.51, 7.6, 8.0, 3.25, -3.25, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, -1.0]);
+        let high = [8u8, 9, 8, 7, 15, 15, 11, 5, 8, 9, 10, 11, 12, 13, 14, 7];
+        let mut expected = vec![0x00, 0x3C]; // f16 1.0
+        expected.extend((0..16).map(|j| j as u8 | (high[j] << 4)));
+        assert_eq!(quantize_q4_0(&x).unwrap(), expected);
+
+        // A positive extreme gives a negative scale: d = 4 / -8 = -0.5, and 4 maps to q = 0.
+        let mut y = vec![0.0f32; 32];
+        y[3] = 4.0;
+        y[20] = -1.0;
+        let packed = quantize_q4_0(&y).unwrap();
+        assert_eq!(&packed[0..2], &f16_bytes(-0.5));
+        assert_eq!(packed[2 + 3] & 0x0F, 0);
+        assert_eq!(packed[2 + 4] >> 4, 10); // -1 / -0.5 + 8.5 = 10.5 -> 10
+        let back = dequantize(GgmlType::Q4_0, &packed, 32).unwrap();
+        assert_eq!((back[3], back[20], back[0]), (4.0, -1.0, 0.0));
+
+        // An all-zero block: d = 0 / -8 = -0.0 (sign bit set, as in ggml), every nibble 8.
+        let zeros = quantize_q4_0(&[0.0; 32]).unwrap();
+        assert_eq!(&zeros[0..2], &[0x00, 0x80]);
+        assert!(zeros[2..].iter().all(|&b| b == 0x88));
+    }
+
+    #[test]
+    fn encoders_reject_partial_blocks_and_wrong_buffers() {
+        assert!(matches!(quantize_q4_0(&[1.0; 33]), Err(FormatError::NotBlockMultiple { n_elements: 33, .. })));
+        assert!(matches!(quantize_q8_0(&[1.0; 31]), Err(FormatError::NotBlockMultiple { .. })));
+        let mut out = vec![0u8; 17];
+        assert!(matches!(
+            quantize_into(GgmlType::Q4_0, &[0.0; 32], &mut out),
+            Err(FormatError::LengthMismatch { expected: 18, actual: 17, .. })
+        ));
+        assert!(matches!(
+            quantize_into(GgmlType::Q4_K, &[0.0; 256], &mut [0u8; 144]),
+            Err(FormatError::UnsupportedEncoding { ty: "Q4_K" })
+        ));
+        assert!(can_encode(GgmlType::Q4_0) && !can_encode(GgmlType::Q6_K));
+    }
+
+    #[test]
+    fn quantize_into_matches_the_whole_tensor_encoders_chunk_by_chunk() {
+        let values = sample_values(32 * 6);
+        for (ty, whole) in [
+            (GgmlType::Q8_0, quantize_q8_0(&values).unwrap()),
+            (GgmlType::Q4_0, quantize_q4_0(&values).unwrap()),
+            (GgmlType::F16, encode_f16(&values)),
+            (GgmlType::BF16, encode_bf16(&values)),
+        ] {
+            let mut chunked = vec![0u8; whole.len()];
+            let per_chunk = row_bytes(ty, 64).unwrap();
+            for (x, out) in values.chunks(64).zip(chunked.chunks_mut(per_chunk)) {
+                quantize_into(ty, x, out).unwrap();
+            }
+            assert_eq!(chunked, whole, "{ty}");
+        }
+        let mut f32_bytes = vec![0u8; 4 * values.len()];
+        quantize_into(GgmlType::F32, &values, &mut f32_bytes).unwrap();
+        assert_eq!(dequantize(GgmlType::F32, &f32_bytes, values.len()).unwrap(), values);
+    }
+
+    #[test]
+    fn half_encoders_round_to_nearest_even() {
+        // 1 + 2^-11 is halfway between two f16 values: ties go to the even one (1.0);
+        // 1 + 3 * 2^-11 goes up to 1 + 2^-9.
+        let f16s = encode_f16(&[1.0 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11), -2.5, 65520.0]);
+        let back = dequantize(GgmlType::F16, &f16s, 4).unwrap();
+        assert_eq!(back[..3], [1.0, 1.0 + 2f32.powi(-9), -2.5]);
+        assert!(back[3].is_infinite());
+        // bf16 keeps 8 significant bits: 1 + 2^-8 is a tie (to 1.0), 1 + 3 * 2^-8 rounds up.
+        let bf16s = encode_bf16(&[1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8), -3.0e38, f32::NAN]);
+        let back = dequantize(GgmlType::BF16, &bf16s, 4).unwrap();
+        assert_eq!(back[..2], [1.0, 1.0 + 2f32.powi(-6)]);
+        assert!((back[2] / -3.0e38 - 1.0).abs() < 1.0 / 256.0);
+        assert!(back[3].is_nan());
     }
 
     #[test]

@@ -439,6 +439,48 @@ fn gguf_pre_tokenizer(path: &Path, pre: &str) -> Result<(PreTokenizerWrapper, bo
     })
 }
 
+/// The `tokenizer.ggml.pre` name under which llama.cpp (and [`MarcoTokenizer::from_gguf`])
+/// reproduces the pre-tokenizer of a `tokenizer.json` (its `pre_tokenizer` value), for the
+/// byte-level BPE pipelines this module knows: `gpt-2` (GPT-2's regex alone), `smollm` (single
+/// digits, then GPT-2's regex), `qwen2` and `llama-bpe` (their split regex, then bytes).
+/// `None` for anything else (SentencePiece's `Metaspace`, a prefix space, another regex, ...),
+/// since a wrong guess would make llama.cpp split text differently without any error.
+///
+/// llama.cpp's converter identifies a pre-tokenizer by hashing the tokens of a probe text;
+/// comparing the structure instead needs no tokenizer run and refuses what it does not know.
+pub fn gguf_pre_tokenizer_name(pre_tokenizer: &Json) -> Option<&'static str> {
+    let kind = |v: &Json| v.get("type").and_then(Json::as_str).map(str::to_string);
+    let flag = |v: &Json, key: &str, default: bool| v.get(key).and_then(Json::as_bool).unwrap_or(default);
+    // ByteLevel without a prefix space, splitting with GPT-2's regex (`use_regex`) or not.
+    let byte_level = |v: &Json, use_regex: bool| {
+        kind(v).as_deref() == Some("ByteLevel")
+            && !flag(v, "add_prefix_space", true)
+            && flag(v, "use_regex", true) == use_regex
+    };
+    match kind(pre_tokenizer).as_deref() {
+        Some("ByteLevel") if byte_level(pre_tokenizer, true) => Some("gpt-2"),
+        Some("Sequence") => match pre_tokenizer.get("pretokenizers").and_then(Json::as_array)?.as_slice() {
+            [digits, bytes] if kind(digits).as_deref() == Some("Digits") => {
+                (flag(digits, "individual_digits", false) && byte_level(bytes, true)).then_some("smollm")
+            }
+            [split, bytes] if kind(split).as_deref() == Some("Split") => {
+                let pattern = split.get("pattern").and_then(|p| p.get("Regex")).and_then(Json::as_str)?;
+                let isolated = split.get("behavior").and_then(Json::as_str) == Some("Isolated");
+                if !isolated || flag(split, "invert", false) || !byte_level(bytes, false) {
+                    return None;
+                }
+                match pattern {
+                    QWEN2_PATTERN => Some("qwen2"),
+                    LLAMA3_PATTERN => Some("llama-bpe"),
+                    _ => None,
+                }
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 fn read_json_if_present(path: &Path) -> Result<Option<Json>> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
@@ -779,6 +821,41 @@ mod tests {
         shareable::<StreamingDecoder>();
         fn sendable<T: Send + Sync>() {}
         sendable::<GgufFile>();
+    }
+
+    #[test]
+    fn pre_tokenizer_names_follow_the_structure() {
+        let name = |text: &str| gguf_pre_tokenizer_name(&serde_json::from_str(text).unwrap());
+        let bytes = |regex: bool| {
+            format!(r#"{{"type":"ByteLevel","add_prefix_space":false,"trim_offsets":false,"use_regex":{regex}}}"#)
+        };
+        let split = |pattern: &str| {
+            format!(
+                r#"{{"type":"Sequence","pretokenizers":[{{"type":"Split","pattern":{{"Regex":{}}},"behavior":"Isolated","invert":false}},{}]}}"#,
+                serde_json::to_string(pattern).unwrap(),
+                bytes(false)
+            )
+        };
+        assert_eq!(name(&bytes(true)), Some("gpt-2"));
+        assert_eq!(name(&bytes(false)), None);
+        assert_eq!(
+            name(&format!(
+                r#"{{"type":"Sequence","pretokenizers":[{{"type":"Digits","individual_digits":true}},{}]}}"#,
+                bytes(true)
+            )),
+            Some("smollm")
+        );
+        assert_eq!(name(&split(QWEN2_PATTERN)), Some("qwen2"));
+        assert_eq!(name(&split(LLAMA3_PATTERN)), Some("llama-bpe"));
+        assert_eq!(name(&split("\\s+")), None);
+        assert_eq!(name(r#"{"type":"ByteLevel","add_prefix_space":true,"use_regex":true}"#), None);
+        assert_eq!(name(r#"{"type":"Metaspace","replacement":"▁","prepend_scheme":"first"}"#), None);
+        assert_eq!(name(r#"{"type":"WhitespaceSplit"}"#), None);
+        assert_eq!(name("null"), None);
+        // Each name is one `from_gguf` accepts.
+        for pre in ["gpt-2", "smollm", "qwen2", "llama-bpe"] {
+            assert!(gguf_pre_tokenizer(Path::new("x"), pre).is_ok(), "{pre}");
+        }
     }
 
     #[test]

@@ -116,6 +116,34 @@ pub trait KernelBackend: Backend {
     /// `x · Wᵀ`: `x` is `[rows, in_features]`, the result `[rows, out_features]`.
     fn kernel_linear(x: Tensor<Self, 2>, weight: &Self::LinearWeight) -> Tensor<Self, 2>;
 
+    /// Whether the model keeps its token embedding table as a [`KernelBackend::LinearWeight`]
+    /// (in the weight's own storage: a 16-bit or quantised table stays that size, and a tied
+    /// head shares it) and looks rows up with [`KernelBackend::kernel_embedding`]. The default
+    /// (`false`) keeps an f32 burn tensor and `select`s its rows.
+    fn embeds_from_linear_weight() -> bool {
+        false
+    }
+
+    /// Whether the weights live in host memory (then loading first checks that they fit; see
+    /// [`crate::memory`]). The default (`false`: a device's memory) skips the check.
+    fn weights_in_host_memory() -> bool {
+        false
+    }
+
+    /// Rows `ids` of the `[vocab, hidden]` table `weight`, as `[ids.len(), hidden]`; called only
+    /// when [`KernelBackend::embeds_from_linear_weight`] is true, with ids the model checked
+    /// against the vocabulary. The default (for backends that never embed this way) is NaN,
+    /// which surfaces as non-finite logits.
+    fn kernel_embedding(
+        weight: &Self::LinearWeight,
+        ids: &[marco_core::TokenId],
+        hidden: usize,
+        device: &Self::Device,
+    ) -> Tensor<Self, 2> {
+        let _ = weight;
+        Tensor::full([ids.len(), hidden], f32::NAN, device)
+    }
+
     /// `x · W_iᵀ` for several weights sharing the input `x` (a layer's q/k/v or gate/up
     /// projections). The default runs [`KernelBackend::kernel_linear`] once per weight.
     fn kernel_linear_many(x: Tensor<Self, 2>, weights: &[&Self::LinearWeight]) -> Vec<Tensor<Self, 2>> {
@@ -484,6 +512,29 @@ mod cpu {
 
         fn linear_weight_bytes(weight: &Self::LinearWeight) -> usize {
             weight.matrix.weight_bytes()
+        }
+
+        fn embeds_from_linear_weight() -> bool {
+            true
+        }
+
+        fn weights_in_host_memory() -> bool {
+            true
+        }
+
+        fn kernel_embedding(
+            weight: &Self::LinearWeight,
+            ids: &[marco_core::TokenId],
+            hidden: usize,
+            device: &NdArrayDevice,
+        ) -> Tensor<Self, 2> {
+            let ids: Vec<usize> = ids.iter().map(|&id| id as usize).collect();
+            match marco_backend_cpu::embedding_ndarray(&weight.matrix, &ids) {
+                Ok(rows) => Tensor::from_primitive(TensorPrimitive::Float(rows)),
+                // The model checked every id against the vocabulary, so a row cannot be
+                // missing; should one be, its NaNs surface as non-finite logits.
+                Err(_) => Tensor::full([ids.len(), hidden], f32::NAN, device),
+            }
         }
 
         fn kernel_swiglu_linear(

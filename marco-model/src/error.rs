@@ -52,6 +52,20 @@ pub enum ModelError {
         /// The type as the file names it.
         dtype: String,
     },
+    /// The model would not fit in the memory available (checked before loading).
+    #[error("{path}: the model needs ~{} but ~{} of memory is available ({detail}); ways out: {ways}", crate::memory::gib(*.needed), crate::memory::gib(*.available))]
+    InsufficientMemory {
+        /// The checkpoint.
+        path: PathBuf,
+        /// Bytes the loaded model would hold.
+        needed: u64,
+        /// Bytes available.
+        available: u64,
+        /// What makes up `needed`.
+        detail: String,
+        /// What the user can do (smaller formats with their sizes, a shorter context).
+        ways: String,
+    },
     /// A tensor the architecture needs is absent.
     #[error("{path}: missing tensor {tensor}")]
     MissingTensor {

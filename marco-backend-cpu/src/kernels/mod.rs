@@ -70,6 +70,7 @@ macro_rules! row_group {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub(crate) mod dense;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 mod scalar;
@@ -82,6 +83,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crate::packed::{Interleaved16, PackedMatrix, SplitBlocks, Storage};
 use crate::quant::{GgmlType, QK};
 use crate::{pool, KernelError};
+use dense::{Dense, DenseRef};
 
 /// Largest row count handled by the small-batch kernels for quantized weights with f32
 /// activations ([`ActivationMode::F32`]); larger batches use GEMM. Measured crossover (one
@@ -713,8 +715,8 @@ fn check_elements(what: &'static str, rows: usize, width: usize, len: usize) -> 
 enum Plan<'a> {
     /// Large batch: dequantized tiles and `gemm`.
     Gemm(&'a PackedMatrix),
-    /// Small batch, f32 weights.
-    F32(&'a [f32]),
+    /// Small batch, dense weights (f32, bf16 or f16).
+    Dense(DenseRef<'a>),
     /// Small batch, split Q8_0/Q4_0/Q4_1 weights, 8-bit activations.
     SplitQ8(&'a SplitBlocks),
     /// Small batch, split weights decoded to f32.
@@ -734,7 +736,7 @@ impl<'a> Plan<'a> {
         let n_in = w.in_features();
         let q8 = options.activations == ActivationMode::Q8;
         let gemm = match w.storage() {
-            Storage::F32(_) => rows > options.small_batch_max_f32,
+            Storage::F32(_) | Storage::Bf16(_) | Storage::F16(_) => rows > options.small_batch_max_f32,
             // Never for 8-bit activations: the GEMM path multiplies f32 activations, so a row's
             // result would change with the number of rows beside it (see the module doc).
             _ => !q8 && rows > options.small_batch_max,
@@ -743,7 +745,9 @@ impl<'a> Plan<'a> {
             return Plan::Gemm(w);
         }
         match w.storage() {
-            Storage::F32(values) => Plan::F32(values),
+            Storage::F32(values) => Plan::Dense(DenseRef::F32(values)),
+            Storage::Bf16(values) => Plan::Dense(DenseRef::Bf16(values)),
+            Storage::F16(values) => Plan::Dense(DenseRef::F16(values)),
             Storage::Split(split) if q8 => Plan::SplitQ8(split),
             Storage::Split(split) => Plan::SplitF32(split),
             Storage::Interleaved(w) if q8 => Plan::InterleavedQ8(w),
@@ -792,7 +796,9 @@ impl<'a> Plan<'a> {
         };
         match (self, acts) {
             (Plan::Gemm(w), _) => gemm_path(x, rows, w, range, out),
-            (Plan::F32(values), _) => f32_rows(isa, values, n_in, x, rows, range, out),
+            (Plan::Dense(DenseRef::F32(w)), _) => dense_rows(isa, w, n_in, x, rows, range, out),
+            (Plan::Dense(DenseRef::Bf16(w)), _) => dense_rows(isa, w, n_in, x, rows, range, out),
+            (Plan::Dense(DenseRef::F16(w)), _) => dense_rows(isa, w, n_in, x, rows, range, out),
             (Plan::SplitQ8(split), Some(acts)) => split_rows(isa, split, acts, rows, range, out),
             (Plan::SplitF32(w), _) => decode_tiles(w.ty, w.blocks, &|r, b| w.ggml_rows_into(r, b)),
             (Plan::InterleavedQ8(w), Some(acts)) => interleaved_rows(isa, w, acts, rows, range, out),
@@ -904,20 +910,20 @@ fn split_rows(isa: Isa, w: &SplitBlocks, acts: &QuantizedActs, rows: usize, outs
     }
 }
 
-fn f32_rows(isa: Isa, w: &[f32], n_in: usize, x: &[f32], rows: usize, outs: Range<usize>, out: OutPtr) {
+fn dense_rows<W: Dense>(isa: Isa, w: &[W], n_in: usize, x: &[f32], rows: usize, outs: Range<usize>, out: OutPtr) {
     match isa {
         // One or two rows are bound by memory, where the 512-bit loads (which straddle cache
         // lines unless the weights happen to be 64-byte aligned) measured slower than AVX2.
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` verified AVX-512 F/BW/VL, AVX2, FMA and F16C at run time.
-        Isa::Avx512 | Isa::Avx512Vnni if rows > 2 => unsafe { avx512::f32_rows(w, n_in, x, rows, outs, out) },
+        Isa::Avx512 | Isa::Avx512Vnni if rows > 2 => unsafe { avx512::dense_rows(w, n_in, x, rows, outs, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` verified AVX2, FMA and F16C at run time (the AVX-512 levels imply them).
-        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::f32_rows(w, n_in, x, rows, outs, out) },
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => unsafe { x86::dense_rows(w, n_in, x, rows, outs, out) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: NEON is in the aarch64 baseline.
-        Isa::Neon | Isa::NeonDotprod => unsafe { neon::f32_rows(w, n_in, x, rows, outs, out) },
-        _ => scalar::f32_rows(w, n_in, x, rows, outs, out),
+        Isa::Neon | Isa::NeonDotprod => unsafe { neon::dense_rows(w, n_in, x, rows, outs, out) },
+        _ => scalar::dense_rows(w, n_in, x, rows, outs, out),
     }
 }
 
@@ -961,10 +967,22 @@ fn gemm_path(x: &[f32], rows: usize, w: &PackedMatrix, outs: Range<usize>, out: 
         // f32 weights need no staging: one call for the whole range lets gemm block it freely.
         let end = match w.storage() {
             Storage::F32(_) => outs.end,
-            Storage::Split(_) | Storage::Interleaved(_) | Storage::Blocks { .. } => (start + GEMM_TILE).min(outs.end),
+            Storage::Bf16(_)
+            | Storage::F16(_)
+            | Storage::Split(_)
+            | Storage::Interleaved(_)
+            | Storage::Blocks { .. } => (start + GEMM_TILE).min(outs.end),
         };
         let weights: &[f32] = match w.storage() {
             Storage::F32(values) => &values[start * n_in..end * n_in],
+            Storage::Bf16(values) => {
+                DenseRef::Bf16(values).widen_rows_into(start..end, n_in, &mut tile);
+                &tile
+            }
+            Storage::F16(values) => {
+                DenseRef::F16(values).widen_rows_into(start..end, n_in, &mut tile);
+                &tile
+            }
             Storage::Split(split) => {
                 split.ggml_rows_into(start..end, &mut tile_bytes);
                 tile.resize((end - start) * n_in, 0.0);
@@ -1163,7 +1181,9 @@ mod tests {
                         }
                         Storage::Split(split) => split_rows(Isa::Scalar, split, &acts, rows, 0..n_out, portable_out),
                         // 13 rows: never interleaved (that takes whole groups of sixteen).
-                        Storage::F32(_) | Storage::Interleaved(_) => panic!("{ty} not kept quantized and split"),
+                        Storage::F32(_) | Storage::Bf16(_) | Storage::F16(_) | Storage::Interleaved(_) => {
+                            panic!("{ty} not kept quantized and split")
+                        }
                     }
                     for isa in supported_isas().into_iter().skip(1) {
                         let mut simd = vec![f32::NAN; rows * n_out];
@@ -1174,7 +1194,9 @@ mod tests {
                                 quantized_rows(isa, &blocks, &acts, rows, 0..n_out, simd_out);
                             }
                             Storage::Split(split) => split_rows(isa, split, &acts, rows, 0..n_out, simd_out),
-                            Storage::F32(_) | Storage::Interleaved(_) => panic!("{ty} not kept quantized and split"),
+                            Storage::F32(_) | Storage::Bf16(_) | Storage::F16(_) | Storage::Interleaved(_) => {
+                                panic!("{ty} not kept quantized and split")
+                            }
                         }
                         for (a, b) in simd.iter().zip(&portable) {
                             // Q6_K and Q4_1 subtract large offset terms, so allow for f32 cancellation.
@@ -1362,7 +1384,7 @@ mod tests {
     }
 
     #[test]
-    fn simd_f32_rows_match_portable() {
+    fn simd_dense_rows_match_portable() {
         let mut next = xorshift(0x51_7CC1_B727_220A);
         for n_in in [1usize, 7, 15, 16, 17, 33, 64, 100, 576] {
             let n_out = 11;
@@ -1370,13 +1392,55 @@ mod tests {
             for rows in 1..=9 {
                 let x: Vec<f32> = (0..rows * n_in).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
                 let mut portable = vec![0.0f32; rows * n_out];
-                scalar::f32_rows(&w, n_in, &x, rows, 0..n_out, OutPtr { ptr: portable.as_mut_ptr(), n_out });
+                scalar::dense_rows(&w, n_in, &x, rows, 0..n_out, OutPtr { ptr: portable.as_mut_ptr(), n_out });
                 for isa in supported_isas().into_iter().skip(1) {
                     let mut simd = vec![f32::NAN; rows * n_out];
-                    f32_rows(isa, &w, n_in, &x, rows, 0..n_out, OutPtr { ptr: simd.as_mut_ptr(), n_out });
+                    dense_rows(isa, &w, n_in, &x, rows, 0..n_out, OutPtr { ptr: simd.as_mut_ptr(), n_out });
                     for (a, b) in simd.iter().zip(&portable) {
                         assert!((a - b).abs() <= 1e-5 * n_in as f32, "{isa:?} n_in {n_in} rows {rows}: {a} vs {b}");
                     }
+                }
+            }
+        }
+    }
+
+    /// 16-bit weights give, on every instruction set, the bits the f32 kernel gives for the same
+    /// weights widened first (the widening is exact and the summation order shared), including
+    /// f16 subnormals, infinities and bf16 values whose low bits matter.
+    #[test]
+    fn sixteen_bit_weights_give_the_bits_of_their_f32_widening() {
+        let mut next = xorshift(0x16B1_7000_0000_0001);
+        for n_in in [1usize, 8, 15, 16, 17, 31, 33, 100, 576] {
+            let n_out = 9;
+            let raw: Vec<u16> = (0..n_out * n_in).map(|_| next() as u16).collect();
+            // Keep f16 finite except for a few exact infinities-free values: NaN weights are not
+            // the point here, and NaN payloads need not survive a product.
+            let halves: Vec<half::f16> = raw
+                .iter()
+                .map(|&b| half::f16::from_bits(b))
+                .map(|v| if v.is_finite() { v } else { half::f16::ONE })
+                .collect();
+            let brains: Vec<half::bf16> = raw
+                .iter()
+                .map(|&b| half::bf16::from_bits(b & 0xBFFF)) // exponents small enough for finite sums
+                .collect();
+            for rows in [1usize, 2, 3, 4, 5, 8, 9] {
+                let x: Vec<f32> = (0..rows * n_in).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
+                for isa in supported_isas() {
+                    let run = |w: DenseRef<'_>| {
+                        let mut out = vec![f32::NAN; rows * n_out];
+                        let ptr = OutPtr { ptr: out.as_mut_ptr(), n_out };
+                        match w {
+                            DenseRef::F32(w) => dense_rows(isa, w, n_in, &x, rows, 0..n_out, ptr),
+                            DenseRef::Bf16(w) => dense_rows(isa, w, n_in, &x, rows, 0..n_out, ptr),
+                            DenseRef::F16(w) => dense_rows(isa, w, n_in, &x, rows, 0..n_out, ptr),
+                        }
+                        out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                    };
+                    let wide_h: Vec<f32> = halves.iter().map(|v| v.to_f32()).collect();
+                    let wide_b: Vec<f32> = brains.iter().map(|v| v.to_f32()).collect();
+                    assert_eq!(run(DenseRef::F16(&halves)), run(DenseRef::F32(&wide_h)), "f16 {isa:?} {n_in} {rows}");
+                    assert_eq!(run(DenseRef::Bf16(&brains)), run(DenseRef::F32(&wide_b)), "bf16 {isa:?} {n_in} {rows}");
                 }
             }
         }

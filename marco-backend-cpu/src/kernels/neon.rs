@@ -21,6 +21,7 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 use std::ops::Range;
 
+use super::dense::{Dense, DenseKind};
 use super::{Acts, BlockRows, OutPtr, QuantizedActs};
 use crate::packed::SplitBlocks;
 use crate::quant::{dequantize_into, k4_scale_min, read_f16, GgmlType, QK, QK_K};
@@ -435,14 +436,36 @@ pub(super) unsafe fn quantized_rows<const SDOT: bool>(
     }
 }
 
-/// f32 dot products of one weight row with `R` activation rows, `U` independent accumulators each.
+/// Four weights at `p` widened to f32 (`W` is resolved at compile time).
+///
+/// # Safety
+/// Four elements are readable at `p`.
+#[inline(always)]
+unsafe fn widen4<W: Dense>(p: *const W) -> float32x4_t {
+    // SAFETY: the caller guarantees the four elements.
+    unsafe {
+        match W::KIND {
+            DenseKind::F32 => vld1q_f32(p as *const f32),
+            // bf16 is the top half of an f32: shift the widened bits up.
+            DenseKind::Bf16 => vreinterpretq_f32_u32(vshll_n_u16::<16>(vld1_u16(p as *const u16))),
+            // Stable Rust has no f16 vector type: widen on the scalar side (exact either way).
+            DenseKind::F16 => {
+                let lanes: [f32; 4] = std::array::from_fn(|i| (*p.add(i)).widen());
+                vld1q_f32(lanes.as_ptr())
+            }
+        }
+    }
+}
+
+/// Dot products of one dense weight row with `R` activation rows, `U` independent accumulators
+/// each (the same order for every element type).
 ///
 /// # Safety
 /// `w_row` has `n_in` values and `x` rows `r0..r0 + R` of `n_in`.
 #[inline]
 #[target_feature(enable = "neon")]
-unsafe fn f32_dot<const R: usize, const U: usize>(
-    w_row: *const f32,
+unsafe fn f32_dot<W: Dense, const R: usize, const U: usize>(
+    w_row: *const W,
     x: *const f32,
     n_in: usize,
     r0: usize,
@@ -452,7 +475,7 @@ unsafe fn f32_dot<const R: usize, const U: usize>(
     // SAFETY (loads below): guaranteed by the caller.
     while k + 4 * U <= n_in {
         for u in 0..U {
-            let wv = unsafe { vld1q_f32(w_row.add(k + 4 * u)) };
+            let wv = unsafe { widen4(w_row.add(k + 4 * u)) };
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 let xv = unsafe { vld1q_f32(x.add((r0 + r) * n_in + k + 4 * u)) };
                 acc_r[u] = vfmaq_f32(acc_r[u], wv, xv);
@@ -461,7 +484,7 @@ unsafe fn f32_dot<const R: usize, const U: usize>(
         k += 4 * U;
     }
     while k + 4 <= n_in {
-        let wv = unsafe { vld1q_f32(w_row.add(k)) };
+        let wv = unsafe { widen4(w_row.add(k)) };
         for (r, acc_r) in acc.iter_mut().enumerate() {
             let xv = unsafe { vld1q_f32(x.add((r0 + r) * n_in + k)) };
             acc_r[0] = vfmaq_f32(acc_r[0], wv, xv);
@@ -473,29 +496,36 @@ unsafe fn f32_dot<const R: usize, const U: usize>(
         let mut sum = vaddvq_f32(v);
         for j in k..n_in {
             // SAFETY: `j < n_in`.
-            sum += unsafe { *w_row.add(j) * *x.add((r0 + r) * n_in + j) };
+            sum += unsafe { (*w_row.add(j)).widen() * *x.add((r0 + r) * n_in + j) };
         }
         sum
     })
 }
 
-/// f32 weights: `out[r, o] = dot(w[o], x[r])`.
+/// Dense weights: `out[r, o] = dot(w[o], x[r])`.
 ///
 /// # Safety
 /// `out` must be a `[rows, n_out]` buffer whose columns `outs` belong to the caller; `w` is
 /// `[n_out, n_in]` and `x` is `[rows, n_in]`.
 #[target_feature(enable = "neon")]
-pub(super) unsafe fn f32_rows(w: &[f32], n_in: usize, x: &[f32], rows: usize, outs: Range<usize>, out: OutPtr) {
+pub(super) unsafe fn dense_rows<W: Dense>(
+    w: &[W],
+    n_in: usize,
+    x: &[f32],
+    rows: usize,
+    outs: Range<usize>,
+    out: OutPtr,
+) {
     let xp = x.as_ptr();
     for o in outs {
         let w_row = w[o * n_in..(o + 1) * n_in].as_ptr();
         // SAFETY: rows `r0..r0 + R` exist; output `(r, o)` belongs to this task.
         unsafe {
             four_row_groups!(rows, out, o, |r0| [
-                f32_dot::<1, 4>(w_row, xp, n_in, r0),
-                f32_dot::<2, 4>(w_row, xp, n_in, r0),
-                f32_dot::<3, 2>(w_row, xp, n_in, r0),
-                f32_dot::<4, 2>(w_row, xp, n_in, r0),
+                f32_dot::<W, 1, 4>(w_row, xp, n_in, r0),
+                f32_dot::<W, 2, 4>(w_row, xp, n_in, r0),
+                f32_dot::<W, 3, 2>(w_row, xp, n_in, r0),
+                f32_dot::<W, 4, 2>(w_row, xp, n_in, r0),
             ])
         }
     }
@@ -579,7 +609,7 @@ pub(super) unsafe fn float_decode_rows(w: &BlockRows<'_>, x: &[f32], rows: usize
             // Lengths were validated when the matrix was packed.
             let _ = dequantize_into(w.ty, w.row(o), &mut decoded);
             // SAFETY: `decoded` is one row; this task owns column `o`.
-            unsafe { f32_rows(&decoded, n_in, x, rows, 0..1, OutPtr { ptr: out.ptr.add(o), n_out: out.n_out }) };
+            unsafe { dense_rows(&decoded[..], n_in, x, rows, 0..1, OutPtr { ptr: out.ptr.add(o), n_out: out.n_out }) };
         }
         return;
     }

@@ -6,32 +6,34 @@
 
 use std::ops::Range;
 
+use super::dense::Dense;
 use super::{BlockRows, OutPtr, QuantizedActs};
 use crate::quant::{dequantize_into, k4_scale_min, read_f16, GgmlType, QK, QK_K};
 
-pub(super) fn f32_rows(w: &[f32], n_in: usize, x: &[f32], rows: usize, outs: Range<usize>, out: OutPtr) {
+pub(super) fn dense_rows<W: Dense>(w: &[W], n_in: usize, x: &[f32], rows: usize, outs: Range<usize>, out: OutPtr) {
     for o in outs {
         let w_row = &w[o * n_in..(o + 1) * n_in];
         for r in 0..rows {
-            let value = dot_f32(w_row, &x[r * n_in..(r + 1) * n_in]);
+            let value = dot_dense(w_row, &x[r * n_in..(r + 1) * n_in]);
             // SAFETY: `o` is in this task's range and `r < rows`.
             unsafe { out.write(r, o, value) };
         }
     }
 }
 
-/// f32 dot product with eight independent partial sums (vectorizable).
-pub(super) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+/// Dot product of dense weights (widened) with f32 values, eight independent partial sums
+/// (vectorizable).
+pub(super) fn dot_dense<W: Dense>(a: &[W], b: &[f32]) -> f32 {
     let mut partial = [0.0f32; 8];
     let chunks = a.len() / 8;
     for (ca, cb) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
         for k in 0..8 {
-            partial[k] += ca[k] * cb[k];
+            partial[k] += ca[k].widen() * cb[k];
         }
     }
     let mut sum: f32 = partial.iter().sum();
     for k in chunks * 8..a.len() {
-        sum += a[k] * b[k];
+        sum += a[k].widen() * b[k];
     }
     sum
 }
@@ -151,7 +153,7 @@ pub(super) fn float_decode_rows(w: &BlockRows<'_>, x: &[f32], rows: usize, outs:
         // Lengths were validated when the matrix was packed.
         let _ = dequantize_into(w.ty, w.row(o), &mut decoded);
         for r in 0..rows {
-            let value = dot_f32(&decoded, &x[r * n_in..(r + 1) * n_in]);
+            let value = dot_dense(&decoded[..], &x[r * n_in..(r + 1) * n_in]);
             // SAFETY: `o` is in this task's range and `r < rows`.
             unsafe { out.write(r, o, value) };
         }
