@@ -488,6 +488,11 @@ pub struct LoadOptions {
     /// The memory the model may hold, in bytes, when less than what the system reports
     /// available (to leave room for other work). `None`: what the system reports.
     pub memory_limit: Option<u64>,
+    /// Convert once: quantisation at load of a Hugging Face directory writes its result to
+    /// a GGUF file in marco's cache (`$MARCO_HOME/converted/`, keyed by the checkpoint's
+    /// content and the format) and loads from it, so the next load maps the file instead of
+    /// quantising again. On by default; off, the weights are quantised in memory each time.
+    pub cache_conversions: bool,
 }
 
 impl Default for LoadOptions {
@@ -498,6 +503,7 @@ impl Default for LoadOptions {
             max_context: None,
             memory_check: true,
             memory_limit: None,
+            cache_conversions: true,
         }
     }
 }
@@ -648,9 +654,19 @@ pub fn load_with<B: KernelBackend>(path: &Path, device: &B::Device, options: Loa
         let tokenizer = MarcoTokenizer::from_hf_dir(path)?;
         check_vocab(&path.join("tokenizer.json"), &tokenizer, &config)?;
         let weights = HfWeights::open(path)?;
-        let source = with_quantization(&weights, &options);
-        check_memory::<B>(path, &config, source.as_ref(), &options)?;
-        (Transformer::load(config, source.as_ref(), options.linear_path, device)?, tokenizer)
+        if let Some(converted) = converted_weights(path, &weights, &options)? {
+            // Configuration and tokenizer still come from the directory; only the weights
+            // come from the converted file.
+            drop(weights);
+            let file = GgufFile::open(&converted)?;
+            let source = GgufWeights::new(&file, &config);
+            check_memory::<B>(path, &config, &source, &options)?;
+            (Transformer::load(config, &source, options.linear_path, device)?, tokenizer)
+        } else {
+            let source = with_quantization(&weights, &options);
+            check_memory::<B>(path, &config, source.as_ref(), &options)?;
+            (Transformer::load(config, source.as_ref(), options.linear_path, device)?, tokenizer)
+        }
     } else {
         let file = GgufFile::open(path)?;
         let config = with_context(ModelConfig::from_gguf(&file)?, path, &options)?;
@@ -662,6 +678,51 @@ pub fn load_with<B: KernelBackend>(path: &Path, device: &B::Device, options: Loa
         (Transformer::load(config, source.as_ref(), options.linear_path, device)?, tokenizer)
     };
     Ok(BurnLm::new(model, Box::new(tokenizer)))
+}
+
+/// The converted file for a quantisation at load of the directory `dir` (converting now when
+/// the cache has none), or `None` when nothing is to be converted or the cache is off or
+/// unusable (then the caller quantises in memory: a cache that cannot be written never
+/// fails a load).
+fn converted_weights(dir: &Path, weights: &HfWeights, options: &LoadOptions) -> Result<Option<PathBuf>> {
+    let Some(format) = options.quantize.filter(|_| options.cache_conversions) else {
+        return Ok(None);
+    };
+    let Ok(cache) = crate::fetch::cache_dir().map(|home| home.join("converted")) else {
+        return Ok(None);
+    };
+    let target = match format {
+        QuantizeAtLoad::Q8_0 => crate::convert::ConvertTarget::Q8_0,
+        QuantizeAtLoad::Q4_0 => crate::convert::ConvertTarget::Q4_0,
+    };
+    let file = cache.join(format!("{}-{}.gguf", weights.content_key()?, format.name()));
+    if file.is_file() && GgufFile::open(&file).is_ok() {
+        return Ok(Some(file));
+    }
+    if std::fs::create_dir_all(&cache).is_err() {
+        return Ok(None);
+    }
+    // A name of this process's own, renamed into place when complete: loads converting the
+    // same checkpoint at once never see (or clobber) each other's partial files.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let unique = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let staging = file.with_extension(format!("gguf.{}-{unique}.tmp", std::process::id()));
+    match crate::convert::convert_hf_dir(dir, &staging, target) {
+        Ok(_) => {
+            if std::fs::rename(&staging, &file).is_err() {
+                let _ = std::fs::remove_file(&staging);
+                return Ok(None);
+            }
+            Ok(Some(file))
+        }
+        // A checkpoint the converter cannot write (a tokenizer GGUF cannot describe, say)
+        // still loads, quantised in memory; faults of the checkpoint itself surface there.
+        Err(ModelError::Io { .. }) | Err(ModelError::Tokenizer(_)) => {
+            let _ = std::fs::remove_file(&staging);
+            Ok(None)
+        }
+        Err(other) => Err(other),
+    }
 }
 
 /// `config` with its context capped by [`LoadOptions::max_context`].

@@ -536,3 +536,40 @@ fn the_memory_estimate_follows_format_and_context() {
         assert_eq!(load_with::<Cpu>(&dir, &Default::default(), options).is_ok(), fits, "limit {limit} vs {dense}");
     }
 }
+
+/// Convert once: a quantisation at load of a directory leaves a GGUF file in the cache, keyed
+/// by the checkpoint's content and the format; the next load reads that file, and either way
+/// the logits are the bits of quantising in memory.
+#[test]
+fn quantize_at_load_converts_once_into_the_cache() {
+    use marco_model::{load_with, LoadOptions, QuantizeAtLoad};
+    let name = "tiny-qwen2";
+    let dir = scratch_copy(name, "convert-once");
+    let key = HfWeights::open(&dir).unwrap().content_key().unwrap();
+    let cached = marco_model::fetch::cache_dir().unwrap().join("converted").join(format!("{key}-q4_0.gguf"));
+    let _ = std::fs::remove_file(&cached);
+    let case = &oracle(name).cases[0];
+    let logits = |options: LoadOptions| {
+        let mut model = load_with::<Cpu>(&dir, &Default::default(), options).unwrap();
+        let seq = model.new_sequence(&case.input_ids).unwrap();
+        model.pending_logits(seq).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    };
+    let options = LoadOptions { quantize: Some(QuantizeAtLoad::Q4_0), ..LoadOptions::default() };
+    let first = logits(options);
+    assert!(cached.is_file(), "no converted file at {}", cached.display());
+    let written = std::fs::metadata(&cached).unwrap().modified().unwrap();
+    let second = logits(options);
+    assert_eq!(std::fs::metadata(&cached).unwrap().modified().unwrap(), written, "the second load converted again");
+    let in_memory = logits(LoadOptions { cache_conversions: false, ..options });
+    assert_eq!(first, second);
+    assert_eq!(first, in_memory, "the cached file holds other weights than quantising in memory");
+    // Other weights, another key: a changed tensor is not served from the old file.
+    let shard = dir.join("model-00002-of-00002.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&shard, bytes).unwrap();
+    assert_ne!(HfWeights::open(&dir).unwrap().content_key().unwrap(), key);
+    let _ = std::fs::remove_file(&cached);
+    let _ = std::fs::remove_dir_all(&dir);
+}
