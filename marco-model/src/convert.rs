@@ -653,7 +653,7 @@ fn tokenizer_metadata(dir: &Path, config: &ModelConfig, raw_config: &Json) -> Re
     let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
     let mut types = vec![TOKEN_NORMAL; vocab_size];
     let mut place = |id: u64, text: String, kind: i32| -> Result<()> {
-        let slot = usize::try_from(id).ok().filter(|&i| i < vocab_size).ok_or(ModelError::VocabMismatch {
+        let slot = usize::try_from(id).ok().filter(|&i| i < vocab_size).ok_or_else(|| ModelError::VocabMismatch {
             path: path.clone(),
             tokenizer: usize::try_from(id).unwrap_or(usize::MAX).saturating_add(1),
             model: vocab_size,
