@@ -9,8 +9,8 @@
 //! Laid out as Marco-o1's own checkpoint is: `config.json` (transformers' form),
 //! `model-0000N-of-0000M.safetensors` shards of about `--shard-gb` each with
 //! `model.safetensors.index.json`, and a `tokenizer.json`. The tokenizer is a byte-level BPE
-//! over the 256 bytes plus the chat-template specials (no merges): the benchmarks feed token
-//! ids, and a small tokenizer keeps the directory about the weights. Values: norms near 1,
+//! over the 256 bytes plus the chat-template specials (no merges) and placeholders for the
+//! rest of the vocabulary: the benchmarks feed token ids, and every id decodes. Values: norms near 1,
 //! matrices uniform in ±1/√fan-in, so activations keep a sane scale; speed does not depend on
 //! them. Each tensor is generated and written in turn (memory stays at one tensor).
 
@@ -164,9 +164,10 @@ fn config_json(c: &marco::model::ModelConfig, dtype: &str) -> serde_json::Value 
     })
 }
 
-/// A byte-level BPE over the 256 bytes (GPT-2's byte-to-character map) with no merges, plus
-/// the specials of the ChatML template.
-fn tokenizer_json() -> serde_json::Value {
+/// A byte-level BPE over the 256 bytes (GPT-2's byte-to-character map) with no merges, the
+/// specials of the ChatML template, and placeholder tokens up to `vocab_size` (so that every id
+/// a random model picks decodes to text).
+fn tokenizer_json(vocab_size: usize) -> serde_json::Value {
     let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
     let mut chars: Vec<u32> = printable.clone();
     let mut extra = 0;
@@ -184,6 +185,9 @@ fn tokenizer_json() -> serde_json::Value {
         vocab.insert(char::from_u32(ch).map(String::from).unwrap_or_default(), byte);
     }
     let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+    for id in 256 + specials.len()..vocab_size {
+        vocab.insert(format!("<x{id}>"), id as u32);
+    }
     let added: Vec<serde_json::Value> = specials
         .iter()
         .enumerate()
@@ -280,7 +284,7 @@ fn main() -> Result<()> {
     let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
     std::fs::write(args.out.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?)?;
     std::fs::write(args.out.join("config.json"), serde_json::to_string_pretty(&config_json(&config, &args.dtype))?)?;
-    std::fs::write(args.out.join("tokenizer.json"), serde_json::to_string(&tokenizer_json())?)?;
+    std::fs::write(args.out.join("tokenizer.json"), serde_json::to_string(&tokenizer_json(config.vocab_size))?)?;
     let chat = json!({
         "bos_token": null,
         "eos_token": "<|im_end|>",
