@@ -172,7 +172,7 @@ fn load_model(args: &Args) -> Result<Box<dyn LanguageModel>> {
     if args.mock {
         return Ok(Box::new(MockModel::builder().seed(args.seed).typical_length(48).build()?));
     }
-    common::load_any(args.model.as_deref(), None, &args.remote)
+    common::load_any(args.model.as_deref(), marco::model::LoadOptions::default(), &args.remote)
 }
 
 /// The model's name for the table's title.

@@ -46,6 +46,9 @@ struct Args {
     /// (converted once and cached as a GGUF file under $MARCO_HOME).
     #[arg(long, value_parser = common::parse_quantize)]
     quantize: Option<marco::model::loader::QuantizeAtLoad>,
+    /// Cap the model's context at this many tokens (less KV memory for a large model).
+    #[arg(long, value_name = "TOKENS")]
+    max_context: Option<usize>,
     /// Which linear-layer path to run: `kernel` (the default; 8-bit activations on the CPU, as
     /// llama.cpp), `kernel-exact` (f32 activations) or `burn` (plain burn matmul).
     #[arg(long, value_enum, default_value_t = common::PathArg::Kernel)]
@@ -108,7 +111,12 @@ fn run<B: KernelBackend>(args: Args) -> Result<()> {
     let mut model = marco::model::load_with::<B>(
         &path,
         &device,
-        LoadOptions { quantize: args.quantize, linear_path: args.linear_path.into(), ..LoadOptions::default() },
+        LoadOptions {
+            quantize: args.quantize,
+            linear_path: args.linear_path.into(),
+            max_context: args.max_context,
+            ..LoadOptions::default()
+        },
     )
     .with_context(|| format!("cannot load the model {}", path.display()))?;
     let load_time = load_start.elapsed();

@@ -95,6 +95,9 @@ struct Args {
     /// (converted once and cached as a GGUF file under $MARCO_HOME).
     #[arg(long, value_parser = common::parse_quantize)]
     quantize: Option<marco::model::loader::QuantizeAtLoad>,
+    /// Cap the model's context at this many tokens (less KV memory for a large model).
+    #[arg(long, value_name = "TOKENS")]
+    max_context: Option<usize>,
     #[command(flatten)]
     remote: common::RemoteArgs,
     /// Write the search trace (the whole tree) as JSON.
@@ -207,7 +210,15 @@ impl Args {
 fn run(args: Args) -> Result<()> {
     let budget = args.validate()?;
     let policy = args.policy(budget)?;
-    let mut model: Box<dyn LanguageModel> = common::load_any(args.model.as_deref(), args.quantize, &args.remote)?;
+    let mut model: Box<dyn LanguageModel> = common::load_any(
+        args.model.as_deref(),
+        marco::model::LoadOptions {
+            quantize: args.quantize,
+            max_context: args.max_context,
+            ..marco::model::LoadOptions::default()
+        },
+        &args.remote,
+    )?;
     let system = args.system.as_deref().filter(|s| !s.trim().is_empty());
     let problem = Problem::from_question(model.tokenizer(), &args.question, system)?;
 

@@ -136,7 +136,8 @@ fn run(args: Args) -> Result<()> {
         ),
     ];
 
-    let mut model: Box<dyn LanguageModel> = common::load_any(args.model.as_deref(), None, &args.remote)?;
+    let mut model: Box<dyn LanguageModel> =
+        common::load_any(args.model.as_deref(), marco::model::LoadOptions::default(), &args.remote)?;
     println!("Source: {}", args.text);
     if args.text == ARTICLE_SOURCE {
         println!("Reference (Marco-o1 article): {ARTICLE_REFERENCE}");

@@ -97,15 +97,14 @@ pub fn load_lm<B: KernelBackend>(path: &Path) -> Result<BurnLm<B>> {
 /// Loads the model at `path`, or the default model (fetched and verified on first use, with
 /// a progress display on stderr) when `path` is `None`.
 pub fn load_model(path: Option<&Path>) -> Result<Box<dyn LanguageModel>> {
-    load_model_with(path, None)
+    load_model_with(path, LoadOptions::default())
 }
 
-/// [`load_model`], quantizing dense linear weights at load when `quantize` is given.
-pub fn load_model_with(path: Option<&Path>, quantize: Option<QuantizeAtLoad>) -> Result<Box<dyn LanguageModel>> {
+/// [`load_model`] with [`LoadOptions`] (quantisation at load, a context cap).
+pub fn load_model_with(path: Option<&Path>, options: LoadOptions) -> Result<Box<dyn LanguageModel>> {
     let path = model_path(path)?;
     let spinner = spinner(format!("loading {}", path.display()));
     let device = Default::default();
-    let options = LoadOptions { quantize, ..LoadOptions::default() };
     let model = marco::model::load_with::<Backend>(&path, &device, options)
         .with_context(|| format!("cannot load the model {}", path.display()))?;
     spinner.finish_and_clear();
@@ -397,13 +396,9 @@ pub struct RemoteArgs {
 
 /// The model the command line names: remote with `--url`, else in-process as
 /// [`load_model_with`] loads it.
-pub fn load_any(
-    model: Option<&Path>,
-    quantize: Option<QuantizeAtLoad>,
-    remote: &RemoteArgs,
-) -> Result<Box<dyn LanguageModel>> {
+pub fn load_any(model: Option<&Path>, options: LoadOptions, remote: &RemoteArgs) -> Result<Box<dyn LanguageModel>> {
     match &remote.url {
-        None => load_model_with(model, quantize),
+        None => load_model_with(model, options),
         Some(url) => {
             if remote.concurrency == 0 {
                 bail!("--concurrency must be at least 1");

@@ -61,6 +61,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod alloc;
 mod error;
 mod kernels;
 mod ndarray_glue;

@@ -83,9 +83,9 @@ impl SplitBlocks {
         let mut split = SplitBlocks {
             ty,
             blocks,
-            d: Vec::with_capacity(n_blocks),
-            m: Vec::with_capacity(if header == 4 { n_blocks } else { 0 }),
-            qs: Vec::with_capacity(n_blocks * quant),
+            d: crate::alloc::with_capacity(n_blocks),
+            m: crate::alloc::with_capacity(if header == 4 { n_blocks } else { 0 }),
+            qs: crate::alloc::with_capacity(n_blocks * quant),
         };
         for block in data.chunks_exact(ty.type_size()) {
             split.d.push(u16::from_le_bytes([block[0], block[1]]));
@@ -152,23 +152,47 @@ impl Interleaved16 {
         let rows = data.len() / (blocks * size);
         let group_block = Self::group_block_bytes(ty);
         let flip = if ty == GgmlType::Q8_0 { 0x80 } else { 0 };
-        let mut out = vec![0u8; data.len()];
-        for o in 0..rows {
-            let (g, i) = (o / Self::ROWS, o % Self::ROWS);
-            for b in 0..blocks {
-                let block = &data[(o * blocks + b) * size..][..size];
-                let dst = &mut out[(g * blocks + b) * group_block..][..group_block];
-                dst[2 * i..2 * i + 2].copy_from_slice(&block[..2]);
-                if header == 4 {
-                    dst[32 + 2 * i..32 + 2 * i + 2].copy_from_slice(&block[2..4]);
-                }
-                let quants = &mut dst[Self::ROWS * header..];
-                for s in 0..quant / 4 {
-                    for k in 0..4 {
-                        quants[(s * Self::ROWS + i) * 4 + k] = block[header + 4 * s + k] ^ flip;
+        let mut out = crate::alloc::filled(data.len(), 0u8);
+        let group_bytes = blocks * group_block;
+        // One group of sixteen rows after another, the groups shared among the cores: a 7B
+        // model's matrices are gigabytes, and load time is this loop's.
+        let interleave = |g: usize, dst_group: &mut [u8]| {
+            for i in 0..Self::ROWS.min(rows - g * Self::ROWS) {
+                let o = g * Self::ROWS + i;
+                for b in 0..blocks {
+                    let block = &data[(o * blocks + b) * size..][..size];
+                    let dst = &mut dst_group[b * group_block..][..group_block];
+                    dst[2 * i..2 * i + 2].copy_from_slice(&block[..2]);
+                    if header == 4 {
+                        dst[32 + 2 * i..32 + 2 * i + 2].copy_from_slice(&block[2..4]);
+                    }
+                    let quants = &mut dst[Self::ROWS * header..];
+                    for s in 0..quant / 4 {
+                        for k in 0..4 {
+                            quants[(s * Self::ROWS + i) * 4 + k] = block[header + 4 * s + k] ^ flip;
+                        }
                     }
                 }
             }
+        };
+        let groups = rows.div_ceil(Self::ROWS);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(groups).max(1);
+        if threads == 1 || data.len() < (1 << 20) {
+            for (g, dst_group) in out.chunks_mut(group_bytes.max(1)).enumerate() {
+                interleave(g, dst_group);
+            }
+        } else {
+            let per_thread = groups.div_ceil(threads);
+            std::thread::scope(|scope| {
+                for (t, part) in out.chunks_mut(per_thread * group_bytes).enumerate() {
+                    let interleave = &interleave;
+                    scope.spawn(move || {
+                        for (j, dst_group) in part.chunks_mut(group_bytes).enumerate() {
+                            interleave(t * per_thread + j, dst_group);
+                        }
+                    });
+                }
+            });
         }
         Interleaved16 { ty, blocks, data: out }
     }
@@ -301,9 +325,13 @@ impl PackedMatrix {
         if matches!(ty, GgmlType::BF16 | GgmlType::F16) {
             let bits = data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
             let storage = if ty == GgmlType::BF16 {
-                Storage::Bf16(bits.map(half::bf16::from_bits).collect())
+                let mut values = crate::alloc::with_capacity(data.len() / 2);
+                values.extend(bits.map(half::bf16::from_bits));
+                Storage::Bf16(values)
             } else {
-                Storage::F16(bits.map(half::f16::from_bits).collect())
+                let mut values = crate::alloc::with_capacity(data.len() / 2);
+                values.extend(bits.map(half::f16::from_bits));
+                Storage::F16(values)
             };
             return Ok(PackedMatrix { out_features, in_features, storage });
         }
@@ -311,7 +339,7 @@ impl PackedMatrix {
             return Ok(PackedMatrix {
                 out_features,
                 in_features,
-                storage: Storage::Blocks { ty, data: data.to_vec(), row_stride },
+                storage: Storage::Blocks { ty, data: crate::alloc::copied(data), row_stride },
             });
         }
         let mut values = vec![0.0f32; element_count(out_features, in_features)?];

@@ -335,6 +335,16 @@ impl GgufFile {
             .ok_or_else(|| FormatError::MissingTensor { path: self.path.clone(), tensor: name.to_string() })
     }
 
+    /// Gives the pages of `info`'s data back (see [`crate::mapping::release_pages`]): for a
+    /// loader that has copied the tensor out and will not read it again. Reading it later still
+    /// works (the pages come back from the file).
+    pub fn release(&self, info: &GgufTensorInfo) {
+        if let Some(&index) = self.by_name.get(&info.name) {
+            let (start, end) = self.ranges[index];
+            crate::mapping::release_pages(&self.map, start..end);
+        }
+    }
+
     /// The raw stored bytes of `info` (a tensor of this file).
     pub fn tensor_bytes(&self, info: &GgufTensorInfo) -> Result<&[u8]> {
         let index = self

@@ -395,6 +395,7 @@ impl WeightSource for GgufWeights<'_> {
     fn tensor(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
         let (gguf_name, heads) = self.lookup(name, expected)?;
         let (_, values) = self.file.tensor_f32(&gguf_name)?;
+        self.file.release(self.file.tensor_info(&gguf_name)?);
         Ok(match heads {
             Some(heads) => {
                 let row_len = if expected.len() == 2 { expected[1] } else { 1 };
@@ -407,7 +408,8 @@ impl WeightSource for GgufWeights<'_> {
     fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<HostLinear> {
         let (gguf_name, heads) = self.lookup(name, &[out_features, in_features])?;
         let info = self.file.tensor_info(&gguf_name)?;
-        if !info.ggml_type.is_quantized() {
+        // f16/bf16 stay 16-bit, like quantised blocks: only f32 is handed out as values.
+        if info.ggml_type == GgmlType::F32 {
             return Ok(HostLinear::F32(self.tensor(name, &[out_features, in_features])?));
         }
         let bytes = self.file.tensor_bytes(info)?;
@@ -416,6 +418,7 @@ impl WeightSource for GgufWeights<'_> {
             Some(heads) => unpermute_rows(bytes, heads, row_bytes),
             None => bytes.to_vec(),
         };
+        self.file.release(info);
         Ok(HostLinear::Ggml { ggml_type: info.ggml_type.id(), bytes, elements: out_features * in_features })
     }
 

@@ -615,12 +615,12 @@ unsafe fn interleaved_group<const R: usize, const KIND: u8>(
         // kernel computes long enough per byte that the hardware prefetcher alone falls behind:
         // fetching 8 KB ahead measured +18 % at eight rows and +7 % at one (alternating runs of
         // `batch_bench`). A prefetch never faults, so running past the matrix is harmless.
-        // Non-temporal: each weight is used once per step, and ~100 MB of them passing through
-        // the caches would evict the KV cache and activations the rest of the step reads back
-        // (eight sequences with 64 + 128 positions: +3 % tok/s, six alternating pairs).
+        // Into L1 (T0), not non-temporal: NTA kept the caches for the KV cache on one AMD
+        // machine (+3 % batched), but on an Intel Xeon it throttled the stream to well under
+        // half the memory's bandwidth (a 7B Q8_0 decode 1.2 → 3.3 tok/s with T0).
         let mut line = 0;
         while line < group_block {
-            _mm_prefetch::<_MM_HINT_NTA>(p.wrapping_add(INTERLEAVED_PREFETCH_AHEAD + line) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(INTERLEAVED_PREFETCH_AHEAD + line) as *const i8);
             line += 64;
         }
         let dw = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(p as *const __m256i) });
