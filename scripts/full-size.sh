@@ -6,6 +6,7 @@
 # ~30 GB and runs ~30-40 minutes on 2 cores). Prints a markdown table per part.
 #
 #   scripts/full-size.sh                  # DIR=/tmp/marco-qwen2-7b FORMATS="q8_0 q4_0"
+#   PARTS=loads scripts/full-size.sh      # only the loads (PARTS=speed: only the speed parts)
 #
 # Needs llama-bench (benches/llamacpp/compare.sh builds it into ~/.cache/marco-llamacpp).
 set -euo pipefail
@@ -14,6 +15,7 @@ DIR="${DIR:-${TMPDIR:-/tmp}/marco-qwen2-7b}"
 FORMATS="${FORMATS:-q8_0 q4_0}"
 THREADS="${THREADS:-2}"
 GEN="${GEN:-32}"
+PARTS="${PARTS:-loads speed}"
 LLAMA_BENCH="${LLAMA_BENCH:-$HOME/.cache/marco-llamacpp/build/bin/llama-bench}"
 cargo build --release --quiet --example make_checkpoint --example generate --example convert \
   --example decode_bench --example batch_bench --example reason
@@ -35,6 +37,7 @@ timed() {
 }
 first_token=(--prompt-ids 1,2,3 --raw --max-tokens 1)
 
+if [[ " $PARTS " == *" loads "* ]]; then
 echo "## loads ($DIR: $weights_gb GB of bf16 safetensors)"
 echo
 echo "| format | what | wall s | peak RSS GB | held weights GB |"
@@ -52,6 +55,8 @@ for f in $FORMATS; do
   read -r wall rss < <(timed "$bin/convert" --model "$DIR" --to "$f" --out "$DIR.$f.gguf")
   echo "| $f | convert example (writes $DIR.$f.gguf) | $wall | $rss | $size |"
 done
+fi
+[[ " $PARTS " == *" speed "* ]] || exit 0
 
 for f in $FORMATS; do
   gguf="$DIR.$f.gguf"

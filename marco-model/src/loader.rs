@@ -36,21 +36,23 @@ use marco_formats::mapping::release_pages;
 
 /// A linear layer's weight rows `[out, in]` on the host.
 #[derive(Debug, Clone)]
-pub enum HostLinear {
+pub enum HostLinear<'a> {
     /// Dense f32 rows.
     F32(Vec<f32>),
-    /// ggml blocks, as stored in a GGUF file.
+    /// ggml blocks (or f16/bf16 values), as stored in the file: borrowed from its memory map
+    /// when they need no change, so that loading copies each weight once (into the kernel's
+    /// layout), not twice.
     Ggml {
         /// The ggml type id.
         ggml_type: u32,
         /// The blocks of all rows.
-        bytes: Vec<u8>,
+        bytes: std::borrow::Cow<'a, [u8]>,
         /// Number of weights (`out * in`).
         elements: usize,
     },
 }
 
-impl HostLinear {
+impl HostLinear<'_> {
     /// The rows as dense f32 (dequantising ggml blocks).
     pub fn into_f32(self) -> Result<Vec<f32>> {
         match self {
@@ -78,8 +80,14 @@ pub trait WeightSource {
     fn tensor(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>>;
 
     /// The weight `name` of a linear layer, `[out, in]`; may keep a quantised form.
-    fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<HostLinear> {
+    fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<HostLinear<'_>> {
         Ok(HostLinear::F32(self.tensor(name, &[out_features, in_features])?))
+    }
+
+    /// Called once the loader holds its own copy of the linear weight `name`: a memory-mapped
+    /// source gives the tensor's pages back (see [`marco_formats::mapping::release_pages`]).
+    fn release(&self, name: &str) {
+        let _ = name;
     }
 
     /// How the tensor `name` is stored (`None`: unknown, taken as f32), for the memory estimate
@@ -275,17 +283,26 @@ impl WeightSource for HfWeights {
     }
 
     /// f16 and bf16 weights stay 16-bit (the kernels widen them in registers).
-    fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<HostLinear> {
-        let (shard, dtype, bytes, range) = self.raw(name, &[out_features, in_features])?;
+    fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<HostLinear<'_>> {
+        let (_, dtype, bytes, _) = self.raw(name, &[out_features, in_features])?;
         let ggml_type = match dtype {
             Dtype::BF16 => GgmlType::BF16,
             Dtype::F16 => GgmlType::F16,
             _ => return self.tensor(name, &[out_features, in_features]).map(HostLinear::F32),
         };
-        let linear =
-            HostLinear::Ggml { ggml_type: ggml_type.id(), bytes: bytes.to_vec(), elements: out_features * in_features };
-        release_pages(&shard.map, range);
-        Ok(linear)
+        Ok(HostLinear::Ggml {
+            ggml_type: ggml_type.id(),
+            bytes: std::borrow::Cow::Borrowed(bytes),
+            elements: out_features * in_features,
+        })
+    }
+
+    fn release(&self, name: &str) {
+        let shard = self.index.get(name).and_then(|&slot| self.shards.get(slot));
+        if let Some((shard, info)) = shard.and_then(|shard| Some((shard, shard.metadata.info(name)?))) {
+            let base = 8 + shard.header_len;
+            release_pages(&shard.map, base + info.data_offsets.0..base + info.data_offsets.1);
+        }
     }
 
     fn stored_type(&self, name: &str) -> Option<GgmlType> {
@@ -405,7 +422,7 @@ impl WeightSource for GgufWeights<'_> {
         })
     }
 
-    fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<HostLinear> {
+    fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<HostLinear<'_>> {
         let (gguf_name, heads) = self.lookup(name, &[out_features, in_features])?;
         let info = self.file.tensor_info(&gguf_name)?;
         // f16/bf16 stay 16-bit, like quantised blocks: only f32 is handed out as values.
@@ -415,11 +432,16 @@ impl WeightSource for GgufWeights<'_> {
         let bytes = self.file.tensor_bytes(info)?;
         let row_bytes = bytes.len() / out_features.max(1);
         let bytes = match heads {
-            Some(heads) => unpermute_rows(bytes, heads, row_bytes),
-            None => bytes.to_vec(),
+            Some(heads) => std::borrow::Cow::Owned(unpermute_rows(bytes, heads, row_bytes)),
+            None => std::borrow::Cow::Borrowed(bytes),
         };
-        self.file.release(info);
         Ok(HostLinear::Ggml { ggml_type: info.ggml_type.id(), bytes, elements: out_features * in_features })
+    }
+
+    fn release(&self, name: &str) {
+        if let Some(info) = self.map_name(name).and_then(|(gguf_name, _)| self.file.tensor_info(&gguf_name).ok()) {
+            self.file.release(info);
+        }
     }
 
     fn stored_type(&self, name: &str) -> Option<GgmlType> {
@@ -586,7 +608,7 @@ impl WeightSource for QuantizingSource<'_> {
         self.inner.tensor(name, expected)
     }
 
-    fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<HostLinear> {
+    fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<HostLinear<'_>> {
         let host = self.inner.linear(name, out_features, in_features)?;
         // Rows must be whole blocks; other widths, and weights already quantised, stay as they are.
         let dense = match &host {
@@ -603,7 +625,15 @@ impl WeightSource for QuantizingSource<'_> {
             path: self.origin().to_path_buf(),
             reason: format!("{name}: {e}"),
         })?;
-        Ok(HostLinear::Ggml { ggml_type: self.format.ggml_type().id(), bytes, elements: rows.len() })
+        Ok(HostLinear::Ggml {
+            ggml_type: self.format.ggml_type().id(),
+            bytes: std::borrow::Cow::Owned(bytes),
+            elements: rows.len(),
+        })
+    }
+
+    fn release(&self, name: &str) {
+        self.inner.release(name);
     }
 
     fn stored_type(&self, name: &str) -> Option<GgmlType> {
@@ -631,8 +661,12 @@ impl WeightSource for Passthrough<'_> {
         self.0.tensor(name, expected)
     }
 
-    fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<HostLinear> {
+    fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<HostLinear<'_>> {
         self.0.linear(name, out_features, in_features)
+    }
+
+    fn release(&self, name: &str) {
+        self.0.release(name);
     }
 
     fn stored_type(&self, name: &str) -> Option<GgmlType> {

@@ -41,7 +41,7 @@ enum LinearWeightKind<B: KernelBackend> {
 impl<B: KernelBackend> Linear<B> {
     /// Builds a layer from host rows `[out, in]` along `path`.
     pub fn new(
-        host: HostLinear,
+        host: HostLinear<'_>,
         out_features: usize,
         in_features: usize,
         bias: Option<Vec<f32>>,
@@ -60,7 +60,7 @@ impl<B: KernelBackend> Linear<B> {
                         B::linear_weight(HostWeight::F32(rows), out_features, in_features, exact, device)?
                     }
                     HostLinear::Ggml { ggml_type, bytes, .. } => B::linear_weight(
-                        HostWeight::Ggml { ggml_type: *ggml_type, bytes },
+                        HostWeight::Ggml { ggml_type: *ggml_type, bytes: bytes.as_ref() },
                         out_features,
                         in_features,
                         exact,
@@ -274,9 +274,12 @@ impl<B: KernelBackend> Transformer<B> {
             Ok(Tensor::from_data(TensorData::new(data, [1, len]), device))
         };
         let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear<B>> {
-            let host = source.linear(&format!("{name}.weight"), out, inp)?;
+            let weight = format!("{name}.weight");
+            let host = source.linear(&weight, out, inp)?;
             let bias = if bias { Some(source.tensor(&format!("{name}.bias"), &[out])?) } else { None };
-            Linear::new(host, out, inp, bias, path, device)
+            let layer = Linear::new(host, out, inp, bias, path, device);
+            source.release(&weight);
+            layer
         };
         let (embed, tied_head) = Self::load_embedding(c, source, path, device)?;
         let mut layers = Vec::with_capacity(c.num_layers);
@@ -301,7 +304,9 @@ impl<B: KernelBackend> Transformer<B> {
             None if c.tie_word_embeddings => {
                 // The embedding table as a linear weight: a GGUF source keeps its quantised blocks.
                 let host = source.linear("model.embed_tokens.weight", c.vocab_size, h)?;
-                Linear::new(host, c.vocab_size, h, None, path, device)?
+                let head = Linear::new(host, c.vocab_size, h, None, path, device)?;
+                source.release("model.embed_tokens.weight");
+                head
             }
             None => linear("lm_head", c.vocab_size, h, false)?,
         };
@@ -361,6 +366,7 @@ impl<B: KernelBackend> Transformer<B> {
         // source's blocks, 16-bit values, or quantised at load like every matrix).
         let host = source.linear(name, c.vocab_size, c.hidden_size)?;
         let table = Linear::new(host, c.vocab_size, c.hidden_size, None, path, device)?;
+        source.release(name);
         let LinearWeightKind::Kernel(weight) = &table.weight else {
             return Err(ModelError::InvalidConfig {
                 path: source.origin().to_path_buf(),
