@@ -691,17 +691,18 @@ pub fn load_with<B: KernelBackend>(path: &Path, device: &B::Device, options: Loa
         let tokenizer = MarcoTokenizer::from_hf_dir(path)?;
         check_vocab(&path.join("tokenizer.json"), &tokenizer, &config)?;
         let weights = HfWeights::open(path)?;
+        // Checked before any conversion: a model that cannot fit is refused before minutes
+        // of converting (the converted file holds what quantising in memory would).
+        check_memory::<B>(path, &config, with_quantization(&weights, &options).as_ref(), &options)?;
         if let Some(converted) = converted_weights(path, &weights, &options)? {
             // Configuration and tokenizer still come from the directory; only the weights
             // come from the converted file.
             drop(weights);
             let file = GgufFile::open(&converted)?;
             let source = GgufWeights::new(&file, &config);
-            check_memory::<B>(path, &config, &source, &options)?;
             (Transformer::load(config, &source, options.linear_path, device)?, tokenizer)
         } else {
             let source = with_quantization(&weights, &options);
-            check_memory::<B>(path, &config, source.as_ref(), &options)?;
             (Transformer::load(config, source.as_ref(), options.linear_path, device)?, tokenizer)
         }
     } else {

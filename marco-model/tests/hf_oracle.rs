@@ -545,7 +545,15 @@ fn quantize_at_load_converts_once_into_the_cache() {
     use marco_model::{load_with, LoadOptions, QuantizeAtLoad};
     let name = "tiny-qwen2";
     let dir = scratch_copy(name, "convert-once");
+    // A key of this test's own (config.json is part of it), so that no other test's loads of
+    // the same checkpoint write or read the cached file this test watches.
+    let config_path = dir.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["marco_test"] = serde_json::json!("convert once");
+    std::fs::write(&config_path, serde_json::to_string(&config).unwrap()).unwrap();
     let key = HfWeights::open(&dir).unwrap().content_key().unwrap();
+    let original = HfWeights::open(&data(name)).unwrap().content_key().unwrap();
+    assert_ne!(key, original);
     let cached = marco_model::fetch::cache_dir().unwrap().join("converted").join(format!("{key}-q4_0.gguf"));
     let _ = std::fs::remove_file(&cached);
     let case = &oracle(name).cases[0];
