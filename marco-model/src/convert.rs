@@ -37,17 +37,16 @@
 //!   and token texts survive, text encoding does not (a warning says so).
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use half::{bf16, f16};
-use safetensors::tensor::{Dtype, Metadata};
-use safetensors::SafeTensors;
+use safetensors::tensor::Dtype;
 use serde_json::Value as Json;
 
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{ModelError, Result};
+use crate::loader::{HfWeights, WeightSource};
 use marco_formats::gguf::{GgufStreamWriter, GgufTensorDesc, GgufValue};
 use marco_formats::quant::{self, GgmlType};
 use marco_formats::tokenizer::gguf_pre_tokenizer_name;
@@ -178,7 +177,7 @@ pub fn convert_hf_dir_with(
     let config_path = dir.join("config.json");
     let config = ModelConfig::from_hf_file(&config_path)?;
     let raw_config = read_json(&config_path)?;
-    let checkpoint = Checkpoint::open(dir)?;
+    let checkpoint = HfWeights::open(dir)?;
     let plan = plan_tensors(&checkpoint, &config, target)?;
     let mut metadata = model_metadata(dir, &config, &raw_config, target);
     metadata.extend(tokenizer_metadata(dir, &config, &raw_config)?);
@@ -192,7 +191,7 @@ pub fn convert_hf_dir_with(
         let bytes = data.len() as u64;
         drop(data);
         // The source's pages were read once; keep them out of this process's resident set.
-        marco_formats::mapping::release_pages(&tensor.source.shard.map, tensor.source.range.clone());
+        checkpoint.release(&tensor.source.name);
         progress(TensorProgress { index, total, name: &tensor.desc.name, ggml_type: tensor.desc.ggml_type, bytes });
     }
     let bytes_written = writer.finish()?;
@@ -217,136 +216,25 @@ fn read_json_if_present(path: &Path) -> Result<Option<Json>> {
 // ---------------------------------------------------------------------------------------------
 // Safetensors
 
-/// One memory-mapped safetensors file with its parsed header.
-struct Shard {
-    path: PathBuf,
-    map: memmap2::Mmap,
-    header_len: usize,
-    metadata: Metadata,
-}
-
-impl Shard {
-    fn open(path: &Path) -> Result<Shard> {
-        let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
-        // SAFETY: a read-only private map; checkpoints are not modified while converted, and
-        // every range read from it is checked against the header, which `read_metadata`
-        // checked against the map's length.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-        let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| match e {
-            safetensors::SafeTensorError::MetadataIncompleteBuffer
-            | safetensors::SafeTensorError::HeaderTooSmall
-            | safetensors::SafeTensorError::InvalidHeaderLength => {
-                ModelError::Truncated { path: path.to_path_buf(), what: format!("safetensors data ({e})") }
-            }
-            other => ModelError::corrupt(path, format!("safetensors header: {other}")),
-        })?;
-        Ok(Shard { path: path.to_path_buf(), map, header_len, metadata })
-    }
-}
-
-/// The safetensors of a checkpoint directory, by tensor name.
-struct Checkpoint {
-    dir: PathBuf,
-    shards: Vec<Shard>,
-    /// Tensor name -> index into `shards`.
-    index: HashMap<String, usize>,
-}
-
-/// A tensor's bytes inside its shard, with its dtype and shape.
+/// A tensor's stored bytes (borrowed from the checkpoint's map), with its dtype and shape.
 struct SourceTensor<'a> {
-    shard: &'a Shard,
+    name: String,
     dtype: Dtype,
     shape: Vec<usize>,
-    /// Byte range inside `shard.map`.
-    range: std::ops::Range<usize>,
+    bytes: &'a [u8],
 }
 
-impl SourceTensor<'_> {
-    fn bytes(&self) -> &[u8] {
-        // `Checkpoint::tensor` checked the range against the map.
-        &self.shard.map[self.range.clone()]
+/// The tensor `name` of `checkpoint`, checked to have shape `expected` and a float dtype.
+fn source_tensor<'a>(checkpoint: &'a HfWeights, name: &str, expected: &[usize]) -> Result<SourceTensor<'a>> {
+    let (dtype, bytes) = checkpoint.stored(name, expected)?;
+    if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+        return Err(ModelError::UnsupportedDtype {
+            path: checkpoint.origin().to_path_buf(),
+            tensor: name.to_string(),
+            dtype: format!("{dtype:?}"),
+        });
     }
-}
-
-impl Checkpoint {
-    /// Opens `dir/model.safetensors`, or every shard named by `model.safetensors.index.json`
-    /// (each header parsed, so a truncated shard fails here).
-    fn open(dir: &Path) -> Result<Checkpoint> {
-        let index_path = dir.join("model.safetensors.index.json");
-        let single = dir.join("model.safetensors");
-        let mut shards = Vec::new();
-        let mut index = HashMap::new();
-        if index_path.exists() {
-            let json = read_json(&index_path)?;
-            let map = json
-                .get("weight_map")
-                .and_then(Json::as_object)
-                .ok_or_else(|| ModelError::corrupt(&index_path, "no weight_map object"))?;
-            let mut slots: HashMap<&str, usize> = HashMap::new();
-            for (tensor, file) in map {
-                let file = file
-                    .as_str()
-                    .ok_or_else(|| ModelError::corrupt(&index_path, format!("weight_map[{tensor}] is not a string")))?;
-                if file.contains('/') || file.contains('\\') || file.contains("..") {
-                    return Err(ModelError::corrupt(&index_path, format!("shard name {file:?} leaves the directory")));
-                }
-                let slot = match slots.get(file) {
-                    Some(&slot) => slot,
-                    None => {
-                        shards.push(Shard::open(&dir.join(file))?);
-                        slots.insert(file, shards.len() - 1);
-                        shards.len() - 1
-                    }
-                };
-                index.insert(tensor.clone(), slot);
-            }
-        } else if single.exists() {
-            let shard = Shard::open(&single)?;
-            index.extend(shard.metadata.tensors().into_keys().map(|name| (name, 0)));
-            shards.push(shard);
-        } else {
-            return Err(ModelError::io(
-                &single,
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "neither model.safetensors nor model.safetensors.index.json exists",
-                ),
-            ));
-        }
-        Ok(Checkpoint { dir: dir.to_path_buf(), shards, index })
-    }
-
-    /// The tensor `name`, checked to have shape `expected` and a float dtype marco reads.
-    fn tensor(&self, name: &str, expected: &[usize]) -> Result<SourceTensor<'_>> {
-        let missing = || ModelError::MissingTensor { path: self.dir.clone(), tensor: name.to_string() };
-        let shard = self.index.get(name).and_then(|&slot| self.shards.get(slot)).ok_or_else(missing)?;
-        let info = shard
-            .metadata
-            .info(name)
-            .ok_or_else(|| ModelError::MissingTensor { path: shard.path.clone(), tensor: name.to_string() })?;
-        if info.shape != expected {
-            return Err(ModelError::ShapeMismatch {
-                path: shard.path.clone(),
-                tensor: name.to_string(),
-                expected: expected.to_vec(),
-                actual: info.shape.clone(),
-            });
-        }
-        if !matches!(info.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
-            return Err(ModelError::UnsupportedDtype {
-                path: shard.path.clone(),
-                tensor: name.to_string(),
-                dtype: format!("{:?}", info.dtype),
-            });
-        }
-        let (start, end) = info.data_offsets;
-        let base = 8 + shard.header_len;
-        let range = base + start..base + end;
-        if range.end > shard.map.len() {
-            return Err(ModelError::Truncated { path: shard.path.clone(), what: format!("data of tensor {name}") });
-        }
-        Ok(SourceTensor { shard, dtype: info.dtype, shape: info.shape.clone(), range })
-    }
+    Ok(SourceTensor { name: name.to_string(), dtype, shape: expected.to_vec(), bytes })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -364,7 +252,7 @@ struct PlannedTensor<'a> {
 /// Every output tensor in llama.cpp's order, each source checked for presence, shape and
 /// dtype.
 fn plan_tensors<'a>(
-    checkpoint: &'a Checkpoint,
+    checkpoint: &'a HfWeights,
     config: &ModelConfig,
     target: ConvertTarget,
 ) -> Result<Vec<PlannedTensor<'a>>> {
@@ -405,12 +293,12 @@ fn plan_tensors<'a>(
 
     let mut plan = Vec::with_capacity(entries.len());
     for (hf_name, gguf_name, shape, permute_heads) in entries {
-        let source = checkpoint.tensor(&hf_name, &shape)?;
+        let source = source_tensor(checkpoint, &hf_name, &shape)?;
         if let Some(heads) = permute_heads {
             let rows = shape[0];
             if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
                 return Err(ModelError::InvalidConfig {
-                    path: checkpoint.dir.join("config.json"),
+                    path: checkpoint.origin().join("config.json"),
                     reason: format!("{hf_name}: {rows} rows do not split into {heads} heads of even width"),
                 });
             }
@@ -456,7 +344,7 @@ fn encode_tensor(tensor: &PlannedTensor<'_>) -> Result<Vec<u8>> {
     let out_row = quant::row_bytes(ty, row_len)?;
     let mut out = vec![0u8; rows * out_row];
     let rows_per_chunk = (CHUNK_ELEMENTS / row_len.max(1)).max(1);
-    let source = tensor.source.bytes();
+    let source = tensor.source.bytes;
     let dtype = tensor.source.dtype;
     let in_row = row_len * if dtype == Dtype::F32 { 4 } else { 2 };
     let heads = tensor.permute_heads;

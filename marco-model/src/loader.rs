@@ -208,6 +208,12 @@ fn widen(path: &Path, name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>
 }
 
 impl HfWeights {
+    /// The dtype and stored bytes (borrowed from the map) of `name`, shape-checked.
+    pub(crate) fn stored(&self, name: &str, expected: &[usize]) -> Result<(Dtype, &[u8])> {
+        let (_, dtype, bytes, _) = self.raw(name, expected)?;
+        Ok((dtype, bytes))
+    }
+
     /// The shard, dtype, bytes and byte range (in the shard's map) of `name`, shape-checked.
     fn raw(&self, name: &str, expected: &[usize]) -> Result<(&Shard, Dtype, &[u8], std::ops::Range<usize>)> {
         let missing = || ModelError::MissingTensor { path: self.dir.clone(), tensor: name.to_string() };
