@@ -456,17 +456,16 @@ impl<B: KernelBackend> Transformer<B> {
     /// over `items` (already checked by [`Transformer::forward`]), which appends their keys and
     /// values to their caches.
     fn hidden(&self, items: &mut [ForwardItem<'_, B>], logits_at: LogitsAt) -> Tensor<B, 2> {
-        let mut ids: Vec<i64> = Vec::new();
+        let mut tokens: Vec<TokenId> = Vec::new();
         let mut positions: Vec<i64> = Vec::new();
         for item in items.iter() {
             let start = item.cache.len();
             for (offset, &token) in item.tokens.iter().enumerate() {
-                ids.push(token as i64);
+                tokens.push(token);
                 positions.push((start + offset) as i64);
             }
         }
-        let total = ids.len();
-        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [total]), &self.device);
+        let total = tokens.len();
         let positions = Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [total]), &self.device);
         let (cos, sin) = self.rope.rows(positions);
         reserve_caches(items, self.path != LinearPath::Burn);
@@ -474,9 +473,11 @@ impl<B: KernelBackend> Transformer<B> {
         // `h` is the normalised residual stream `x`: each residual add is fused with the norm
         // that follows it (the next layer's input norm, after the last layer the final norm).
         let mut x = match &self.embed {
-            Embedding::Burn(table) => table.clone().select(0, ids),
+            Embedding::Burn(table) => {
+                let ids: Vec<i64> = tokens.iter().map(|&token| token as i64).collect();
+                table.clone().select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [total]), &self.device))
+            }
             Embedding::Kernel { weight, .. } => {
-                let tokens: Vec<TokenId> = items.iter().flat_map(|item| item.tokens.iter().copied()).collect();
                 B::kernel_embedding(weight, &tokens, self.config.hidden_size, &self.device)
             }
         };
